@@ -1,0 +1,186 @@
+/* A cache's life: open (start the reaper), close (stop it, empty the folder), free. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
+                  dp_cache **out)
+{
+    if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
+        remover < DP_REMOVE_AUTO || remover > DP_REMOVE_URING)
+        return -EINVAL;
+    dp_cache *c = calloc(1, sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    int err = 0;
+    c->dirfd = dirfd;
+    c->owner = getpid();
+    c->sync = sync;
+    c->batch = batch;
+    c->max_delay_ns = max_delay_ns;
+    c->remover_mode = remover;
+    atomic_init(&c->next_id, 1);
+    atomic_init(&c->released, NULL);
+
+    c->remover = dp_remover_new(remover);
+    if (!c->remover) {
+        err = -ENOMEM;
+        goto fail_alloc;
+    }
+    if ((err = -pthread_rwlock_init(&c->closing, NULL)))
+        goto fail_remover;
+    if ((err = -pthread_mutex_init(&c->drain_lock, NULL)))
+        goto fail_rwlock;
+    if ((err = -pthread_mutex_init(&c->lock, NULL)))
+        goto fail_drain_lock;
+    pthread_condattr_t attr;
+    if ((err = -pthread_condattr_init(&attr)))
+        goto fail_lock;
+    /* CLOCK_MONOTONIC: a wall-clock jump must not stall or hurry the reaper. */
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    err = -pthread_cond_init(&c->wake, &attr);
+    pthread_condattr_destroy(&attr);
+    if (err)
+        goto fail_lock;
+    if ((err = -pthread_create(&c->reaper, NULL, dp_reaper_main, c)))
+        goto fail_cond;
+    c->reaper_started = true;
+    *out = c;
+    return 0;
+
+fail_cond:
+    pthread_cond_destroy(&c->wake);
+fail_lock:
+    pthread_mutex_destroy(&c->lock);
+fail_drain_lock:
+    pthread_mutex_destroy(&c->drain_lock);
+fail_rwlock:
+    pthread_rwlock_destroy(&c->closing);
+fail_remover:
+    dp_remover_free(c->remover);
+fail_alloc:
+    free(c);
+    return err; /* dirfd stays the caller's on failure */
+}
+
+int dp_cache_dirfd(const dp_cache *c)
+{
+    return c->dirfd;
+}
+
+void dp_cache_stats(dp_cache *c, dp_stats *out)
+{
+    out->live_pages = atomic_load(&c->live_pages);
+    out->live_bytes = atomic_load(&c->live_bytes);
+    out->pending = atomic_load(&c->pending);
+    out->pending_bytes = atomic_load(&c->pending_bytes);
+    out->removed = atomic_load(&c->removed);
+    out->remove_errors = atomic_load(&c->remove_errors);
+    out->written = atomic_load(&c->written);
+    out->remover = dp_remover_kind(c->remover);
+}
+
+static void stop_reaper(dp_cache *c)
+{
+    if (!c->reaper_started)
+        return;
+    pthread_mutex_lock(&c->lock);
+    c->stop = true;
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(c->reaper, NULL);
+    c->reaper_started = false;
+}
+
+/* Remove every entry of the folder. Readdir while unlinking may skip entries, so scan
+ * until a pass removes nothing. Returns the first error, 0 if the folder ended empty. */
+static int empty_folder(dp_cache *c)
+{
+    int fd = openat(c->dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    DIR *dir = fdopendir(fd);
+    if (!dir) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    enum { CHUNK = 256 };
+    char names[CHUNK][256];
+    char *ptrs[CHUNK];
+    int results[CHUNK];
+    int first_error = 0;
+    for (;;) {
+        size_t removed = 0, n = 0;
+        rewinddir(dir);
+        for (;;) {
+            struct dirent *e = readdir(dir);
+            if (e && (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0))
+                continue;
+            if (e) {
+                /* d_name holds at most NAME_MAX (255) bytes and its NUL */
+                memcpy(names[n], e->d_name, strnlen(e->d_name, NAME_MAX) + 1);
+                ptrs[n] = names[n];
+                n++;
+            }
+            if (n == CHUNK || (!e && n)) {
+                dp_remove_names(c->remover, c->dirfd, ptrs, n, results);
+                for (size_t i = 0; i < n; i++) {
+                    if (results[i] == 0 || results[i] == -ENOENT)
+                        removed++;
+                    else if (!first_error)
+                        first_error = results[i];
+                }
+                n = 0;
+            }
+            if (!e)
+                break;
+        }
+        if (removed == 0)
+            break;
+        first_error = 0; /* a pass that removed something may have cleared the error */
+    }
+    closedir(dir);
+    return first_error;
+}
+
+int dp_cache_close(dp_cache *c)
+{
+    if (getpid() != c->owner) {
+        /* a forked child: the locks may be held by a thread that did not come along */
+        atomic_store(&c->closed, true);
+        return 0;
+    }
+    pthread_rwlock_wrlock(&c->closing); /* waits for writes in flight */
+    bool was_closed = atomic_exchange(&c->closed, true);
+    pthread_rwlock_unlock(&c->closing);
+    if (was_closed)
+        return 0;
+    stop_reaper(c);
+    dp_drain(c);
+    return empty_folder(c);
+}
+
+void dp_cache_free(dp_cache *c)
+{
+    if (getpid() == c->owner) {
+        dp_cache_close(c);
+        pthread_cond_destroy(&c->wake);
+        pthread_mutex_destroy(&c->lock);
+        pthread_mutex_destroy(&c->drain_lock);
+        pthread_rwlock_destroy(&c->closing);
+    }
+    /* In a forked child the reaper does not exist and the locks may be held by a thread
+     * that is gone: touch neither, just free our copies of the memory. */
+    dp_free_queue(c);
+    dp_remover_free(c->remover);
+    close(c->dirfd);
+    free(c);
+}

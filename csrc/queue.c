@@ -1,0 +1,189 @@
+/* The release queue and the reaper: how a dropped page becomes a removed file.
+ *
+ * Release is one CAS on a Treiber stack plus a few atomic counters: no lock, no system
+ * call, no allocation (the record was allocated when the page was written). A drain takes
+ * the whole stack with one exchange and removes the files in chunks through the remover.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define DRAIN_CHUNK 256
+#define MIN_TICK_NS 1000000ull /* 1 ms: the reaper never polls faster than this */
+
+uint64_t dp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void dp_page_name(uint64_t id, char *buf)
+{
+    snprintf(buf, DP_NAME_MAX, "%llu.page", (unsigned long long)id);
+}
+
+static void record_put(dp_page *p)
+{
+    /* acq_rel: the last owner must see every write the other owner made before freeing. */
+    if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1)
+        free(p);
+}
+
+void dp_release(dp_page *p)
+{
+    if (atomic_exchange_explicit(&p->released, true, memory_order_acq_rel))
+        return;
+    dp_cache *c = p->cache;
+    /* Count the page pending before it stops counting as live: the reaper sleeps without a
+     * timeout only when it sees neither, so no release can slip past it unseen. */
+    atomic_fetch_add(&c->pending, 1);
+    atomic_fetch_add(&c->pending_bytes, p->nbytes);
+    dp_page *head = atomic_load_explicit(&c->released, memory_order_relaxed);
+    do {
+        p->next = head;
+        /* release: the drain that takes this node sees its id, size and link. */
+    } while (!atomic_compare_exchange_weak_explicit(&c->released, &head, p,
+                                                    memory_order_release,
+                                                    memory_order_relaxed));
+    atomic_fetch_sub(&c->live_pages, 1);
+    atomic_fetch_sub(&c->live_bytes, p->nbytes);
+}
+
+int dp_released(const dp_page *p)
+{
+    return atomic_load_explicit(&p->released, memory_order_acquire);
+}
+
+void dp_page_drop(dp_page *p)
+{
+    dp_release(p);
+    record_put(p);
+}
+
+/* Remove one chunk of records' files and retire the records. */
+static void remove_chunk(dp_cache *c, dp_page **recs, size_t n)
+{
+    char names[DRAIN_CHUNK][DP_NAME_MAX];
+    char *ptrs[DRAIN_CHUNK] = {0};
+    int results[DRAIN_CHUNK];
+    for (size_t i = 0; i < n; i++) {
+        dp_page_name(recs[i]->id, names[i]);
+        ptrs[i] = names[i];
+    }
+    dp_remove_names(c->remover, c->dirfd, ptrs, n, results);
+    for (size_t i = 0; i < n; i++) {
+        /* ENOENT: someone removed it under us; the file is gone either way. */
+        if (results[i] == 0 || results[i] == -ENOENT)
+            atomic_fetch_add(&c->removed, 1);
+        else
+            atomic_fetch_add(&c->remove_errors, 1);
+        atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
+        atomic_fetch_sub(&c->pending, 1);
+        record_put(recs[i]);
+    }
+}
+
+int64_t dp_drain(dp_cache *c)
+{
+    pthread_mutex_lock(&c->drain_lock);
+    /* acquire: pairs with the release CAS of every push we take. */
+    dp_page *list = atomic_exchange_explicit(&c->released, NULL, memory_order_acquire);
+    int64_t count = 0;
+    dp_page *chunk[DRAIN_CHUNK];
+    size_t n = 0;
+    for (dp_page *p = list; p != NULL;) {
+        dp_page *next = p->next; /* read before remove_chunk may free p */
+        chunk[n++] = p;
+        if (n == DRAIN_CHUNK) {
+            remove_chunk(c, chunk, n);
+            count += (int64_t)n;
+            n = 0;
+        }
+        p = next;
+    }
+    if (n) {
+        remove_chunk(c, chunk, n);
+        count += (int64_t)n;
+    }
+    pthread_mutex_unlock(&c->drain_lock);
+    return count;
+}
+
+int64_t dp_flush(dp_cache *c)
+{
+    if (atomic_load(&c->closed) || getpid() != c->owner)
+        return 0;
+    return dp_drain(c);
+}
+
+void dp_free_queue(dp_cache *c)
+{
+    dp_page *p = atomic_exchange_explicit(&c->released, NULL, memory_order_acquire);
+    while (p) {
+        dp_page *next = p->next;
+        record_put(p);
+        p = next;
+    }
+}
+
+void dp_wake_reaper(dp_cache *c)
+{
+    pthread_mutex_lock(&c->lock);
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void deadline_after(uint64_t ns, struct timespec *ts)
+{
+    uint64_t t = dp_now_ns() + ns;
+    ts->tv_sec = (time_t)(t / 1000000000ull);
+    ts->tv_nsec = (long)(t % 1000000000ull);
+}
+
+/* The reaper polls: releases cannot wake it without a system call, and they must not make
+ * one. It ticks four times per max_delay while pages are live or pending, and sleeps until
+ * a write wakes it when there are none. A page released at time t is removed by
+ * t + max_delay (plus scheduling and removal time): the reaper drains once the oldest
+ * possible waiter would reach max_delay by the next tick, or as soon as `batch` wait. */
+void *dp_reaper_main(void *arg)
+{
+    dp_cache *c = arg;
+    uint64_t tick = c->max_delay_ns / 4;
+    if (tick < MIN_TICK_NS)
+        tick = MIN_TICK_NS;
+    uint64_t last_empty = dp_now_ns();
+
+    pthread_mutex_lock(&c->lock);
+    while (!c->stop) {
+        if (atomic_load(&c->pending) == 0 && atomic_load(&c->live_pages) == 0) {
+            pthread_cond_wait(&c->wake, &c->lock);
+            last_empty = dp_now_ns();
+            continue;
+        }
+        struct timespec deadline;
+        deadline_after(tick, &deadline);
+        pthread_cond_timedwait(&c->wake, &c->lock, &deadline);
+        if (c->stop)
+            break;
+        uint64_t now = dp_now_ns();
+        uint64_t pending = atomic_load(&c->pending);
+        if (pending == 0) {
+            last_empty = now; /* anything released from here on is newer than `now` */
+            continue;
+        }
+        if (pending >= c->batch || now - last_empty + tick >= c->max_delay_ns) {
+            pthread_mutex_unlock(&c->lock);
+            dp_drain(c);
+            pthread_mutex_lock(&c->lock);
+            last_empty = now;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}

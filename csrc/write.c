@@ -1,0 +1,282 @@
+/* Putting pages on disk: pwrite or a shared mapping, with the fsyncs the sync mode asks for.
+ * A page is created and filled first, then published (counted live, handed to Python);
+ * anything that fails before publishing unlinks the file, so a failure leaves nothing. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define CREATE_FLAGS (O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW)
+
+static int create_file(dp_cache *c, dp_page *rec, int access)
+{
+    char name[DP_NAME_MAX];
+    dp_page_name(rec->id, name);
+    int fd;
+    do
+        fd = openat(c->dirfd, name, CREATE_FLAGS | access, 0600);
+    while (fd < 0 && errno == EINTR);
+    return fd < 0 ? -errno : fd;
+}
+
+static void unlink_page(dp_cache *c, uint64_t id)
+{
+    char name[DP_NAME_MAX];
+    dp_page_name(id, name);
+    unlinkat(c->dirfd, name, 0);
+}
+
+static dp_page *record_new(dp_cache *c, size_t nbytes)
+{
+    dp_page *p = malloc(sizeof *p);
+    if (!p)
+        return NULL;
+    p->next = NULL;
+    p->cache = c;
+    p->id = atomic_fetch_add(&c->next_id, 1);
+    p->nbytes = nbytes;
+    atomic_init(&p->refs, 2);
+    atomic_init(&p->released, false);
+    return p;
+}
+
+static void publish(dp_cache *c, dp_page *p)
+{
+    atomic_fetch_add(&c->live_bytes, p->nbytes);
+    atomic_fetch_add(&c->written, 1);
+    if (atomic_fetch_add(&c->live_pages, 1) == 0)
+        dp_wake_reaper(c); /* it sleeps without a timeout while nothing is live */
+}
+
+static int write_all(int fd, const char *data, size_t nbytes)
+{
+    size_t off = 0;
+    while (off < nbytes) {
+        ssize_t n = pwrite(fd, data + off, nbytes - off, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        off += (size_t)n;
+    }
+    return 0;
+}
+
+/* Reserve the blocks so that a store through a mapping can never meet ENOSPC (which would
+ * be SIGBUS, not an error). Returns -EOPNOTSUPP where the file system cannot. */
+static int reserve(int fd, size_t nbytes)
+{
+    if (nbytes == 0)
+        return 0;
+    int err;
+    do
+        err = fallocate(fd, 0, 0, (off_t)nbytes) == 0 ? 0 : -errno;
+    while (err == -EINTR);
+    if (err == -ENOSYS)
+        err = -EOPNOTSUPP;
+    return err;
+}
+
+static int write_mapped(dp_cache *c, int fd, const void *data, size_t nbytes)
+{
+    if (nbytes == 0)
+        return 0;
+    int err = reserve(fd, nbytes);
+    if (err == -EOPNOTSUPP) { /* cannot reserve: do not risk SIGBUS, write it instead */
+        err = write_all(fd, data, nbytes);
+        if (!err && c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
+            err = -errno;
+        return err;
+    }
+    if (err)
+        return err;
+    void *map = mmap(NULL, nbytes, PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED)
+        return -errno;
+    memcpy(map, data, nbytes);
+    if (c->sync != DP_SYNC_NONE && msync(map, nbytes, MS_SYNC) != 0)
+        err = -errno;
+    munmap(map, nbytes);
+    return err;
+}
+
+/* Create and fill one page's file; not yet published. */
+static int create_page(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **out)
+{
+    dp_page *rec = record_new(c, nbytes);
+    if (!rec)
+        return -ENOMEM;
+    /* a shared writable mapping needs the fd open for reading too */
+    int fd = create_file(c, rec, method == DP_WRITE_MMAP ? O_RDWR : O_WRONLY);
+    if (fd < 0) {
+        free(rec);
+        return fd;
+    }
+    int err;
+    if (method == DP_WRITE_MMAP) {
+        err = write_mapped(c, fd, data, nbytes);
+    } else {
+        err = write_all(fd, data, nbytes);
+        if (!err && c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
+            err = -errno;
+    }
+    /* close() can report a deferred write error (NFS and friends): it counts. */
+    if (close(fd) != 0 && !err && errno != EINTR)
+        err = -errno;
+    if (err) {
+        unlink_page(c, rec->id);
+        free(rec);
+        return err;
+    }
+    *out = rec;
+    return 0;
+}
+
+static void discard_page(dp_cache *c, dp_page *rec)
+{
+    unlink_page(c, rec->id);
+    free(rec);
+}
+
+static int sync_folder(dp_cache *c)
+{
+    if (c->sync != DP_SYNC_FULL)
+        return 0;
+    return fsync(c->dirfd) == 0 ? 0 : -errno;
+}
+
+static int enter_write(dp_cache *c)
+{
+    pthread_rwlock_rdlock(&c->closing);
+    if (atomic_load(&c->closed)) {
+        pthread_rwlock_unlock(&c->closing);
+        return -DP_ECLOSED;
+    }
+    return 0;
+}
+
+int dp_write(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **page,
+             uint64_t *id)
+{
+    int err = enter_write(c);
+    if (err)
+        return err;
+    dp_page *rec = NULL;
+    err = create_page(c, data, nbytes, method, &rec);
+    if (!err && (err = sync_folder(c)))
+        discard_page(c, rec);
+    if (!err) {
+        publish(c, rec);
+        *page = rec;
+        *id = rec->id;
+    }
+    pthread_rwlock_unlock(&c->closing);
+    return err;
+}
+
+int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
+                  int method, dp_page **pages, uint64_t *ids, size_t *failed_at)
+{
+    int err = enter_write(c);
+    if (err)
+        return err;
+    size_t made = 0;
+    for (; made < count; made++)
+        if ((err = create_page(c, data[made], nbytes[made], method, &pages[made])))
+            break;
+    *failed_at = made;
+    if (!err && count && (err = sync_folder(c)))
+        *failed_at = count;
+    if (err) {
+        while (made)
+            discard_page(c, pages[--made]);
+    } else {
+        for (size_t i = 0; i < count; i++) {
+            publish(c, pages[i]);
+            ids[i] = pages[i]->id;
+        }
+    }
+    pthread_rwlock_unlock(&c->closing);
+    return err;
+}
+
+int dp_allocate(dp_cache *c, size_t nbytes, dp_page **page, uint64_t *id)
+{
+    int err = enter_write(c);
+    if (err)
+        return err;
+    dp_page *rec = record_new(c, nbytes);
+    if (!rec) {
+        err = -ENOMEM;
+        goto out;
+    }
+    int fd = create_file(c, rec, O_RDWR);
+    if (fd < 0) {
+        err = fd;
+        free(rec);
+        goto out;
+    }
+    err = reserve(fd, nbytes);
+    if (err == -EOPNOTSUPP) /* no fallocate here: a sparse file, as good as it gets */
+        err = ftruncate(fd, (off_t)nbytes) == 0 ? 0 : -errno;
+    if (err) {
+        close(fd);
+        discard_page(c, rec);
+        goto out;
+    }
+    publish(c, rec);
+    *page = rec;
+    *id = rec->id;
+    err = fd;
+out:
+    pthread_rwlock_unlock(&c->closing);
+    return err;
+}
+
+int dp_seal(dp_cache *c)
+{
+    return sync_folder(c);
+}
+
+int dp_open_page(dp_cache *c, uint64_t id, uint64_t nbytes)
+{
+    char name[DP_NAME_MAX];
+    dp_page_name(id, name);
+    int fd;
+    do
+        fd = openat(c->dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    /* A mapping past the end of a file faults with SIGBUS: refuse a file of the wrong size. */
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != nbytes) {
+        close(fd);
+        return -DP_ESIZE;
+    }
+    return fd;
+}
+
+int dp_map_fixed(int fd, void *addr, size_t nbytes, int writable)
+{
+    int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+    if (mmap(addr, nbytes, prot, MAP_SHARED | MAP_FIXED, fd, 0) != MAP_FAILED)
+        return 0;
+    int err = -errno;
+    /* A failed MAP_FIXED may leave a hole; fill it again so the owner's later munmap can
+     * never hit a mapping that some other code placed there. */
+    mmap(addr, nbytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    return err;
+}

@@ -1,0 +1,18 @@
+"""The library's own conditions. I/O failures are plain ``OSError`` subclasses
+(``FileNotFoundError``, ``PermissionError``, ...) carrying errno, message and path."""
+
+
+class PageCacheError(Exception):
+    """Base of every error diskpages raises that is not an ``OSError``."""
+
+
+class CacheClosedError(PageCacheError):
+    """The cache is closed: it writes nothing more."""
+
+
+class PageReleasedError(PageCacheError):
+    """The page was released (or its cache closed): its bytes can no longer be read."""
+
+
+class PageLostError(PageCacheError):
+    """The page's file vanished or changed size under the cache (removed by someone else)."""
