@@ -14,7 +14,8 @@
 #include "internal.h"
 
 #define DRAIN_CHUNK 256
-#define MIN_TICK_NS 1000000ull /* 1 ms: the reaper never polls faster than this */
+#define MIN_TICK_NS 1000000ull  /* 1 ms: the reaper never polls faster than this */
+#define MAX_TICK_NS 10000000ull /* 10 ms: how late a full batch may be noticed */
 
 uint64_t dp_now_ns(void)
 {
@@ -147,14 +148,17 @@ static void deadline_after(uint64_t ns, struct timespec *ts)
 }
 
 /* The reaper polls: releases cannot wake it without a system call, and they must not make
- * one. It ticks four times per max_delay while pages are live or pending, and sleeps until
- * a write wakes it when there are none. A page released at time t is removed by
+ * one. While pages are live or pending it ticks every max_delay/4, but at least every 10 ms
+ * so that a full batch is noticed soon (an idle wakeup costs a few microseconds); with no
+ * page live it sleeps until a write wakes it. A page released at time t is removed by
  * t + max_delay (plus scheduling and removal time): the reaper drains once the oldest
- * possible waiter would reach max_delay by the next tick, or as soon as `batch` wait. */
+ * possible waiter would reach max_delay by the next tick, or once `batch` are waiting. */
 void *dp_reaper_main(void *arg)
 {
     dp_cache *c = arg;
     uint64_t tick = c->max_delay_ns / 4;
+    if (tick > MAX_TICK_NS)
+        tick = MAX_TICK_NS;
     if (tick < MIN_TICK_NS)
         tick = MIN_TICK_NS;
     uint64_t last_empty = dp_now_ns();

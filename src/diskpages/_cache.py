@@ -56,7 +56,10 @@ def _shutdown(handle: Any, path: str, owner: int) -> None:
     if os.getpid() != owner:
         return  # a forked child borrows its parent's cache; it removes nothing
     native.cache_close(handle, path)
-    os.rmdir(path)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass  # removed under us: what close wants anyway
 
 
 def _shutdown_quietly(handle: Any, path: str, owner: int) -> None:

@@ -1,0 +1,274 @@
+"""The public API behaves as documented: round trips, sizes, types, builders, stats."""
+
+import array
+import copy
+import os
+import pickle
+import stat
+
+import pytest
+
+import diskpages
+from diskpages import (
+    CacheClosedError,
+    Page,
+    PageBuilder,
+    PageCache,
+    PageCacheError,
+    PageLostError,
+    PageReleasedError,
+)
+
+
+def test_write_read_view_round_trip(cache):
+    page = cache.write(b"hello pages")
+    assert isinstance(page, Page)
+    assert page.read() == b"hello pages"
+    view = page.view()
+    assert isinstance(view, memoryview) and view.readonly
+    assert bytes(view) == b"hello pages"
+    assert page.nbytes == len(page) == 11
+    assert page.path.parent == cache.path
+    assert page.path.read_bytes() == b"hello pages"
+    assert isinstance(page.id, int)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"abc", bytearray(b"abcd"), memoryview(b"abcdef")[1:4], array.array("d", [1.5, -2.0])],
+    ids=["bytes", "bytearray", "memoryview", "array"],
+)
+def test_accepts_bytes_like(cache, data):
+    page = cache.write(data)
+    assert page.read() == bytes(memoryview(data).cast("B"))
+
+
+def test_accepts_numpy_arrays(cache):
+    np = pytest.importorskip("numpy")
+    arr = np.arange(1000, dtype=np.float64)
+    page = cache.write(arr)
+    assert page.nbytes == arr.nbytes
+    assert np.array_equal(np.frombuffer(page.view(), dtype=np.float64), arr)
+
+
+@pytest.mark.parametrize("bad", ["text", 3, None, [1, 2], 1.5, object()])
+def test_rejects_non_buffers_with_type_error(cache, bad):
+    with pytest.raises(TypeError):
+        cache.write(bad)
+    with pytest.raises(TypeError):
+        cache.write_many([b"ok", bad])
+    assert os.listdir(cache.path) == []
+
+
+def test_rejects_non_contiguous(cache):
+    with pytest.raises(BufferError):
+        cache.write(memoryview(b"abcdef")[::2])
+    assert os.listdir(cache.path) == []
+
+
+def test_empty_page(cache):
+    page = cache.write(b"")
+    assert page.nbytes == 0
+    assert page.read() == b""
+    assert bytes(page.view()) == b""
+    assert page.path.exists() and page.path.stat().st_size == 0
+
+
+def test_large_page(cache):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    page = cache.write(data)
+    assert page.read() == data
+    assert page.view() == data
+
+
+def test_files_are_private(cache):
+    page = cache.write(b"x")
+    assert stat.S_IMODE(os.stat(cache.path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(page.path).st_mode) == 0o600
+
+
+def test_write_many_in_order(cache):
+    datas = [os.urandom(n) for n in (0, 1, 4096, 70000)]
+    pages = cache.write_many(datas)
+    assert [p.read() for p in pages] == datas
+    assert len({p.id for p in pages}) == len(datas)
+    assert cache.write_many([]) == []
+    assert cache.write_many(iter([b"g"]))[0].read() == b"g"
+
+
+@pytest.mark.parametrize("sync", ["none", "data", "full"])
+def test_every_sync_mode_writes(root, sync):
+    with PageCache(root, sync=sync) as c:
+        assert c.sync == sync
+        assert c.write(b"s" * 5000).read() == b"s" * 5000
+        assert [p.read() for p in c.write_many([b"a", b"b"])] == [b"a", b"b"]
+        b = c.allocate(3)
+        b.view()[:] = b"xyz"
+        assert b.seal().read() == b"xyz"
+
+
+def test_mmap_write_method_round_trip(cache):
+    cache._write_method = diskpages._bindings.WRITE_METHODS["mmap"]
+    data = os.urandom(200_000)
+    assert cache.write(data).read() == data
+    assert cache.write(b"").read() == b""
+
+
+def test_allocate_fills_in_place(cache):
+    builder = cache.allocate(8)
+    assert isinstance(builder, PageBuilder) and not builder.sealed
+    view = builder.view()
+    assert not view.readonly
+    assert bytes(view) == bytes(8)
+    view[:] = b"01234567"
+    del view
+    page = builder.seal()
+    assert builder.sealed
+    assert page.read() == b"01234567"
+    assert page.id == builder.id and page.path == builder.path
+    with pytest.raises(ValueError):
+        builder.view()
+    with pytest.raises(ValueError):
+        builder.seal()
+
+
+def test_seal_refuses_while_a_view_is_alive(cache):
+    builder = cache.allocate(4)
+    view = builder.view()
+    part = view[1:3]  # a slice holds the export too
+    del view
+    with pytest.raises(BufferError):
+        builder.seal()
+    part[:] = b"zz"  # the builder is still usable
+    del part
+    assert builder.seal().read() == b"\0zz\0"
+
+
+def test_allocate_zero_bytes(cache):
+    builder = cache.allocate(0)
+    assert len(builder.view()) == 0
+    assert builder.seal().read() == b""
+
+
+def test_allocate_bad_sizes(cache):
+    with pytest.raises(ValueError):
+        cache.allocate(-1)
+    with pytest.raises(TypeError):
+        cache.allocate(1.0)
+    with pytest.raises(TypeError):
+        cache.allocate("10")
+    assert os.listdir(cache.path) == []
+
+
+def test_unsealed_builder_leaves_no_file(cache):
+    builder = cache.allocate(4096)
+    path = builder.path
+    view = builder.view()
+    view[:4] = b"abcd"
+    assert path.exists()
+    del builder
+    cache.flush()
+    assert not path.exists()
+    assert bytes(view[:4]) == b"abcd"  # the mapping outlives the file
+
+
+def test_release_is_idempotent_and_context_manager(cache):
+    with cache.write(b"abc") as page:
+        assert not page.released
+        assert page.read() == b"abc"
+    assert page.released
+    page.release()
+    page.release()
+    with pytest.raises(PageReleasedError):
+        page.read()
+    with pytest.raises(PageReleasedError):
+        page.view()
+    assert cache.flush() == 1
+    assert not page.path.exists()
+
+
+def test_stats_count_pages(cache):
+    a = cache.write(b"x" * 10)
+    b = cache.write(b"y" * 20)
+    s = cache.stats()
+    assert (s.live_pages, s.live_bytes, s.pending, s.removed, s.written) == (2, 30, 0, 0, 2)
+    a.release()
+    s = cache.stats()
+    assert (s.live_pages, s.live_bytes, s.pending, s.pending_bytes) == (1, 20, 1, 10)
+    cache.flush()
+    s = cache.stats()
+    assert (s.live_pages, s.pending, s.removed) == (1, 0, 1)
+    assert s.remover in ("io_uring", "loop")
+    del b
+
+
+def test_close_removes_everything(root):
+    cache = PageCache(root)
+    pages = [cache.write(b"p" * 100) for _ in range(5)]
+    builder = cache.allocate(10)
+    view = pages[0].view()
+    cache.close()
+    assert cache.closed
+    assert not cache.path.exists()
+    assert root.exists() and os.listdir(root) == []
+    assert all(p.released for p in pages)
+    with pytest.raises(PageReleasedError):
+        pages[1].read()
+    with pytest.raises(CacheClosedError):
+        cache.write(b"late")
+    with pytest.raises(CacheClosedError):
+        cache.write_many([b"late"])
+    with pytest.raises(CacheClosedError):
+        cache.allocate(1)
+    with pytest.raises(CacheClosedError):
+        builder.seal()
+    assert bytes(view) == b"p" * 100
+    assert cache.flush() == 0
+    cache.close()  # idempotent
+    del pages, builder
+
+
+def test_context_manager_closes(root):
+    with PageCache(root) as cache:
+        cache.write(b"x")
+        path = cache.path
+    assert cache.closed and not path.exists()
+
+
+def test_cache_closes_when_collected(root):
+    cache = PageCache(root)
+    page = cache.write(b"abc")
+    path = cache.path
+    del cache
+    assert path.exists()  # the page keeps its cache alive
+    assert page.read() == b"abc"
+    del page
+    assert not path.exists()
+
+
+def test_error_tree():
+    for exc in (CacheClosedError, PageReleasedError, PageLostError):
+        assert issubclass(exc, PageCacheError)
+    assert not issubclass(PageCacheError, OSError)
+
+
+def test_pages_cannot_be_constructed_copied_wrongly_or_pickled(cache):
+    with pytest.raises(TypeError):
+        Page()
+    with pytest.raises(TypeError):
+        PageBuilder()
+    page = cache.write(b"abc")
+    assert copy.copy(page) is page and copy.deepcopy(page) is page
+    with pytest.raises(TypeError):
+        pickle.dumps(page)
+    assert "Page" in repr(page) and "PageCache" in repr(cache)
+
+
+def test_default_root_is_per_user(monkeypatch, tmp_path):
+    monkeypatch.delenv("DISKPAGES_ROOT", raising=False)
+    root = diskpages.default_root()
+    assert root.name == f"diskpages-{os.getuid()}"
+    monkeypatch.setenv("DISKPAGES_ROOT", str(tmp_path / "env-root"))
+    with PageCache() as c:
+        assert c.path.parent == tmp_path / "env-root"
+        assert stat.S_IMODE(os.stat(c.path.parent).st_mode) == 0o700

@@ -1,0 +1,160 @@
+"""Every failure path: bad arguments, unusable roots, full files and disks, lost files."""
+
+import errno
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from conftest import files_in, run_python
+from diskpages import PageCache, PageLostError
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"sync": "fast"}, ValueError),
+        ({"sync": None}, ValueError),
+        ({"batch": 0}, ValueError),
+        ({"batch": -3}, ValueError),
+        ({"batch": 1.5}, TypeError),
+        ({"batch": True}, TypeError),
+        ({"max_delay": 0}, ValueError),
+        ({"max_delay": -1.0}, ValueError),
+        ({"max_delay": float("nan")}, ValueError),
+        ({"max_delay": float("inf")}, ValueError),
+        ({"max_delay": "1"}, TypeError),
+    ],
+)
+def test_bad_arguments(root, kwargs, exc):
+    with pytest.raises(exc):
+        PageCache(root, **kwargs)
+    assert files_in(root) == []  # nothing half made
+
+
+def test_bad_remover_setting(root, monkeypatch):
+    monkeypatch.setenv("DISKPAGES_REMOVER", "magic")
+    with pytest.raises(ValueError):
+        PageCache(root)
+
+
+def test_root_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_bytes(b"")
+    with pytest.raises(OSError) as info:
+        PageCache(f)
+    assert str(f) in str(info.value)
+    with pytest.raises(NotADirectoryError) as info:
+        PageCache(f / "below")
+    assert str(f) in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_root_without_permission(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(PermissionError) as info:
+        PageCache(locked / "root")
+    assert str(locked) in str(info.value)
+
+
+FSIZE = """
+    import errno, os, resource
+    from diskpages import PageCache, _bindings
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+    c = PageCache({root!r})
+    def check(what, call):
+        try:
+            call()
+        except OSError as e:
+            assert e.errno == errno.EFBIG, (what, e)
+            assert e.filename == str(c.path), (what, e.filename)
+            assert os.listdir(c.path) == [], (what, os.listdir(c.path))
+            print(what, "EFBIG")
+        else:
+            raise AssertionError(what + " did not fail")
+    check("write", lambda: c.write(b"x" * 200000))
+    check("write_many", lambda: c.write_many([b"a" * 10, b"b" * 10, b"c" * 200000, b"d"]))
+    check("allocate", lambda: c.allocate(200000))
+    c._write_method = _bindings.WRITE_METHODS["mmap"]
+    check("mmap write", lambda: c.write(b"x" * 200000))
+    c._write_method = _bindings.WRITE_METHODS["pwrite"]
+    page = c.write(b"fits")
+    assert page.read() == b"fits"
+    s = c.stats()
+    assert (s.live_pages, s.written) == (1, 1), s
+    print("ok")
+"""
+
+
+def test_write_that_fails_midway_leaves_no_file(root):
+    proc = run_python(FSIZE.format(root=str(root)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n") == [
+        "write EFBIG", "write_many EFBIG", "allocate EFBIG", "mmap write EFBIG", "ok", ""]
+    assert files_in(root) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount); skipped where it cannot be made."""
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("needs root and mount(8) for a tiny file system")
+    mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_raises_enospc_and_leaves_nothing(tiny_tmpfs):
+    with PageCache(tiny_tmpfs) as c:
+        for call in (lambda: c.write(b"z" * (2 << 20)),
+                     lambda: c.write_many([b"y" * 4096, b"z" * (2 << 20)]),
+                     lambda: c.allocate(2 << 20)):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == errno.ENOSPC
+            assert os.listdir(c.path) == []
+        page = c.write(b"small")  # the cache still works
+        assert page.read() == b"small"
+
+
+def test_vanished_file_raises_page_lost(cache):
+    page = cache.write(b"here")
+    os.unlink(page.path)
+    with pytest.raises(PageLostError):
+        page.read()
+    with pytest.raises(PageLostError):
+        page.view()
+    page.release()
+    assert cache.flush() == 1
+    assert cache.stats().remove_errors == 0  # already gone counts as removed
+
+
+def test_file_of_wrong_size_is_refused_not_mapped(cache):
+    page = cache.write(b"x" * 8192)
+    os.truncate(page.path, 100)  # a view of this would fault past the end (SIGBUS)
+    with pytest.raises(PageLostError):
+        page.view()
+    with pytest.raises(PageLostError):
+        page.read()
+
+
+def test_folder_removed_under_the_cache(root):
+    cache = PageCache(root)
+    page = cache.write(b"p")
+    shutil.rmtree(cache.path)
+    with pytest.raises(FileNotFoundError):
+        cache.write(b"q")
+    with pytest.raises(PageLostError):
+        page.read()
+    cache.close()  # the folder is already gone: nothing left to do, no error
+    assert cache.closed
