@@ -59,17 +59,21 @@ def summarize(times: dict[str, list[float]], per_round: dict[str, int], baseline
     for name, xs in times.items():
         per_op = [x / per_round[name] for x in xs]
         q1, med, q3 = quartiles(per_op)
-        r1, rmed, r3 = quartiles([x / b for x, b in zip(per_op, base)])
+        r1, rmed, r3 = quartiles([x / b for x, b in zip(per_op, base, strict=True)])
         out[name] = {
-            "median_s": med, "iqr_s": q3 - q1,
-            "ratio": rmed, "ratio_iqr": r3 - r1,
-            "rounds": len(xs), "per_round": per_round[name],
+            "median_s": med,
+            "iqr_s": q3 - q1,
+            "ratio": rmed,
+            "ratio_iqr": r3 - r1,
+            "rounds": len(xs),
+            "per_round": per_round[name],
         }
     return out
 
 
-def record(benchmark, group: str, runners: dict[str, Runner], per_round: int, baseline: str,
-           rounds: int, **info) -> dict[str, dict]:
+def record(
+    benchmark, group: str, runners: dict[str, Runner], per_round: int, baseline: str, rounds: int, **info
+) -> dict[str, dict]:
     """Run the interleaved rounds under pytest-benchmark and attach the statistics.
     A runner with a ``per_round`` attribute does that many operations a round instead."""
     holder: dict[str, dict[str, list[float]]] = {}

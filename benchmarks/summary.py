@@ -1,7 +1,7 @@
 """Print the interleaved groups of a pytest-benchmark JSON file as Markdown tables.
 
-    python -m pytest benchmarks --benchmark-json=bench.json
-    python benchmarks/summary.py bench.json
+python -m pytest benchmarks --benchmark-json=bench.json
+python benchmarks/summary.py bench.json
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ def fmt_time(seconds: float) -> str:
 def main(path: str) -> None:
     data = json.load(open(path))
     info = data.get("machine_info", {})
-    print(f"Run {data.get('datetime', '?')} on {info.get('node', '?')} "
-          f"({info.get('cpu', {}).get('brand_raw', '?')}), Python {info.get('python_version', '?')}\n")
+    print(
+        f"Run {data.get('datetime', '?')} on {info.get('node', '?')} "
+        f"({info.get('cpu', {}).get('brand_raw', '?')}), Python {info.get('python_version', '?')}\n"
+    )
     for bench in data["benchmarks"]:
         extra = bench.get("extra_info", {})
         stats = extra.get("contenders")
@@ -33,8 +35,10 @@ def main(path: str) -> None:
         print(f"| contender | median per {unit} | IQR | ratio to {base} (median of rounds) | rounds |")
         print("|---|---:|---:|---:|---:|")
         for name, s in stats.items():
-            print(f"| {name} | {fmt_time(s['median_s'])} | {fmt_time(s['iqr_s'])} | "
-                  f"{s['ratio']:.2f} ± {s['ratio_iqr'] / 2:.2f} | {s['rounds']} |")
+            print(
+                f"| {name} | {fmt_time(s['median_s'])} | {fmt_time(s['iqr_s'])} | "
+                f"{s['ratio']:.2f} ± {s['ratio_iqr'] / 2:.2f} | {s['rounds']} |"
+            )
         print()
 
 

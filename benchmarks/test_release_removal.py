@@ -17,8 +17,9 @@ import shutil
 
 import pytest
 
-from conftest import QUICK, ROUNDS, fresh_dir
 from diskpages import PageCache
+
+from conftest import QUICK, ROUNDS, fresh_dir
 from harness import record
 
 N_RELEASE = 5_000 if QUICK else 20_000
@@ -89,8 +90,15 @@ def test_release_cost(benchmark, bench_root):
         "naive __del__ + os.unlink": DropObjects(naive, n_naive),
     }
     try:
-        record(benchmark, "release: drop the last reference", runners, N_RELEASE,
-               "empty __del__", ROUNDS, unit="page")
+        record(
+            benchmark,
+            "release: drop the last reference",
+            runners,
+            N_RELEASE,
+            "empty __del__",
+            ROUNDS,
+            unit="page",
+        )
     finally:
         cache.close()
         shutil.rmtree(naive_dir, ignore_errors=True)
@@ -158,7 +166,7 @@ class UnlinkFiles:
 @pytest.mark.parametrize("state", ["fresh", "steady"])
 @pytest.mark.parametrize("data", ["written back", "in page cache"])
 def test_removal_rate(benchmark, request, bench_root, floor, data, state):
-    """"written back": os.sync() before each round, so the files own blocks on the device
+    """ "written back": os.sync() before each round, so the files own blocks on the device
     and each unlink waits for the discard; "in page cache": delayed allocation has given
     the files no blocks yet, and unlink is cheap."""
     if state == "steady":
@@ -171,5 +179,12 @@ def test_removal_rate(benchmark, request, bench_root, floor, data, state):
         "flush, io_uring": FlushPages(bench_root, "io_uring", synced),
         "flush, loop remover": FlushPages(bench_root, "loop", synced),
     }
-    record(benchmark, f"removal of 4 KiB pages, {data}, {state}", runners, N_REMOVE,
-           "unlinkat loop in C (floor)", ROUNDS, unit="file")
+    record(
+        benchmark,
+        f"removal of 4 KiB pages, {data}, {state}",
+        runners,
+        N_REMOVE,
+        "unlinkat loop in C (floor)",
+        ROUNDS,
+        unit="file",
+    )

@@ -13,8 +13,9 @@ import shutil
 
 import pytest
 
-from conftest import QUICK, ROUNDS, fresh_dir
 from diskpages import PageCache, _bindings
+
+from conftest import QUICK, ROUNDS, fresh_dir
 from harness import record
 
 SIZES = {"4KiB": 4096, "64KiB": 64 << 10, "1MiB": 1 << 20}
@@ -47,8 +48,9 @@ class FileLoop:
     def run(self):
         start, self.next = self.next, self.next + self.n
         if self.kind == "floor":
-            rc = self.floor.lib.floor_write(self.dirfd, start, self.n, self.cbuf, len(self.data),
-                                            SYNC_NUM[self.sync])
+            rc = self.floor.lib.floor_write(
+                self.dirfd, start, self.n, self.cbuf, len(self.data), SYNC_NUM[self.sync]
+            )
             assert rc == 0, os.strerror(-rc)
             return
         folder, data, sync, dirfd = self.dirs[-1], self.data, self.sync, self.dirfd
@@ -129,5 +131,15 @@ def test_write(benchmark, request, bench_root, floor, size, sync, state):
             runners[name] = FileLoop(bench_root, floor, name, data, n, sync, steady)
         else:
             runners[name] = Diskpages(bench_root, name, data, n, sync, steady)
-    record(benchmark, f"write {size} sync={sync} {state}", runners, n, "floor", ROUNDS,
-           unit="page", size=nbytes, sync=sync, state=state)
+    record(
+        benchmark,
+        f"write {size} sync={sync} {state}",
+        runners,
+        n,
+        "floor",
+        ROUNDS,
+        unit="page",
+        size=nbytes,
+        sync=sync,
+        state=state,
+    )

@@ -22,14 +22,19 @@ def cache(root: Path):
         yield c
 
 
-def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 60,
-               preexec_fn=None) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *, env: dict[str, str] | None = None, timeout: float = 60, preexec_fn=None
+) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter with the installed diskpages; capture everything."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, preexec_fn=preexec_fn,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        preexec_fn=preexec_fn,
     )
 
 

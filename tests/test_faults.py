@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 
-from conftest import files_in, run_python
 from diskpages import PageCache, PageLostError
+
+from conftest import files_in, run_python
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,13 @@ def test_write_that_fails_midway_leaves_no_file(root):
     proc = run_python(FSIZE.format(root=str(root)))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n") == [
-        "write EFBIG", "write_many EFBIG", "allocate EFBIG", "mmap write EFBIG", "ok", ""]
+        "write EFBIG",
+        "write_many EFBIG",
+        "allocate EFBIG",
+        "mmap write EFBIG",
+        "ok",
+        "",
+    ]
     assert files_in(root) == []
 
 
@@ -104,8 +111,7 @@ def tiny_tmpfs(tmp_path):
         pytest.skip("needs root and mount(8) for a tiny file system")
     mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
     mnt.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:
@@ -116,9 +122,11 @@ def tiny_tmpfs(tmp_path):
 
 def test_full_disk_raises_enospc_and_leaves_nothing(tiny_tmpfs):
     with PageCache(tiny_tmpfs) as c:
-        for call in (lambda: c.write(b"z" * (2 << 20)),
-                     lambda: c.write_many([b"y" * 4096, b"z" * (2 << 20)]),
-                     lambda: c.allocate(2 << 20)):
+        for call in (
+            lambda: c.write(b"z" * (2 << 20)),
+            lambda: c.write_many([b"y" * 4096, b"z" * (2 << 20)]),
+            lambda: c.allocate(2 << 20),
+        ):
             with pytest.raises(OSError) as info:
                 call()
             assert info.value.errno == errno.ENOSPC

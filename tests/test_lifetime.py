@@ -7,8 +7,9 @@ import weakref
 
 import pytest
 
-from conftest import files_in, run_python, wait_until
 from diskpages import PageCache, PageReleasedError
+
+from conftest import files_in, run_python, wait_until
 
 
 def test_del_releases_and_flush_removes(cache):

@@ -46,7 +46,10 @@ def trace(tmp_path: Path, n: int, env: dict[str, str] | None = None) -> tuple[li
     script = textwrap.dedent(SCRIPT.format(root=str(tmp_path / "root"), n=n))
     proc = subprocess.run(
         ["strace", "-f", "-qq", "-o", str(out), sys.executable, "-c", script],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     if proc.returncode != 0 and "ptrace" in proc.stderr:
         pytest.skip(f"strace cannot trace here: {proc.stderr.strip()}")

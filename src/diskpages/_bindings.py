@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ._native import ffi, lib
 from .errors import CacheClosedError, PageLostError

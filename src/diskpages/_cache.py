@@ -15,9 +15,10 @@ import os
 import tempfile
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from . import _bindings as native
 from .errors import CacheClosedError, PageLostError, PageReleasedError
@@ -108,8 +109,12 @@ class PageCache:
             dirfd = os.open(path, _OPEN_DIR)
             try:
                 handle = native.cache_open(
-                    dirfd, native.SYNC_MODES[sync], batch, max(1, round(max_delay * 1e9)),
-                    native.REMOVERS[remover], path,
+                    dirfd,
+                    native.SYNC_MODES[sync],
+                    batch,
+                    max(1, round(max_delay * 1e9)),
+                    native.REMOVERS[remover],
+                    path,
                 )
             except BaseException:
                 os.close(dirfd)
