@@ -10,6 +10,28 @@
 
 #include "internal.h"
 
+/* The process's pid, refreshed in a forked child by an atfork handler: the ownership
+ * checks on the write and close paths cost a load instead of a getpid() system call. */
+static atomic_int current_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void refresh_pid(void)
+{
+    atomic_store_explicit(&current_pid, (int)getpid(), memory_order_relaxed);
+}
+
+static void init_pid(void)
+{
+    refresh_pid();
+    pthread_atfork(NULL, NULL, refresh_pid);
+}
+
+pid_t dp_pid(void)
+{
+    pthread_once(&pid_once, init_pid);
+    return (pid_t)atomic_load_explicit(&current_pid, memory_order_relaxed);
+}
+
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
                   dp_cache **out)
 {
@@ -21,7 +43,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
         return -ENOMEM;
     int err = 0;
     c->dirfd = dirfd;
-    c->owner = getpid();
+    c->owner = dp_pid();
     c->sync = sync;
     c->batch = batch;
     c->max_delay_ns = max_delay_ns;
@@ -34,7 +56,12 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
         err = -ENOMEM;
         goto fail_alloc;
     }
-    if ((err = -pthread_rwlock_init(&c->closing, NULL)))
+    pthread_rwlockattr_t rwattr;
+    pthread_rwlockattr_init(&rwattr);
+    pthread_rwlockattr_setkind_np(&rwattr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    err = -pthread_rwlock_init(&c->closing, &rwattr);
+    pthread_rwlockattr_destroy(&rwattr);
+    if (err)
         goto fail_remover;
     if ((err = -pthread_mutex_init(&c->drain_lock, NULL)))
         goto fail_rwlock;
@@ -121,7 +148,10 @@ static int empty_folder(dp_cache *c)
         size_t removed = 0, n = 0;
         rewinddir(dir);
         for (;;) {
+            errno = 0;
             struct dirent *e = readdir(dir);
+            if (!e && errno && !first_error)
+                first_error = -errno;
             if (e && (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0))
                 continue;
             if (e) {
@@ -153,24 +183,28 @@ static int empty_folder(dp_cache *c)
 
 int dp_cache_close(dp_cache *c)
 {
-    if (getpid() != c->owner) {
+    if (dp_pid() != c->owner) {
         /* a forked child: the locks may be held by a thread that did not come along */
         atomic_store(&c->closed, true);
         return 0;
     }
-    pthread_rwlock_wrlock(&c->closing); /* waits for writes in flight */
-    bool was_closed = atomic_exchange(&c->closed, true);
-    pthread_rwlock_unlock(&c->closing);
-    if (was_closed)
+    /* Mark closed first, so new writers turn back at once; then wait for the ones in
+     * flight (the lock prefers writers, so a stream of new writers cannot starve us). */
+    if (atomic_exchange(&c->closed, true))
         return 0;
+    pthread_rwlock_wrlock(&c->closing);
+    pthread_rwlock_unlock(&c->closing);
     stop_reaper(c);
-    dp_drain(c);
-    return empty_folder(c);
+    pthread_mutex_lock(&c->drain_lock);
+    dp_drain_locked(c);
+    int err = empty_folder(c);
+    pthread_mutex_unlock(&c->drain_lock);
+    return err;
 }
 
 void dp_cache_free(dp_cache *c)
 {
-    if (getpid() == c->owner) {
+    if (dp_pid() == c->owner) {
         dp_cache_close(c);
         pthread_cond_destroy(&c->wake);
         pthread_mutex_destroy(&c->lock);

@@ -16,7 +16,7 @@ enum { DP_WRITE_PWRITE = 0, DP_WRITE_MMAP = 1 };
 /* how a drain removes files */
 enum { DP_REMOVE_AUTO = 0, DP_REMOVE_LOOP = 1, DP_REMOVE_URING = 2 };
 /* our own error codes, returned negated like errno and kept clear of errno's range */
-enum { DP_ECLOSED = 10001, DP_ESIZE = 10002 };
+enum { DP_ECLOSED = 10001, DP_ESIZE = 10002, DP_EFORKED = 10003 };
 
 typedef struct dp_stats {
     uint64_t live_pages;    /* written, not yet released */
@@ -42,7 +42,7 @@ void dp_cache_free(dp_cache *c);
 int dp_cache_dirfd(const dp_cache *c);
 void dp_cache_stats(dp_cache *c, dp_stats *out);
 
-/* Write one page; on failure no file is left. */
+/* Write one page; on failure no file is left. In a forked child: -DP_EFORKED. */
 int dp_write(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **page,
              uint64_t *id);
 /* Write `count` pages, all or nothing: on failure every file this call made is removed,

@@ -44,7 +44,8 @@ struct dp_cache {
     pthread_rwlock_t closing;
     atomic_bool closed;
 
-    /* One drain at a time (reaper or flush); the holder never needs the GIL. */
+    /* One user of the remover at a time (reaper, flush, close); the holder never needs
+     * the GIL and never waits on anything that does. */
     pthread_mutex_t drain_lock;
     dp_remover *remover;
     int remover_mode;
@@ -66,12 +67,13 @@ int dp_remover_kind(const dp_remover *r);
 void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count, int *results);
 
 /* queue.c */
-int64_t dp_drain(dp_cache *c);
+int64_t dp_drain_locked(dp_cache *c);
 void dp_free_queue(dp_cache *c);
 void *dp_reaper_main(void *arg);
 void dp_wake_reaper(dp_cache *c);
 
 uint64_t dp_now_ns(void);
+pid_t dp_pid(void); /* getpid() without the system call; right in forked children */
 
 #define DP_NAME_MAX 32
 

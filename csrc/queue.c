@@ -90,9 +90,10 @@ static void remove_chunk(dp_cache *c, dp_page **recs, size_t n)
     }
 }
 
-int64_t dp_drain(dp_cache *c)
+/* Remove everything queued. The caller holds drain_lock: the remover's ring has one
+ * producer, so the reaper, flush() and close() take turns. */
+int64_t dp_drain_locked(dp_cache *c)
 {
-    pthread_mutex_lock(&c->drain_lock);
     /* acquire: pairs with the release CAS of every push we take. */
     dp_page *list = atomic_exchange_explicit(&c->released, NULL, memory_order_acquire);
     int64_t count = 0;
@@ -112,15 +113,18 @@ int64_t dp_drain(dp_cache *c)
         remove_chunk(c, chunk, n);
         count += (int64_t)n;
     }
-    pthread_mutex_unlock(&c->drain_lock);
     return count;
 }
 
 int64_t dp_flush(dp_cache *c)
 {
-    if (atomic_load(&c->closed) || getpid() != c->owner)
-        return 0;
-    return dp_drain(c);
+    if (dp_pid() != c->owner)
+        return 0; /* a forked child: drain_lock may be held by a thread that did not fork */
+    pthread_mutex_lock(&c->drain_lock);
+    /* checked under the lock: once close() has taken it, no flush touches the folder */
+    int64_t count = atomic_load(&c->closed) ? 0 : dp_drain_locked(c);
+    pthread_mutex_unlock(&c->drain_lock);
+    return count;
 }
 
 void dp_free_queue(dp_cache *c)
@@ -165,7 +169,11 @@ void *dp_reaper_main(void *arg)
 
     pthread_mutex_lock(&c->lock);
     while (!c->stop) {
-        if (atomic_load(&c->pending) == 0 && atomic_load(&c->live_pages) == 0) {
+        /* live first, then pending: a release counts pending before it stops counting
+         * live, so reading live == 0 means every release so far already shows in pending.
+         * (Read the other way round, a release between the loads would sleep unseen.) */
+        uint64_t live = atomic_load(&c->live_pages);
+        if (live == 0 && atomic_load(&c->pending) == 0) {
             pthread_cond_wait(&c->wake, &c->lock);
             last_empty = dp_now_ns();
             continue;
@@ -183,7 +191,9 @@ void *dp_reaper_main(void *arg)
         }
         if (pending >= c->batch || now - last_empty + tick >= c->max_delay_ns) {
             pthread_mutex_unlock(&c->lock);
-            dp_drain(c);
+            pthread_mutex_lock(&c->drain_lock);
+            dp_drain_locked(c);
+            pthread_mutex_unlock(&c->drain_lock);
             pthread_mutex_lock(&c->lock);
             last_empty = now;
         }

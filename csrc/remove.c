@@ -166,9 +166,9 @@ static int ring_round(dp_remover *r, int dirfd, char *const *names, size_t count
         long ret = syscall(__NR_io_uring_enter, r->ring_fd, to_submit, (unsigned)count - done,
                            IORING_ENTER_GETEVENTS, NULL, 0);
         if (ret < 0) {
-            if (errno == EINTR || errno == EAGAIN || errno == EBUSY)
-                continue;
-            return -errno;
+            if (errno != EINTR && errno != EAGAIN && errno != EBUSY)
+                return -errno;
+            ret = 0; /* nothing submitted; reap what has completed, then try again */
         }
         to_submit -= (unsigned)ret < to_submit ? (unsigned)ret : to_submit;
         unsigned head = atomic_load_explicit(r->cq_head, memory_order_relaxed);

@@ -64,6 +64,8 @@ static int write_all(int fd, const char *data, size_t nbytes)
                 continue;
             return -errno;
         }
+        if (n == 0)
+            return -EIO; /* no progress on a regular file: do not spin */
         off += (size_t)n;
     }
     return 0;
@@ -154,6 +156,11 @@ static int sync_folder(dp_cache *c)
 
 static int enter_write(dp_cache *c)
 {
+    /* A forked child has no reaper and shares our ids with its parent: it must not make
+     * pages in the parent's folder. Checked before any lock, which the parent's threads
+     * may have held at fork time. */
+    if (dp_pid() != c->owner)
+        return -DP_EFORKED;
     pthread_rwlock_rdlock(&c->closing);
     if (atomic_load(&c->closed)) {
         pthread_rwlock_unlock(&c->closing);
@@ -242,6 +249,8 @@ out:
 
 int dp_seal(dp_cache *c)
 {
+    if (dp_pid() != c->owner)
+        return -DP_EFORKED;
     return sync_folder(c);
 }
 

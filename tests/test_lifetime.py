@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 
-from diskpages import PageCache, PageReleasedError
+from diskpages import CacheClosedError, PageCache, PageReleasedError
 
 from conftest import files_in, run_python, wait_until
 
@@ -221,4 +221,33 @@ def test_pid_is_not_reused_as_page_owner_in_child(root):
     assert os.waitstatus_to_exitcode(status) == 0
     assert page.read() == b"parent's"
     assert cache.path.exists()
+    cache.close()
+
+
+def test_forked_child_cannot_write_into_parents_cache(root):
+    cache = PageCache(root)
+    first = cache.write(b"1")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            try:
+                cache.write(b"child")
+            except CacheClosedError as e:
+                code = 0 if "forked child" in str(e) else 3
+            for call in (lambda: cache.write_many([b"c"]), lambda: cache.allocate(8)):
+                try:
+                    call()
+                    code = 4
+                except CacheClosedError:
+                    pass
+            os.write(w, b"done")
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.read(r, 10) == b"done"
+    second = cache.write(b"2")  # the child took no id of ours: no FileExistsError
+    assert sorted(os.listdir(cache.path)) == sorted([first.path.name, second.path.name])
     cache.close()

@@ -31,6 +31,11 @@ def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
     code = -code
     if code == lib.DP_ECLOSED:
         return CacheClosedError("the cache is closed")
+    if code == lib.DP_EFORKED:
+        return CacheClosedError(
+            "this cache belongs to the process that opened it; a forked child cannot add "
+            "pages to it (open a PageCache of its own)"
+        )
     if code == lib.DP_ESIZE:
         return PageLostError(f"{path}: the file no longer has the page's size")
     return OSError(code, os.strerror(code), None if path is None else os.fspath(path))

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,6 +74,32 @@ static void *worker(void *arg)
     return NULL;
 }
 
+static atomic_bool closed;
+
+static void *write_until_closed(void *arg)
+{
+    (void)arg;
+    char data[64] = {0};
+    for (;;) {
+        dp_page *p;
+        uint64_t id;
+        int err = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, &p, &id);
+        if (err == -DP_ECLOSED)
+            return NULL;
+        if (err)
+            fail("dp_write under close", err);
+        dp_page_drop(p);
+    }
+}
+
+static void *flush_until_closed(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&closed))
+        dp_flush(cache);
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -116,13 +143,35 @@ int main(int argc, char **argv)
         fprintf(stderr, "stress: %zu files for %zu live pages\n", files, kept);
         return 1;
     }
+    /* Phase 2, close under load: writers that never pause (close must not starve behind
+     * them), flushers that race close for the remover, releases of the shared pages. */
+    pthread_t writers[4], flushers[2];
+    for (int i = 0; i < 4; i++)
+        pthread_create(&writers[i], NULL, write_until_closed, NULL);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&flushers[i], NULL, flush_until_closed, NULL);
     for (int i = 0; i < SHARED; i++) {
         dp_page *p = atomic_exchange(&shared[i], NULL);
         if (p)
             dp_page_drop(p);
     }
+    usleep(50000);
     if ((err = dp_cache_close(cache)))
         fail("dp_cache_close", err);
+    atomic_store(&closed, true);
+    for (int i = 0; i < 4; i++)
+        pthread_join(writers[i], NULL);
+    for (int i = 0; i < 2; i++)
+        pthread_join(flushers[i], NULL);
+    files = 0;
+    d = opendir(argv[1]);
+    for (struct dirent *e; (e = readdir(d));)
+        files += e->d_name[0] != '.';
+    closedir(d);
+    if (files != 0) {
+        fprintf(stderr, "stress: %zu files left after close\n", files);
+        return 1;
+    }
     dp_cache_free(cache);
     printf("ok: %llu pages written, %llu removed\n", (unsigned long long)s.written,
            (unsigned long long)s.removed);
