@@ -27,6 +27,13 @@ def main(path: str) -> None:
     for bench in data["benchmarks"]:
         extra = bench.get("extra_info", {})
         stats = extra.get("contenders")
+        if "p99_s" in extra:
+            print(f"### {extra['group']}\n")
+            print(
+                f"max_delay {fmt_time(extra['max_delay_s'])}: median {fmt_time(extra['median_s'])}, "
+                f"p99 {fmt_time(extra['p99_s'])}, max {fmt_time(extra['max_s'])} "
+                f"over {extra['samples']} pages\n"
+            )
         if not stats:
             continue
         unit = extra.get("unit", "op")

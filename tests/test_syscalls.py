@@ -106,3 +106,58 @@ def test_loop_fallback_uses_unlinkat(tmp_path):
     during = calls(lines, "begin_flush", "end_flush", main_only=False)
     assert during["unlinkat"] == 600
     assert during["io_uring_enter"] == 0
+
+
+SYNC_SCRIPT = """
+    import os
+    from diskpages import PageCache
+
+    def mark(name):
+        try:
+            os.stat("/__dp_" + name + "__")
+        except OSError:
+            pass
+
+    c = PageCache({root!r}, sync={sync!r})
+    mark("begin_write")
+    pages = [c.write(b"w" * 5000) for _ in range(3)]
+    mark("end_write")
+    mark("begin_many")
+    pages += c.write_many([b"m" * 5000] * 4)
+    mark("end_many")
+    mark("begin_seal")
+    b = c.allocate(5000)
+    b.view()[:1] = b"a"
+    pages.append(b.seal())
+    mark("end_seal")
+    c.close()
+"""
+
+
+@pytest.mark.parametrize(
+    "sync, write, many, seal",
+    [
+        # per mode: the sync calls of 3 write()s, of one write_many() of 4, of one seal()
+        ("none", {}, {}, {}),
+        ("data", {"fdatasync": 3}, {"fdatasync": 4}, {"msync": 1}),
+        ("full", {"fdatasync": 3, "fsync": 3}, {"fdatasync": 4, "fsync": 1}, {"msync": 1, "fsync": 1}),
+    ],
+)
+def test_sync_modes_make_the_promised_calls(tmp_path, sync, write, many, seal):
+    out = tmp_path / "strace.out"
+    script = textwrap.dedent(SYNC_SCRIPT.format(root=str(tmp_path / "root"), sync=sync))
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-e", "trace=fdatasync,fsync,msync,sync_file_range,newfstatat,stat",
+         "-o", str(out), sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+
+    def syncs(begin, end):
+        seen = calls(lines, begin, end, main_only=False)
+        return {k: v for k, v in seen.items() if k in ("fdatasync", "fsync", "msync", "sync_file_range")}
+
+    assert syncs("begin_write", "end_write") == write
+    assert syncs("begin_many", "end_many") == many
+    assert syncs("begin_seal", "end_seal") == seal
