@@ -176,7 +176,7 @@ def test_removal_rate(benchmark, request, bench_root, floor, data, state):
         "unlinkat loop in C (floor)": UnlinkFiles(bench_root, floor, "floor", synced),
         "os.unlink loop": UnlinkFiles(bench_root, floor, "python", synced),
         "shutil.rmtree": UnlinkFiles(bench_root, floor, "rmtree", synced),
-        "flush, io_uring": FlushPages(bench_root, "io_uring", synced),
+        "flush, io_uring": FlushPages(bench_root, "auto", synced),
         "flush, loop remover": FlushPages(bench_root, "loop", synced),
     }
     record(

@@ -190,11 +190,13 @@ int dp_cache_close(dp_cache *c)
     }
     /* Mark closed first, so new writers turn back at once; then wait for the ones in
      * flight (the lock prefers writers, so a stream of new writers cannot starve us). */
-    if (atomic_exchange(&c->closed, true))
-        return 0;
-    pthread_rwlock_wrlock(&c->closing);
-    pthread_rwlock_unlock(&c->closing);
-    stop_reaper(c);
+    if (!atomic_exchange(&c->closed, true)) {
+        pthread_rwlock_wrlock(&c->closing);
+        pthread_rwlock_unlock(&c->closing);
+        stop_reaper(c); /* the caller serialises close() calls */
+    }
+    /* Every call empties the folder again, so a close that failed (a file that could not
+     * be removed) can be retried once the cause is fixed. */
     pthread_mutex_lock(&c->drain_lock);
     dp_drain_locked(c);
     int err = empty_folder(c);

@@ -35,7 +35,8 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
                   dp_cache **out);
 /* Stop the reaper, remove every queued page and then every file in the folder (the folder
  * itself stays: Python removes it by path). Later writes fail with -DP_ECLOSED; releases
- * are still accepted. Idempotent. Returns the first removal error, if any. */
+ * are still accepted. Each call empties the folder again (so a failed close can be
+ * retried); calls must not overlap. Returns the first removal error, if any. */
 int dp_cache_close(dp_cache *c);
 /* Free the cache and every record still queued. Only once nothing can release into it. */
 void dp_cache_free(dp_cache *c);

@@ -10,7 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/io_uring.h>
+#include <linux/version.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -18,6 +18,18 @@
 #include <unistd.h>
 
 #include "internal.h"
+
+/* IORING_OP_UNLINKAT came with Linux 5.11's headers; built against older ones, diskpages
+ * has only the loop (and a new kernel is still used through it at run time). */
+#if defined(__has_include) && __has_include(<linux/io_uring.h>) && \
+    LINUX_VERSION_CODE >= KERNEL_VERSION(5, 11, 0)
+#define DP_HAVE_URING 1
+#include <linux/io_uring.h>
+#else
+#define DP_HAVE_URING 0
+struct io_uring_sqe;
+struct io_uring_cqe;
+#endif
 
 #define RING_ENTRIES 64u
 
@@ -51,6 +63,7 @@ static void ring_unmap(dp_remover *r)
     r->kind = DP_REMOVE_LOOP;
 }
 
+#if DP_HAVE_URING
 static int ring_setup(dp_remover *r)
 {
     struct io_uring_params p;
@@ -108,6 +121,14 @@ fail:;
     return err;
 }
 
+#else
+static int ring_setup(dp_remover *r)
+{
+    (void)r;
+    return -ENOSYS;
+}
+#endif
+
 dp_remover *dp_remover_new(int mode)
 {
     dp_remover *r = calloc(1, sizeof *r);
@@ -139,6 +160,7 @@ static void remove_loop(int dirfd, char *const *names, size_t count, int *result
         results[i] = unlinkat(dirfd, names[i], 0) == 0 ? 0 : -errno;
 }
 
+#if DP_HAVE_URING
 /* Submit up to sq_entries unlinks and wait for all of them. Returns 0, or -errno if the
  * ring failed; results[i] stays INT_MIN for every removal that did not complete. */
 static int ring_round(dp_remover *r, int dirfd, char *const *names, size_t count,
@@ -185,6 +207,14 @@ static int ring_round(dp_remover *r, int dirfd, char *const *names, size_t count
     }
     return 0;
 }
+
+#else
+static int ring_round(dp_remover *r, int dirfd, char *const *names, size_t count, int *results)
+{
+    (void)r, (void)dirfd, (void)names, (void)count, (void)results;
+    return -ENOSYS; /* never reached: without the header no ring is ever set up */
+}
+#endif
 
 void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count, int *results)
 {

@@ -272,3 +272,78 @@ def test_default_root_is_per_user(monkeypatch, tmp_path):
     with PageCache() as c:
         assert c.path.parent == tmp_path / "env-root"
         assert stat.S_IMODE(os.stat(c.path.parent).st_mode) == 0o700
+
+
+def test_allocate_reserves_the_blocks(cache):
+    builder = cache.allocate(1 << 20)
+    # fallocate'd: filling the mapping cannot meet ENOSPC (a SIGBUS, not an error)
+    assert os.stat(builder.path).st_blocks * 512 >= 1 << 20
+
+
+def test_relative_root_survives_chdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = PageCache("rel-root")
+    page = cache.write(b"abc")
+    assert cache.path.is_absolute()
+    monkeypatch.chdir("/")
+    assert page.path.read_bytes() == b"abc"
+    cache.close()
+    assert os.listdir(tmp_path / "rel-root") == []
+
+
+def test_close_from_many_threads_returns_when_the_folder_is_gone(root):
+    import threading
+
+    def close_and_look(cache, gone):
+        cache.close()
+        gone.append(not cache.path.exists())
+
+    for _ in range(5):
+        cache = PageCache(root)
+        pages = cache.write_many([b"x" * 4096] * 300)  # live pages: close has files to remove
+        gone: list[bool] = []
+        threads = [threading.Thread(target=close_and_look, args=(cache, gone)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert gone == [True] * 4
+        del pages
+
+
+def test_failed_close_can_be_retried(root):
+    cache = PageCache(root)
+    cache.write(b"x")
+    (cache.path / "intruder").mkdir()  # a folder the cache cannot unlink
+    with pytest.raises(OSError):
+        cache.close()
+    assert cache.closed and cache.path.exists()
+    (cache.path / "intruder").rmdir()
+    cache.close()
+    assert not cache.path.exists()
+
+
+def test_builder_resize_through_view_object_is_safe(cache):
+    builder = cache.allocate(4096)
+    mapping = builder.view().obj  # the mmap object behind the views
+    mapping.resize(4 * 4096)  # grows the file along with the mapping: no SIGBUS
+    mapping[3 * 4096] = 1
+    assert os.stat(builder.path).st_size == 4 * 4096
+
+
+def test_seal_failure_leaves_builder_usable(root, monkeypatch):
+    cache = PageCache(root, sync="full")
+    builder = cache.allocate(4096)
+    builder.view()[:3] = b"abc"
+
+    def failing_seal(handle, path):
+        raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(diskpages._bindings, "seal", failing_seal)
+    with pytest.raises(OSError):
+        builder.seal()
+    assert not builder.sealed
+    assert bytes(builder.view()[:3]) == b"abc" and len(builder.view()) == 4096
+    monkeypatch.undo()
+    assert builder.seal().read()[:3] == b"abc"
+    cache.close()

@@ -59,6 +59,8 @@ def test_eight_threads_write_read_drop(root):
                     choice = rng.random()
                     if choice < 0.2:
                         mine.append(page)
+                        with kept_lock:
+                            kept.append(page)  # from now on other threads may release it
                     elif choice < 0.4:
                         page.release()
                     elif choice < 0.5:
@@ -67,7 +69,18 @@ def test_eight_threads_write_read_drop(root):
                     elif choice < 0.6:
                         b = cache.allocate(len(data))
                         b.view()[:] = data
-                        mine.append(b.seal())
+                        sealed = b.seal()
+                        mine.append(sealed)
+                        with kept_lock:
+                            kept.append(sealed)
+                    if mine:
+                        # read one of ours, which another thread may be releasing right now
+                        p = rng.choice(mine)
+                        try:
+                            assert len(p.read()) == p.nbytes
+                            assert len(p.view()) == p.nbytes
+                        except PageReleasedError:
+                            assert p.released
                     if mine and rng.random() < 0.1:
                         # release another thread's page while it may be reading it
                         with kept_lock:
@@ -80,8 +93,6 @@ def test_eight_threads_write_read_drop(root):
                                 pass
                             else:
                                 raise AssertionError("read a released page")
-                with kept_lock:
-                    kept.extend(mine)
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 

@@ -147,9 +147,21 @@ def test_sync_modes_make_the_promised_calls(tmp_path, sync, write, many, seal):
     out = tmp_path / "strace.out"
     script = textwrap.dedent(SYNC_SCRIPT.format(root=str(tmp_path / "root"), sync=sync))
     proc = subprocess.run(
-        ["strace", "-f", "-qq", "-e", "trace=fdatasync,fsync,msync,sync_file_range,newfstatat,stat",
-         "-o", str(out), sys.executable, "-c", script],
-        capture_output=True, text=True, timeout=120,
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fdatasync,fsync,msync,sync_file_range,newfstatat,stat",
+            "-o",
+            str(out),
+            sys.executable,
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._native import ffi, lib
-from .errors import CacheClosedError, PageLostError
+from .errors import CacheClosedError
 
 SYNC_MODES = {"none": lib.DP_SYNC_NONE, "data": lib.DP_SYNC_DATA, "full": lib.DP_SYNC_FULL}
-REMOVERS = {"auto": lib.DP_REMOVE_AUTO, "loop": lib.DP_REMOVE_LOOP, "io_uring": lib.DP_REMOVE_URING}
+REMOVERS = {"auto": lib.DP_REMOVE_AUTO, "loop": lib.DP_REMOVE_LOOP}
 REMOVER_NAMES = {lib.DP_REMOVE_LOOP: "loop", lib.DP_REMOVE_URING: "io_uring"}
 WRITE_METHODS = {"pwrite": lib.DP_WRITE_PWRITE, "mmap": lib.DP_WRITE_MMAP}
 
@@ -36,8 +36,6 @@ def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
             "this cache belongs to the process that opened it; a forked child cannot add "
             "pages to it (open a PageCache of its own)"
         )
-    if code == lib.DP_ESIZE:
-        return PageLostError(f"{path}: the file no longer has the page's size")
     return OSError(code, os.strerror(code), None if path is None else os.fspath(path))
 
 

@@ -26,6 +26,7 @@ from .errors import CacheClosedError, PageLostError, PageReleasedError
 __all__ = ["PageCache", "Page", "PageBuilder", "CacheStats", "default_root"]
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+_MAX_DELAY_LIMIT = 1e9  # seconds (31 years): keeps the C side's nanoseconds in range
 
 
 def default_root() -> Path:
@@ -93,16 +94,20 @@ class PageCache:
         if isinstance(batch, bool) or not isinstance(batch, int):
             raise TypeError(f"batch must be an int, not {type(batch).__name__}")
         if not 1 <= batch <= 2**31 - 1:
-            raise ValueError(f"batch must be at least 1, not {batch}")
+            raise ValueError(f"batch must be from 1 to 2**31 - 1, not {batch}")
         if isinstance(max_delay, bool) or not isinstance(max_delay, (int, float)):
             raise TypeError(f"max_delay must be a number of seconds, not {type(max_delay).__name__}")
-        if not (math.isfinite(max_delay) and max_delay > 0):
-            raise ValueError(f"max_delay must be a positive number of seconds, not {max_delay!r}")
+        if not (math.isfinite(max_delay) and 0 < max_delay <= _MAX_DELAY_LIMIT):
+            raise ValueError(
+                f"max_delay must be a number of seconds above 0 and at most {_MAX_DELAY_LIMIT:g}, "
+                f"not {max_delay!r}"
+            )
         remover = os.environ.get("DISKPAGES_REMOVER", "auto")
         if remover not in native.REMOVERS:
             raise ValueError(f"DISKPAGES_REMOVER must be one of {sorted(native.REMOVERS)}, not {remover!r}")
 
-        root_path = Path(root) if root is not None else default_root()
+        # absolute, so that a later os.chdir() cannot move page paths or close()'s rmdir
+        root_path = (Path(root) if root is not None else default_root()).absolute()
         os.makedirs(root_path, mode=0o700, exist_ok=True)  # OSError names the path
         path = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root_path)
         try:
@@ -130,6 +135,7 @@ class PageCache:
         self._max_delay = float(max_delay)
         self._closed = False
         self._write_method = native.WRITE_METHODS["pwrite"]  # measured faster; see README
+        self._close_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, os.getpid())
 
     # -- properties -------------------------------------------------------------------
@@ -186,7 +192,9 @@ class PageCache:
         self._check_open()
         rec, page_id, fd = native.allocate(self._handle, nbytes, str(self._path))
         try:
-            mapping = _map(fd, nbytes, writable=True, path=self._path / native.page_name(page_id))
+            # A plain shared mapping of the file: it keeps a dup of the fd while the builder
+            # (or a view of it) lives, and so mmap's resize() stays safe (it grows the file).
+            mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE) if nbytes else None
         except BaseException:
             native.page_drop(rec)
             raise
@@ -216,12 +224,16 @@ class PageCache:
 
     def close(self) -> None:
         """Remove every page file (live ones too) and the cache's folder. Pages of a closed
-        cache raise PageReleasedError; a view already taken stays readable. Idempotent."""
-        info = self._finalizer.detach()
-        if info is None:
-            return
-        self._closed = True
-        _shutdown(*info[2])
+        cache raise PageReleasedError; a view already taken stays readable. Idempotent and
+        safe from several threads; if a file cannot be removed it raises OSError and a
+        later close() tries again."""
+        with self._close_lock:  # a second caller waits until the folder is really gone
+            info = self._finalizer.peek()
+            if info is None:
+                return
+            self._closed = True
+            _shutdown(*info[2])  # on failure the finalizer stays: close() can be retried
+            self._finalizer.detach()
 
     def __enter__(self) -> PageCache:
         return self
@@ -234,15 +246,16 @@ class PageCache:
         return f"<PageCache {str(self._path)!r} {state}>"
 
 
-def _map(fd: int, nbytes: int, *, writable: bool, path: Path) -> mmap.mmap | None:
-    """A shared mapping of fd, held by an mmap.mmap object and so with its export counting
-    (close() refuses while a memoryview is alive) and read-only enforcement, but without the
-    fd that mmap.mmap(fd, ...) would keep open: we map an anonymous region through mmap.mmap
-    and put the file's pages over it in C (MAP_FIXED). Unmapped when the object dies."""
+def _map_read_only(fd: int, nbytes: int, path: Path) -> mmap.mmap | None:
+    """A read-only shared mapping of fd, held by an mmap.mmap object, so Python's read-only
+    and export rules apply, but without the fd that mmap.mmap(fd, ...) keeps open for its
+    whole life: we map a private read-only anonymous placeholder through mmap.mmap (which
+    costs no memory commit) and put the file's pages over it in C (MAP_FIXED). The
+    mapping goes when the object dies."""
     if nbytes == 0:
         return None  # mmap cannot map zero bytes; an empty page needs no mapping
-    mapping = mmap.mmap(-1, nbytes, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-    native.map_fixed(fd, mapping, nbytes, writable, str(path))
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    native.map_fixed(fd, mapping, nbytes, False, str(path))
     return mapping
 
 
@@ -343,7 +356,7 @@ class Page:
         and the cache closed (a mapping outlives its file's name)."""
         fd = self._open()
         try:
-            mapping = _map(fd, self._nbytes, writable=False, path=self.path)
+            mapping = _map_read_only(fd, self._nbytes, self.path)
         finally:
             os.close(fd)
         return memoryview(mapping if mapping is not None else b"")
@@ -417,11 +430,12 @@ class PageBuilder:
 
     def view(self) -> memoryview:
         """A writable view of the page's bytes (zero-filled at first)."""
-        if self._sealed:
-            raise ValueError(f"page {self._id} is sealed; use the Page seal() returned")
-        if self._cache._closed:
-            raise CacheClosedError(f"the cache at {self._cache._path} is closed")
-        return memoryview(self._mapping if self._mapping is not None else bytearray())
+        with self._lock:
+            if self._sealed:
+                raise ValueError(f"page {self._id} is sealed; use the Page seal() returned")
+            if self._cache._closed:
+                raise CacheClosedError(f"the cache at {self._cache._path} is closed")
+            return memoryview(self._mapping if self._mapping is not None else bytearray())
 
     def seal(self) -> Page:
         """Sync the bytes per the cache's sync mode, unmap, and return the read-only Page.
@@ -433,12 +447,14 @@ class PageBuilder:
             cache = self._cache
             cache._check_open()
             mapping = self._mapping
+            # Everything that can fail comes before the unmap, so a failure leaves the
+            # builder as it was: bytes first, then the folder (the name), then unmap.
+            if mapping is not None and cache._sync != "none":
+                mapping.flush()  # msync(MS_SYNC)
+            native.seal(cache._handle, str(cache._path))  # folder fsync; refuses in a fork
             if mapping is not None:
-                if cache._sync != "none":
-                    mapping.flush()  # msync(MS_SYNC)
                 mapping.close()  # BufferError while a view is exported
-                self._mapping = None
-            native.seal(cache._handle, str(cache._path))
+            self._mapping = None
             self._sealed = True
             return Page._new(cache, self._rec, self._id, self._nbytes)
 
