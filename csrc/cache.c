@@ -97,11 +97,6 @@ fail_alloc:
     return err; /* dirfd stays the caller's on failure */
 }
 
-int dp_cache_dirfd(const dp_cache *c)
-{
-    return c->dirfd;
-}
-
 void dp_cache_stats(dp_cache *c, dp_stats *out)
 {
     out->live_pages = atomic_load(&c->live_pages);

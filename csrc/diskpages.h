@@ -40,7 +40,6 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
 int dp_cache_close(dp_cache *c);
 /* Free the cache and every record still queued. Only once nothing can release into it. */
 void dp_cache_free(dp_cache *c);
-int dp_cache_dirfd(const dp_cache *c);
 void dp_cache_stats(dp_cache *c, dp_stats *out);
 
 /* Write one page; on failure no file is left. In a forked child: -DP_EFORKED. */
@@ -60,8 +59,9 @@ int dp_seal(dp_cache *c);
 
 /* Open a page for reading: an fd, or -ENOENT, or -DP_ESIZE if the file is not nbytes long. */
 int dp_open_page(dp_cache *c, uint64_t id, uint64_t nbytes);
-/* Map fd over [addr, addr + nbytes), an existing mapping the caller owns (MAP_FIXED). */
-int dp_map_fixed(int fd, void *addr, size_t nbytes, int writable);
+/* Map fd read-only over [addr, addr + nbytes), an existing mapping the caller owns
+ * (MAP_FIXED). */
+int dp_map_fixed(int fd, void *addr, size_t nbytes);
 
 /* The release path: O(1), lock-free, no system call, safe from any thread, from a
  * finalizer, during a garbage collection and at interpreter shutdown. Idempotent. */

@@ -278,10 +278,9 @@ int dp_open_page(dp_cache *c, uint64_t id, uint64_t nbytes)
     return fd;
 }
 
-int dp_map_fixed(int fd, void *addr, size_t nbytes, int writable)
+int dp_map_fixed(int fd, void *addr, size_t nbytes)
 {
-    int prot = PROT_READ | (writable ? PROT_WRITE : 0);
-    if (mmap(addr, nbytes, prot, MAP_SHARED | MAP_FIXED, fd, 0) != MAP_FAILED)
+    if (mmap(addr, nbytes, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0) != MAP_FAILED)
         return 0;
     int err = -errno;
     /* A failed MAP_FIXED may leave a hole; fill it again so the owner's later munmap can

@@ -124,10 +124,11 @@ def open_page(handle: Handle, page_id: int, nbytes: int) -> int:
     return lib.dp_open_page(handle, page_id, nbytes)
 
 
-def map_fixed(fd: int, target: Any, nbytes: int, writable: bool, path: str) -> None:
-    """Replace the pages of `target` (an anonymous mmap.mmap) with a shared mapping of fd."""
+def map_fixed(fd: int, target: Any, nbytes: int, path: str) -> None:
+    """Replace the pages of `target` (an anonymous mmap.mmap) with a read-only shared
+    mapping of fd."""
     with ffi.from_buffer(target) as addr:
-        rc = lib.dp_map_fixed(fd, addr, nbytes, int(writable))
+        rc = lib.dp_map_fixed(fd, addr, nbytes)
     if rc:
         raise error(rc, path)
 

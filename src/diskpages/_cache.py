@@ -255,7 +255,7 @@ def _map_read_only(fd: int, nbytes: int, path: Path) -> mmap.mmap | None:
     if nbytes == 0:
         return None  # mmap cannot map zero bytes; an empty page needs no mapping
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-    native.map_fixed(fd, mapping, nbytes, False, str(path))
+    native.map_fixed(fd, mapping, nbytes, str(path))
     return mapping
 
 
