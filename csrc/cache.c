@@ -36,7 +36,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
                   dp_cache **out)
 {
     if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
-        remover < DP_REMOVE_AUTO || remover > DP_REMOVE_URING)
+        (remover != DP_REMOVE_AUTO && remover != DP_REMOVE_LOOP))
         return -EINVAL;
     dp_cache *c = calloc(1, sizeof *c);
     if (!c)
@@ -47,7 +47,6 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     c->sync = sync;
     c->batch = batch;
     c->max_delay_ns = max_delay_ns;
-    c->remover_mode = remover;
     atomic_init(&c->next_id, 1);
     atomic_init(&c->released, NULL);
 
@@ -181,7 +180,7 @@ int dp_cache_close(dp_cache *c)
     if (dp_pid() != c->owner) {
         /* a forked child: the locks may be held by a thread that did not come along */
         atomic_store(&c->closed, true);
-        return 0;
+        return -DP_EFORKED;
     }
     /* Mark closed first, so new writers turn back at once; then wait for the ones in
      * flight (the lock prefers writers, so a stream of new writers cannot starve us). */

@@ -13,7 +13,7 @@ typedef struct dp_page dp_page;   /* one page's record: id, size, link in the qu
 enum { DP_SYNC_NONE = 0, DP_SYNC_DATA = 1, DP_SYNC_FULL = 2 };
 /* how dp_write puts the bytes in the file */
 enum { DP_WRITE_PWRITE = 0, DP_WRITE_MMAP = 1 };
-/* how a drain removes files */
+/* how a drain removes files: asked for (AUTO, LOOP) and in use (LOOP, URING) */
 enum { DP_REMOVE_AUTO = 0, DP_REMOVE_LOOP = 1, DP_REMOVE_URING = 2 };
 /* our own error codes, returned negated like errno and kept clear of errno's range */
 enum { DP_ECLOSED = 10001, DP_ESIZE = 10002, DP_EFORKED = 10003 };
@@ -30,13 +30,16 @@ typedef struct dp_stats {
 } dp_stats;
 
 /* Take ownership of dirfd (closed by dp_cache_free) and start the reaper thread, which
- * drains the release queue once `batch` releases are waiting or `max_delay_ns` has passed. */
+ * drains the release queue once `batch` releases are waiting or `max_delay_ns` has passed.
+ * remover: DP_REMOVE_AUTO (io_uring where the kernel allows, else the loop) or
+ * DP_REMOVE_LOOP; dp_stats.remover says which one is in use. */
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
                   dp_cache **out);
 /* Stop the reaper, remove every queued page and then every file in the folder (the folder
  * itself stays: Python removes it by path). Later writes fail with -DP_ECLOSED; releases
  * are still accepted. Each call empties the folder again (so a failed close can be
- * retried); calls must not overlap. Returns the first removal error, if any. */
+ * retried); calls must not overlap. Returns the first removal error, if any. In a forked
+ * child it removes nothing and returns -DP_EFORKED: the folder is the parent's. */
 int dp_cache_close(dp_cache *c);
 /* Free the cache and every record still queued. Only once nothing can release into it. */
 void dp_cache_free(dp_cache *c);

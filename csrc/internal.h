@@ -48,7 +48,6 @@ struct dp_cache {
      * the GIL and never waits on anything that does. */
     pthread_mutex_t drain_lock;
     dp_remover *remover;
-    int remover_mode;
 
     /* The reaper sleeps on `wake` under `lock`; writes wake it when the first page appears
      * and close wakes it to stop. Releases never touch either: the reaper polls. */

@@ -14,17 +14,6 @@
 
 #define CREATE_FLAGS (O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW)
 
-static int create_file(dp_cache *c, dp_page *rec, int access)
-{
-    char name[DP_NAME_MAX];
-    dp_page_name(rec->id, name);
-    int fd;
-    do
-        fd = openat(c->dirfd, name, CREATE_FLAGS | access, 0600);
-    while (fd < 0 && errno == EINTR);
-    return fd < 0 ? -errno : fd;
-}
-
 static void unlink_page(dp_cache *c, uint64_t id)
 {
     char name[DP_NAME_MAX];
@@ -32,18 +21,38 @@ static void unlink_page(dp_cache *c, uint64_t id)
     unlinkat(c->dirfd, name, 0);
 }
 
-static dp_page *record_new(dp_cache *c, size_t nbytes)
+static void discard_page(dp_cache *c, dp_page *rec)
+{
+    unlink_page(c, rec->id);
+    free(rec);
+}
+
+/* A new record and its newly created file: the fd, or -errno with nothing left behind. */
+static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
 {
     dp_page *p = malloc(sizeof *p);
     if (!p)
-        return NULL;
+        return -ENOMEM;
     p->next = NULL;
     p->cache = c;
     p->id = atomic_fetch_add(&c->next_id, 1);
     p->nbytes = nbytes;
     atomic_init(&p->refs, 2);
     atomic_init(&p->released, false);
-    return p;
+
+    char name[DP_NAME_MAX];
+    dp_page_name(p->id, name);
+    int fd;
+    do
+        fd = openat(c->dirfd, name, CREATE_FLAGS | access, 0600);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        int err = -errno;
+        free(p);
+        return err;
+    }
+    *out = p;
+    return fd;
 }
 
 static void publish(dp_cache *c, dp_page *p)
@@ -54,7 +63,8 @@ static void publish(dp_cache *c, dp_page *p)
         dp_wake_reaper(c); /* it sleeps without a timeout while nothing is live */
 }
 
-static int write_all(int fd, const char *data, size_t nbytes)
+/* pwrite all of it, then fdatasync if the sync mode asks for the data. */
+static int write_synced(dp_cache *c, int fd, const char *data, size_t nbytes)
 {
     size_t off = 0;
     while (off < nbytes) {
@@ -68,6 +78,8 @@ static int write_all(int fd, const char *data, size_t nbytes)
             return -EIO; /* no progress on a regular file: do not spin */
         off += (size_t)n;
     }
+    if (c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
+        return -errno;
     return 0;
 }
 
@@ -91,12 +103,8 @@ static int write_mapped(dp_cache *c, int fd, const void *data, size_t nbytes)
     if (nbytes == 0)
         return 0;
     int err = reserve(fd, nbytes);
-    if (err == -EOPNOTSUPP) { /* cannot reserve: do not risk SIGBUS, write it instead */
-        err = write_all(fd, data, nbytes);
-        if (!err && c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
-            err = -errno;
-        return err;
-    }
+    if (err == -EOPNOTSUPP) /* cannot reserve: do not risk SIGBUS, write it instead */
+        return write_synced(c, fd, data, nbytes);
     if (err)
         return err;
     void *map = mmap(NULL, nbytes, PROT_WRITE, MAP_SHARED, fd, 0);
@@ -112,39 +120,22 @@ static int write_mapped(dp_cache *c, int fd, const void *data, size_t nbytes)
 /* Create and fill one page's file; not yet published. */
 static int create_page(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **out)
 {
-    dp_page *rec = record_new(c, nbytes);
-    if (!rec)
-        return -ENOMEM;
+    dp_page *rec;
     /* a shared writable mapping needs the fd open for reading too */
-    int fd = create_file(c, rec, method == DP_WRITE_MMAP ? O_RDWR : O_WRONLY);
-    if (fd < 0) {
-        free(rec);
+    int fd = open_new_page(c, nbytes, method == DP_WRITE_MMAP ? O_RDWR : O_WRONLY, &rec);
+    if (fd < 0)
         return fd;
-    }
-    int err;
-    if (method == DP_WRITE_MMAP) {
-        err = write_mapped(c, fd, data, nbytes);
-    } else {
-        err = write_all(fd, data, nbytes);
-        if (!err && c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
-            err = -errno;
-    }
+    int err = method == DP_WRITE_MMAP ? write_mapped(c, fd, data, nbytes)
+                                      : write_synced(c, fd, data, nbytes);
     /* close() can report a deferred write error (NFS and friends): it counts. */
     if (close(fd) != 0 && !err && errno != EINTR)
         err = -errno;
     if (err) {
-        unlink_page(c, rec->id);
-        free(rec);
+        discard_page(c, rec);
         return err;
     }
     *out = rec;
     return 0;
-}
-
-static void discard_page(dp_cache *c, dp_page *rec)
-{
-    unlink_page(c, rec->id);
-    free(rec);
 }
 
 static int sync_folder(dp_cache *c)
@@ -172,20 +163,8 @@ static int enter_write(dp_cache *c)
 int dp_write(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **page,
              uint64_t *id)
 {
-    int err = enter_write(c);
-    if (err)
-        return err;
-    dp_page *rec = NULL;
-    err = create_page(c, data, nbytes, method, &rec);
-    if (!err && (err = sync_folder(c)))
-        discard_page(c, rec);
-    if (!err) {
-        publish(c, rec);
-        *page = rec;
-        *id = rec->id;
-    }
-    pthread_rwlock_unlock(&c->closing);
-    return err;
+    size_t failed_at;
+    return dp_write_many(c, &data, &nbytes, 1, method, page, id, &failed_at);
 }
 
 int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
@@ -219,15 +198,10 @@ int dp_allocate(dp_cache *c, size_t nbytes, dp_page **page, uint64_t *id)
     int err = enter_write(c);
     if (err)
         return err;
-    dp_page *rec = record_new(c, nbytes);
-    if (!rec) {
-        err = -ENOMEM;
-        goto out;
-    }
-    int fd = create_file(c, rec, O_RDWR);
+    dp_page *rec;
+    int fd = open_new_page(c, nbytes, O_RDWR, &rec);
     if (fd < 0) {
         err = fd;
-        free(rec);
         goto out;
     }
     err = reserve(fd, nbytes);

@@ -40,8 +40,10 @@ def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
 
 
 def page_name(page_id: int) -> str:
-    """The file name of a page; the same format as dp_page_name in csrc/queue.c."""
-    return f"{page_id}.page"
+    """The file name of a page, from C (dp_page_name), which names the files."""
+    buf = ffi.new("char[32]")
+    lib.dp_page_name(page_id, buf)
+    return ffi.string(buf).decode()
 
 
 def cache_open(dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: int, path: str) -> Handle:
@@ -52,10 +54,15 @@ def cache_open(dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: in
     return ffi.gc(out[0], lib.dp_cache_free)
 
 
-def cache_close(handle: Handle, path: str) -> None:
+def cache_close(handle: Handle, path: str) -> bool:
+    """Empty the cache's folder; False (and nothing removed) in a forked child, where the
+    folder is the parent's."""
     rc = lib.dp_cache_close(handle)
+    if rc == -lib.DP_EFORKED:
+        return False
     if rc:
         raise error(rc, path)
+    return True
 
 
 def cache_stats(handle: Handle) -> dict[str, int]:

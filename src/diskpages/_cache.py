@@ -51,22 +51,21 @@ class CacheStats:
     remover: str  #: "io_uring" or "loop": how this cache removes files
 
 
-def _shutdown(handle: Any, path: str, owner: int) -> None:
+def _shutdown(handle: Any, path: str) -> None:
     """Close a cache: every file and the folder go. The finalizer of PageCache, so it must
     not reference the cache object, and it runs at exit through weakref.finalize's atexit
     hook, before module globals are torn down."""
-    if os.getpid() != owner:
+    if not native.cache_close(handle, path):
         return  # a forked child borrows its parent's cache; it removes nothing
-    native.cache_close(handle, path)
     try:
         os.rmdir(path)
     except FileNotFoundError:
         pass  # removed under us: what close wants anyway
 
 
-def _shutdown_quietly(handle: Any, path: str, owner: int) -> None:
+def _shutdown_quietly(handle: Any, path: str) -> None:
     try:
-        _shutdown(handle, path, owner)
+        _shutdown(handle, path)
     except OSError:
         pass  # nothing to report to at exit or in a collection; close() raises instead
 
@@ -136,7 +135,7 @@ class PageCache:
         self._closed = False
         self._write_method = native.WRITE_METHODS["pwrite"]  # measured faster; see README
         self._close_lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, os.getpid())
+        self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path)
 
     # -- properties -------------------------------------------------------------------
 
@@ -200,7 +199,7 @@ class PageCache:
             raise
         finally:
             os.close(fd)
-        return PageBuilder._new(self, rec, page_id, nbytes, mapping)
+        return PageBuilder._building(self, rec, page_id, nbytes, mapping)
 
     # -- removal ----------------------------------------------------------------------
 
@@ -259,34 +258,27 @@ def _map_read_only(fd: int, nbytes: int, path: Path) -> mmap.mmap | None:
     return mapping
 
 
-class Page:
-    """A page on disk. Its file is removed soon after the last reference to this object
-    goes (or at ``release()``, or when the cache closes). Immutable; copying returns it."""
+class _PageFile:
+    """What a Page and a PageBuilder share: the C record that owns one page file.
+    Made only by the cache (``_new``), never half-constructed, so ``__del__`` always finds
+    its record."""
 
-    __slots__ = ("_cache", "_rec", "_id", "_nbytes", "__weakref__")
+    __slots__ = ("_cache", "_rec", "_id", "_nbytes")
 
     # Captured at class creation, so __del__ needs no module global at shutdown.
     _drop = native.page_drop
-    _release = native.release
-    _released = native.released
 
-    def __new__(cls, *args: object, **kwargs: object) -> Page:
-        raise TypeError("pages come from PageCache.write(), write_many() or PageBuilder.seal()")
+    def __new__(cls, *args: object, **kwargs: object) -> _PageFile:
+        raise TypeError("pages come from PageCache.write(), write_many() and allocate()")
 
     @classmethod
-    def _new(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int) -> Page:
+    def _new(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int) -> Any:
         self = object.__new__(cls)
         self._rec = rec
         self._cache = cache
         self._id = page_id
         self._nbytes = nbytes
         return self
-
-    def __del__(self) -> None:
-        # Runs when the last reference goes (refcount) or when the cycle collector frees
-        # the page's cycle. Just an enqueue in C: safe in any thread, in a collection and at
-        # shutdown. A second release is a no-op in C.
-        self._drop(self._rec)
 
     @property
     def id(self) -> int:
@@ -302,6 +294,22 @@ class Page:
     @property
     def path(self) -> Path:
         return self._cache._path / native.page_name(self._id)
+
+
+class Page(_PageFile):
+    """A page on disk. Its file is removed soon after the last reference to this object
+    goes (or at ``release()``, or when the cache closes). Immutable; copying returns it."""
+
+    __slots__ = ("__weakref__",)
+
+    _release = native.release
+    _released = native.released
+
+    def __del__(self) -> None:
+        # Runs when the last reference goes (refcount) or when the cycle collector frees
+        # the page's cycle. Just an enqueue in C: safe in any thread, in a collection and at
+        # shutdown. A second release is a no-op in C.
+        self._drop(self._rec)
 
     @property
     def cache(self) -> PageCache:
@@ -335,18 +343,14 @@ class Page:
         """A copy of the page's bytes."""
         fd = self._open()
         try:
-            data = os.pread(fd, self._nbytes, 0)
-            if len(data) < self._nbytes:  # over 2 GiB, or truncated under us
-                parts = [data]
-                done = len(data)
-                while done < self._nbytes:
-                    part = os.pread(fd, self._nbytes - done, done)
-                    if not part:
-                        raise PageLostError(f"page {self._id}: its file {self.path} changed size")
-                    parts.append(part)
-                    done += len(part)
-                data = b"".join(parts)
-            return data
+            parts, done = [], 0
+            while done < self._nbytes:  # one pread, unless over 2 GiB
+                part = os.pread(fd, self._nbytes - done, done)
+                if not part:
+                    raise PageLostError(f"page {self._id}: its file {self.path} changed size")
+                parts.append(part)
+                done += len(part)
+            return b"".join(parts)  # a single part comes back as it is, not copied
         finally:
             os.close(fd)
 
@@ -381,26 +385,17 @@ class Page:
         return f"<Page {self._id} {self._nbytes} bytes{state}>"
 
 
-class PageBuilder:
+class PageBuilder(_PageFile):
     """A page being written in place. ``view()`` is a writable memoryview over the file's
     shared mapping; ``seal()`` syncs per the cache's mode, unmaps and returns the Page.
     Dropped unsealed, it leaves no file."""
 
-    __slots__ = ("_cache", "_rec", "_id", "_nbytes", "_mapping", "_lock", "_sealed")
-
-    _drop = native.page_drop
-
-    def __new__(cls, *args: object, **kwargs: object) -> PageBuilder:
-        raise TypeError("builders come from PageCache.allocate()")
+    __slots__ = ("_mapping", "_lock", "_sealed")
 
     @classmethod
-    def _new(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int, mapping: Any) -> PageBuilder:
-        self = object.__new__(cls)
-        self._rec = rec
+    def _building(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int, mapping: Any) -> PageBuilder:
+        self = cls._new(cache, rec, page_id, nbytes)
         self._sealed = False
-        self._cache = cache
-        self._id = page_id
-        self._nbytes = nbytes
         self._mapping = mapping
         self._lock = threading.Lock()
         return self
@@ -408,21 +403,6 @@ class PageBuilder:
     def __del__(self) -> None:
         if not self._sealed:
             self._drop(self._rec)  # the mapping, if a view still holds it, dies with the view
-
-    @property
-    def id(self) -> int:
-        return self._id
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
-
-    def __len__(self) -> int:
-        return self._nbytes
-
-    @property
-    def path(self) -> Path:
-        return self._cache._path / native.page_name(self._id)
 
     @property
     def sealed(self) -> bool:
