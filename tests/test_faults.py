@@ -166,3 +166,87 @@ def test_folder_removed_under_the_cache(root):
         page.read()
     cache.close()  # the folder is already gone: nothing left to do, no error
     assert cache.closed
+
+
+def test_builder_whose_mapping_fails_leaves_no_file(cache, monkeypatch):
+    import diskpages._cache as cache_module
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(cache_module.mmap, "mmap", no_memory)
+    with pytest.raises(OSError) as info:
+        cache.allocate(4096)
+    assert info.value.errno == errno.ENOMEM
+    monkeypatch.undo()
+    cache.flush()
+    assert os.listdir(cache.path) == []
+    assert cache.stats().live_pages == 0
+
+
+def test_view_whose_mapping_fails_raises_and_leaks_no_fd(cache, monkeypatch):
+    from diskpages import _bindings
+
+    page = cache.write(b"v" * 8192)
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def refused(fd, target, nbytes, path):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory", path)
+
+    monkeypatch.setattr(_bindings, "map_fixed", refused)
+    for _ in range(20):
+        with pytest.raises(OSError):
+            page.view()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    monkeypatch.undo()
+    assert page.view() == b"v" * 8192
+
+
+def test_cache_that_fails_to_open_leaves_no_folder(root, monkeypatch):
+    from diskpages import _bindings
+
+    def refused(*args):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(_bindings, "cache_open", refused)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        PageCache(root)
+    assert files_in(root) == []
+    assert len(os.listdir("/proc/self/fd")) == fds  # the folder's fd was closed too
+
+
+def test_c_layer_refuses_bad_arguments(tmp_path):
+    from diskpages._native import ffi, lib
+
+    out = ffi.new("dp_cache **")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bad = [
+            (3, 1, 1, lib.DP_REMOVE_AUTO),
+            (0, 0, 1, lib.DP_REMOVE_AUTO),
+            (0, 1, 0, lib.DP_REMOVE_AUTO),
+            (0, 1, 1, lib.DP_REMOVE_URING),
+            (0, 1, 1, 7),
+        ]
+        for sync, batch, delay, remover in bad:
+            assert lib.dp_cache_open(fd, sync, batch, delay, remover, out) == -errno.EINVAL
+    finally:
+        os.close(fd)  # on failure the fd stays the caller's
+
+
+def test_write_many_failure_names_the_buffer(root):
+    proc = run_python(f"""
+        import errno, os, resource
+        from diskpages import PageCache
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        c = PageCache({str(root)!r})
+        try:
+            c.write_many([b"a", b"b", b"c" * 200000])
+        except OSError as e:
+            assert e.errno == errno.EFBIG
+            print(e.__notes__[0])
+        c.close()
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "writing buffer 2 of 3; no page of this call was kept"
