@@ -49,6 +49,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     c->max_delay_ns = max_delay_ns;
     atomic_init(&c->next_id, 1);
     atomic_init(&c->released, NULL);
+    atomic_init(&c->tmpfile, true);
 
     c->remover = dp_remover_new(remover);
     if (!c->remover) {
@@ -120,11 +121,12 @@ static void stop_reaper(dp_cache *c)
     c->reaper_started = false;
 }
 
-/* Remove every entry of the folder. Readdir while unlinking may skip entries, so scan
- * until a pass removes nothing. Returns the first error, 0 if the folder ended empty. */
-static int empty_folder(dp_cache *c)
+/* Remove every entry of the folder open at dirfd. Readdir while unlinking may skip entries,
+ * so scan until a pass removes nothing. Returns how many went, or the first -errno of the
+ * last pass (0 errors means the folder ended empty). */
+int64_t dp_empty_dir(dp_remover *r, int dirfd)
 {
-    int fd = openat(c->dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
     DIR *dir = fdopendir(fd);
@@ -138,6 +140,7 @@ static int empty_folder(dp_cache *c)
     char *ptrs[CHUNK];
     int results[CHUNK];
     int first_error = 0;
+    int64_t total = 0;
     for (;;) {
         size_t removed = 0, n = 0;
         rewinddir(dir);
@@ -155,7 +158,7 @@ static int empty_folder(dp_cache *c)
                 n++;
             }
             if (n == CHUNK || (!e && n)) {
-                dp_remove_names(c->remover, c->dirfd, ptrs, n, results);
+                dp_remove_names(r, dirfd, ptrs, n, results);
                 for (size_t i = 0; i < n; i++) {
                     if (results[i] == 0 || results[i] == -ENOENT)
                         removed++;
@@ -167,12 +170,23 @@ static int empty_folder(dp_cache *c)
             if (!e)
                 break;
         }
+        total += (int64_t)removed;
         if (removed == 0)
             break;
         first_error = 0; /* a pass that removed something may have cleared the error */
     }
     closedir(dir);
-    return first_error;
+    return first_error ? first_error : total;
+}
+
+int64_t dp_empty_folder(int dirfd)
+{
+    dp_remover *r = dp_remover_new(DP_REMOVE_AUTO);
+    if (!r)
+        return -ENOMEM;
+    int64_t n = dp_empty_dir(r, dirfd);
+    dp_remover_free(r);
+    return n;
 }
 
 int dp_cache_close(dp_cache *c)
@@ -193,9 +207,9 @@ int dp_cache_close(dp_cache *c)
      * be removed) can be retried once the cause is fixed. */
     pthread_mutex_lock(&c->drain_lock);
     dp_drain_locked(c);
-    int err = empty_folder(c);
+    int64_t n = dp_empty_dir(c->remover, c->dirfd);
     pthread_mutex_unlock(&c->drain_lock);
-    return err;
+    return n < 0 ? (int)n : 0;
 }
 
 void dp_cache_free(dp_cache *c)

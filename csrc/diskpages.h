@@ -52,13 +52,15 @@ int dp_write(dp_cache *c, const void *data, size_t nbytes, int method, dp_page *
  * *failed_at tells which buffer failed, and with DP_SYNC_FULL the folder is fsynced once. */
 int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
                   int method, dp_page **pages, uint64_t *ids, size_t *failed_at);
-/* Create a page of nbytes for writing in place: returns an O_RDWR fd (the caller maps it
- * and closes it) with the blocks already allocated, so stores through the mapping cannot
- * meet ENOSPC. The page counts as live from now. */
+/* Create a page of nbytes for writing in place: returns an O_RDWR fd (the caller maps it,
+ * and keeps it until dp_seal) with the blocks already allocated, so stores through the
+ * mapping cannot meet ENOSPC. The file has no name until dp_seal gives it one, so a crash
+ * or a dropped builder leaves nothing. The page counts as live from now. */
 int dp_allocate(dp_cache *c, size_t nbytes, dp_page **page, uint64_t *id);
-/* Make a page written in place durable per the sync mode (msync of the mapping is the
- * caller's; this fsyncs the folder under DP_SYNC_FULL). */
-int dp_seal(dp_cache *c);
+/* Name a page written in place (fd from dp_allocate, still open) and make the name durable
+ * per the sync mode (msync of the mapping is the caller's; this fsyncs the folder under
+ * DP_SYNC_FULL). On failure the page is nameless again and dp_seal may be called again. */
+int dp_seal(dp_cache *c, dp_page *p, int fd);
 
 /* Open a page for reading: an fd, or -ENOENT, or -DP_ESIZE if the file is not nbytes long. */
 int dp_open_page(dp_cache *c, uint64_t id, uint64_t nbytes);
@@ -78,3 +80,8 @@ int64_t dp_flush(dp_cache *c);
 
 /* The file name of page `id` (at most 32 bytes with the NUL). */
 void dp_page_name(uint64_t id, char *buf);
+
+/* Remove every entry of the folder open at dirfd (not the folder itself), in batches.
+ * For the crash sweep: the caller holds the folder's lock. Returns how many entries went,
+ * or -errno (the first error; what could be removed is removed). */
+int64_t dp_empty_folder(int dirfd);

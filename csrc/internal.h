@@ -20,6 +20,7 @@ struct dp_page {
      * so a release() racing the object's death never touches freed memory. */
     atomic_int refs;
     atomic_bool released;
+    bool part; /* made as "<id>.part" (no O_TMPFILE here), renamed when whole */
 };
 
 typedef struct dp_remover dp_remover;
@@ -43,6 +44,7 @@ struct dp_cache {
      * has emptied the folder. Never taken on the release path. */
     pthread_rwlock_t closing;
     atomic_bool closed;
+    atomic_bool tmpfile; /* O_TMPFILE works in this folder (until it is refused once) */
 
     /* One user of the remover at a time (reaper, flush, close); the holder never needs
      * the GIL and never waits on anything that does. */
@@ -64,6 +66,8 @@ dp_remover *dp_remover_new(int mode);
 void dp_remover_free(dp_remover *r);
 int dp_remover_kind(const dp_remover *r);
 void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count, int *results);
+/* cache.c: remove every entry of a folder; the count removed or the first -errno */
+int64_t dp_empty_dir(dp_remover *r, int dirfd);
 
 /* queue.c */
 int64_t dp_drain_locked(dp_cache *c);
@@ -75,5 +79,6 @@ uint64_t dp_now_ns(void);
 pid_t dp_pid(void); /* getpid() without the system call; right in forked children */
 
 #define DP_NAME_MAX 32
+void dp_part_name(uint64_t id, char *buf); /* "<id>.part": a page not yet whole */
 
 #endif

@@ -29,6 +29,11 @@ void dp_page_name(uint64_t id, char *buf)
     snprintf(buf, DP_NAME_MAX, "%llu.page", (unsigned long long)id);
 }
 
+void dp_part_name(uint64_t id, char *buf)
+{
+    snprintf(buf, DP_NAME_MAX, "%llu.part", (unsigned long long)id);
+}
+
 static void record_put(dp_page *p)
 {
     /* acq_rel: the last owner must see every write the other owner made before freeing. */

@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -14,20 +15,24 @@
 
 #define CREATE_FLAGS (O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW)
 
-static void unlink_page(dp_cache *c, uint64_t id)
-{
-    char name[DP_NAME_MAX];
-    dp_page_name(id, name);
-    unlinkat(c->dirfd, name, 0);
-}
-
 static void discard_page(dp_cache *c, dp_page *rec)
 {
-    unlink_page(c, rec->id);
+    /* Either name may exist, depending on how far the page got; ENOENT is the usual case. */
+    char name[DP_NAME_MAX];
+    dp_page_name(rec->id, name);
+    unlinkat(c->dirfd, name, 0);
+    if (rec->part) {
+        dp_part_name(rec->id, name);
+        unlinkat(c->dirfd, name, 0);
+    }
     free(rec);
 }
 
-/* A new record and its newly created file: the fd, or -errno with nothing left behind. */
+/* A new record and its new, still nameless file: the fd, or -errno with nothing left
+ * behind. O_TMPFILE makes the file in the cache's folder without a name, so a process killed
+ * while it writes leaves nothing and no reader ever sees a page half written: link_page
+ * names it once it is whole. Where the file system has no O_TMPFILE, the file is made as
+ * "<id>.part" and renamed instead (readers and the sweep ignore the name until then). */
 static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
 {
     dp_page *p = malloc(sizeof *p);
@@ -37,22 +42,60 @@ static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
     p->cache = c;
     p->id = atomic_fetch_add(&c->next_id, 1);
     p->nbytes = nbytes;
+    p->part = false;
     atomic_init(&p->refs, 2);
     atomic_init(&p->released, false);
 
-    char name[DP_NAME_MAX];
-    dp_page_name(p->id, name);
-    int fd;
-    do
-        fd = openat(c->dirfd, name, CREATE_FLAGS | access, 0600);
-    while (fd < 0 && errno == EINTR);
+    int fd = -1;
+    if (atomic_load_explicit(&c->tmpfile, memory_order_relaxed)) {
+        do
+            fd = openat(c->dirfd, ".", O_TMPFILE | O_CLOEXEC | access, 0600);
+        while (fd < 0 && errno == EINTR);
+        /* EOPNOTSUPP (file system), EISDIR (kernel before 3.11): never try again */
+        if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR))
+            atomic_store_explicit(&c->tmpfile, false, memory_order_relaxed);
+    }
+    if (fd < 0 && !atomic_load_explicit(&c->tmpfile, memory_order_relaxed)) {
+        char name[DP_NAME_MAX];
+        dp_part_name(p->id, name);
+        p->part = true;
+        do
+            fd = openat(c->dirfd, name, CREATE_FLAGS | access, 0600);
+        while (fd < 0 && errno == EINTR);
+    }
     if (fd < 0) {
         int err = -errno;
+        struct stat st;
+        /* a folder removed under us: O_TMPFILE says EPERM there, a named create ENOENT */
+        if (fstat(c->dirfd, &st) == 0 && st.st_nlink == 0)
+            err = -ENOENT;
         free(p);
         return err;
     }
     *out = p;
     return fd;
+}
+
+/* Give a whole page its name. */
+static int link_page(dp_cache *c, dp_page *p, int fd)
+{
+    char name[DP_NAME_MAX];
+    dp_page_name(p->id, name);
+    if (p->part) {
+        char part[DP_NAME_MAX];
+        dp_part_name(p->id, part);
+        return renameat(c->dirfd, part, c->dirfd, name) == 0 ? 0 : -errno;
+    }
+    /* linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on most kernels; the
+     * /proc/self/fd link is the documented way for everyone else (open(2), O_TMPFILE). */
+    char proc[40];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    if (linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) == 0)
+        return 0;
+    int err = -errno;
+    if (err == -ENOENT && linkat(fd, "", c->dirfd, name, AT_EMPTY_PATH) == 0)
+        return 0; /* no /proc mounted */
+    return err;
 }
 
 static void publish(dp_cache *c, dp_page *p)
@@ -127,6 +170,8 @@ static int create_page(dp_cache *c, const void *data, size_t nbytes, int method,
         return fd;
     int err = method == DP_WRITE_MMAP ? write_mapped(c, fd, data, nbytes)
                                       : write_synced(c, fd, data, nbytes);
+    if (!err)
+        err = link_page(c, rec, fd);
     /* close() can report a deferred write error (NFS and friends): it counts. */
     if (close(fd) != 0 && !err && errno != EINTR)
         err = -errno;
@@ -221,11 +266,25 @@ out:
     return err;
 }
 
-int dp_seal(dp_cache *c)
+int dp_seal(dp_cache *c, dp_page *p, int fd)
 {
-    if (dp_pid() != c->owner)
-        return -DP_EFORKED;
-    return sync_folder(c);
+    int err = enter_write(c); /* not after close has emptied the folder, not in a fork */
+    if (err)
+        return err;
+    if (!(err = link_page(c, p, fd)) && (err = sync_folder(c))) {
+        /* back to nameless (the fd keeps the bytes), so that seal() can be tried again */
+        char name[DP_NAME_MAX];
+        dp_page_name(p->id, name);
+        if (p->part) {
+            char part[DP_NAME_MAX];
+            dp_part_name(p->id, part);
+            renameat(c->dirfd, name, c->dirfd, part);
+        } else {
+            unlinkat(c->dirfd, name, 0);
+        }
+    }
+    pthread_rwlock_unlock(&c->closing);
+    return err;
 }
 
 int dp_open_page(dp_cache *c, uint64_t id, uint64_t nbytes)

@@ -165,10 +165,12 @@ def test_unsealed_builder_leaves_no_file(cache):
     path = builder.path
     view = builder.view()
     view[:4] = b"abcd"
-    assert path.exists()
+    assert not path.exists() and os.listdir(cache.path) == []  # nameless until sealed
+    assert cache.stats().live_bytes == 4096  # but counted from allocate on
     del builder
     cache.flush()
-    assert not path.exists()
+    assert not path.exists() and os.listdir(cache.path) == []
+    assert cache.stats().live_bytes == 0
     assert bytes(view[:4]) == b"abcd"  # the mapping outlives the file
 
 
@@ -259,8 +261,8 @@ def test_pages_cannot_be_constructed_copied_wrongly_or_pickled(cache):
         PageBuilder()
     page = cache.write(b"abc")
     assert copy.copy(page) is page and copy.deepcopy(page) is page
-    with pytest.raises(TypeError):
-        pickle.dumps(page)
+    with pytest.raises(TypeError, match="seal"):
+        pickle.dumps(cache.allocate(1))
     assert "Page" in repr(page) and "PageCache" in repr(cache)
 
 
@@ -277,7 +279,7 @@ def test_default_root_is_per_user(monkeypatch, tmp_path):
 def test_allocate_reserves_the_blocks(cache):
     builder = cache.allocate(1 << 20)
     # fallocate'd: filling the mapping cannot meet ENOSPC (a SIGBUS, not an error)
-    assert os.stat(builder.path).st_blocks * 512 >= 1 << 20
+    assert os.fstat(builder._fd).st_blocks * 512 >= 1 << 20
 
 
 def test_relative_root_survives_chdir(tmp_path, monkeypatch):
@@ -328,7 +330,7 @@ def test_builder_resize_through_view_object_is_safe(cache):
     mapping = builder.view().obj  # the mmap object behind the views
     mapping.resize(4 * 4096)  # grows the file along with the mapping: no SIGBUS
     mapping[3 * 4096] = 1
-    assert os.stat(builder.path).st_size == 4 * 4096
+    assert os.fstat(builder._fd).st_size == 4 * 4096
 
 
 def test_seal_failure_leaves_builder_usable(root, monkeypatch):
@@ -336,8 +338,8 @@ def test_seal_failure_leaves_builder_usable(root, monkeypatch):
     builder = cache.allocate(4096)
     builder.view()[:3] = b"abc"
 
-    def failing_seal(handle, path):
-        raise OSError(5, "Input/output error", path)
+    def failing_seal(*args):
+        raise OSError(5, "Input/output error", args[-1])
 
     monkeypatch.setattr(diskpages._bindings, "seal", failing_seal)
     with pytest.raises(OSError):

@@ -111,7 +111,8 @@ def tiny_tmpfs(tmp_path):
         pytest.skip("needs root and mount(8) for a tiny file system")
     mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
     mnt.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    options = "size=1m,mode=0700"  # a root others can write to would be refused
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:

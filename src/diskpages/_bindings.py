@@ -119,10 +119,18 @@ def allocate(handle: Handle, nbytes: int, path: str) -> tuple[Record, int, int]:
     return page[0], page_id[0], fd
 
 
-def seal(handle: Handle, path: str) -> None:
-    rc = lib.dp_seal(handle)
+def seal(handle: Handle, record: Record, fd: int, path: str) -> None:
+    rc = lib.dp_seal(handle, record, fd)
     if rc:
         raise error(rc, path)
+
+
+def empty_folder(dirfd: int, path: str) -> int:
+    """Remove every entry of the folder open at dirfd; how many went."""
+    n = lib.dp_empty_folder(dirfd)
+    if n < 0:
+        raise error(n, path)
+    return int(n)
 
 
 def open_page(handle: Handle, page_id: int, nbytes: int) -> int:

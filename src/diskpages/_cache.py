@@ -12,7 +12,7 @@ import gc
 import math
 import mmap
 import os
-import tempfile
+import sys
 import threading
 import weakref
 from collections.abc import Iterable
@@ -21,20 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _bindings as native
+from . import _folders
 from .errors import CacheClosedError, PageLostError, PageReleasedError
 
-__all__ = ["PageCache", "Page", "PageBuilder", "CacheStats", "default_root"]
+__all__ = ["PageCache", "Page", "BorrowedPage", "PageBuilder", "CacheStats"]
 
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _MAX_DELAY_LIMIT = 1e9  # seconds (31 years): keeps the C side's nanoseconds in range
-
-
-def default_root() -> Path:
-    """``$DISKPAGES_ROOT``, else ``<tempdir>/diskpages-<uid>``: one root per user."""
-    env = os.environ.get("DISKPAGES_ROOT")
-    if env:
-        return Path(env)
-    return Path(tempfile.gettempdir()) / f"diskpages-{os.getuid()}"
 
 
 @dataclass(frozen=True)
@@ -105,12 +97,12 @@ class PageCache:
         if remover not in native.REMOVERS:
             raise ValueError(f"DISKPAGES_REMOVER must be one of {sorted(native.REMOVERS)}, not {remover!r}")
 
-        # absolute, so that a later os.chdir() cannot move page paths or close()'s rmdir
-        root_path = (Path(root) if root is not None else default_root()).absolute()
-        os.makedirs(root_path, mode=0o700, exist_ok=True)  # OSError names the path
-        path = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root_path)
+        root_path = _folders.resolve_root(root)
+        root_fd = _folders.open_root(root_path, create=True)  # refuses an unsafe root
         try:
-            dirfd = os.open(path, _OPEN_DIR)
+            _folders.sweep_at(root_fd, root_path)  # folders that killed processes left
+            name, dirfd = _folders.make_folder(root_fd)  # 0700, locked for our whole life
+            path = str(root_path / name)
             try:
                 handle = native.cache_open(
                     dirfd,
@@ -122,10 +114,10 @@ class PageCache:
                 )
             except BaseException:
                 os.close(dirfd)
+                os.rmdir(name, dir_fd=root_fd)
                 raise
-        except BaseException:
-            os.rmdir(path)
-            raise
+        finally:
+            os.close(root_fd)
 
         self._path = Path(path)
         self._handle = handle
@@ -135,7 +127,13 @@ class PageCache:
         self._closed = False
         self._write_method = native.WRITE_METHODS["pwrite"]  # measured faster; see README
         self._close_lock = threading.Lock()
+        self._pid = os.getpid()
         self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path)
+        # A multiprocessing child (fork or forkserver) leaves through os._exit, which skips
+        # atexit; multiprocessing runs its own finalizers first, so register there too.
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:
+            mp_util.Finalize(self, self._finalizer, exitpriority=0)
 
     # -- properties -------------------------------------------------------------------
 
@@ -191,15 +189,12 @@ class PageCache:
         self._check_open()
         rec, page_id, fd = native.allocate(self._handle, nbytes, str(self._path))
         try:
-            # A plain shared mapping of the file: it keeps a dup of the fd while the builder
-            # (or a view of it) lives, and so mmap's resize() stays safe (it grows the file).
-            mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE) if nbytes else None
+            mapping = _map_shared(fd, nbytes)
         except BaseException:
+            os.close(fd)
             native.page_drop(rec)
             raise
-        finally:
-            os.close(fd)
-        return PageBuilder._building(self, rec, page_id, nbytes, mapping)
+        return PageBuilder._building(self, rec, page_id, nbytes, fd, mapping)
 
     # -- removal ----------------------------------------------------------------------
 
@@ -226,6 +221,11 @@ class PageCache:
         cache raise PageReleasedError; a view already taken stays readable. Idempotent and
         safe from several threads; if a file cannot be removed it raises OSError and a
         later close() tries again."""
+        if os.getpid() != self._pid:
+            # A forked child borrows its parent's cache: it removes nothing, and must not
+            # wait on a lock that a thread of the parent may have held at fork time.
+            self._closed = True
+            return
         with self._close_lock:  # a second caller waits until the folder is really gone
             info = self._finalizer.peek()
             if info is None:
@@ -245,6 +245,13 @@ class PageCache:
         return f"<PageCache {str(self._path)!r} {state}>"
 
 
+def _map_shared(fd: int, nbytes: int) -> mmap.mmap | None:
+    """A builder's writable shared mapping of its (still nameless) file. A plain mmap.mmap,
+    which keeps a dup of the fd while the builder or a view of it lives, so that mmap's
+    resize() stays safe (it grows the file)."""
+    return mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE) if nbytes else None
+
+
 def _map_read_only(fd: int, nbytes: int, path: Path) -> mmap.mmap | None:
     """A read-only shared mapping of fd, held by an mmap.mmap object, so Python's read-only
     and export rules apply, but without the fd that mmap.mmap(fd, ...) keeps open for its
@@ -258,7 +265,70 @@ def _map_read_only(fd: int, nbytes: int, path: Path) -> mmap.mmap | None:
     return mapping
 
 
-class _PageFile:
+class _Sized:
+    """A page's id and size, whoever holds it."""
+
+    __slots__ = ()
+    _id: int
+    _nbytes: int
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return self._nbytes
+
+
+class _Readable(_Sized):
+    """read() and view() for anything that can open its page file: an owned Page or a
+    BorrowedPage. Subclasses define ``path`` and ``_open() -> fd`` (checked to be
+    ``_nbytes`` long)."""
+
+    __slots__ = ()
+    path: Path
+
+    def _open(self) -> int:
+        raise NotImplementedError
+
+    def read(self) -> bytes:
+        """A copy of the page's bytes."""
+        fd = self._open()
+        try:
+            parts, done = [], 0
+            while done < self._nbytes:  # one pread, unless over 2 GiB
+                part = os.pread(fd, self._nbytes - done, done)
+                if not part:
+                    raise PageLostError(f"page {self._id}: its file {self.path} changed size")
+                parts.append(part)
+                done += len(part)
+            return b"".join(parts)  # a single part comes back as it is, not copied
+        finally:
+            os.close(fd)
+
+    def view(self) -> memoryview:
+        """The page's bytes, zero-copy: a read-only memoryview over a read-only shared
+        mapping. It holds no file descriptor, and stays valid after the page is released
+        and the cache closed (a mapping outlives its file's name)."""
+        fd = self._open()
+        try:
+            mapping = _map_read_only(fd, self._nbytes, self.path)
+        finally:
+            os.close(fd)
+        return memoryview(mapping if mapping is not None else b"")
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Any:
+        return self
+
+
+class _PageFile(_Sized):
     """What a Page and a PageBuilder share: the C record that owns one page file.
     Made only by the cache (``_new``), never half-constructed, so ``__del__`` always finds
     its record."""
@@ -281,29 +351,20 @@ class _PageFile:
         return self
 
     @property
-    def id(self) -> int:
-        return self._id
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
-
-    def __len__(self) -> int:
-        return self._nbytes
-
-    @property
     def path(self) -> Path:
         return self._cache._path / native.page_name(self._id)
 
 
-class Page(_PageFile):
+class Page(_PageFile, _Readable):
     """A page on disk. Its file is removed soon after the last reference to this object
-    goes (or at ``release()``, or when the cache closes). Immutable; copying returns it."""
+    goes (or at ``release()``, or when the cache closes). Immutable; copying returns it.
+    Pickling gives a BorrowedPage in the process that loads it."""
 
     __slots__ = ("__weakref__",)
 
     _release = native.release
     _released = native.released
+    borrowed = False
 
     def __del__(self) -> None:
         # Runs when the last reference goes (refcount) or when the cycle collector frees
@@ -339,62 +400,111 @@ class Page(_PageFile):
             raise PageLostError(f"page {self._id}: its file {self.path} {why}")
         raise native.error(fd, self.path)
 
-    def read(self) -> bytes:
-        """A copy of the page's bytes."""
-        fd = self._open()
-        try:
-            parts, done = [], 0
-            while done < self._nbytes:  # one pread, unless over 2 GiB
-                part = os.pread(fd, self._nbytes - done, done)
-                if not part:
-                    raise PageLostError(f"page {self._id}: its file {self.path} changed size")
-                parts.append(part)
-                done += len(part)
-            return b"".join(parts)  # a single part comes back as it is, not copied
-        finally:
-            os.close(fd)
-
-    def view(self) -> memoryview:
-        """The page's bytes, zero-copy: a read-only memoryview over a read-only shared
-        mapping. It holds no file descriptor, and stays valid after the page is released
-        and the cache closed (a mapping outlives its file's name)."""
-        fd = self._open()
-        try:
-            mapping = _map_read_only(fd, self._nbytes, self.path)
-        finally:
-            os.close(fd)
-        return memoryview(mapping if mapping is not None else b"")
-
     def __enter__(self) -> Page:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def __copy__(self) -> Page:
-        return self
-
-    def __deepcopy__(self, memo: object) -> Page:
-        return self
-
     def __reduce__(self) -> Any:
-        raise TypeError("a Page cannot be pickled (yet): it owns its file")
+        # The handle names the file and pins its identity (inode), so a borrower can never
+        # read another file that later took the name. Only the path travels: no bytes.
+        fd = self._open()
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return BorrowedPage._load, (str(self.path), self._id, self._nbytes, st.st_dev, st.st_ino)
 
     def __repr__(self) -> str:
         state = " released" if self.released else ""
         return f"<Page {self._id} {self._nbytes} bytes{state}>"
 
 
-class PageBuilder(_PageFile):
-    """A page being written in place. ``view()`` is a writable memoryview over the file's
-    shared mapping; ``seal()`` syncs per the cache's mode, unmaps and returns the Page.
-    Dropped unsealed, it leaves no file."""
+class BorrowedPage(_Readable):
+    """A page owned by another Page object, usually in another process: what unpickling a
+    Page gives. It reads the same file (zero-copy through ``view()``) but never removes
+    it: its release, its death and its process's exit leave the file to the owner.
 
-    __slots__ = ("_mapping", "_lock", "_sealed")
+    The owner must outlive its readers: once the owner's page is released, reads raise
+    PageLostError (a view taken before stays readable)."""
+
+    __slots__ = ("_path", "_id", "_nbytes", "_dev", "_ino", "_given_up", "__weakref__")
+
+    borrowed = True
 
     @classmethod
-    def _building(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int, mapping: Any) -> PageBuilder:
+    def _load(cls, path: str, page_id: int, nbytes: int, dev: int, ino: int) -> BorrowedPage:
+        self = object.__new__(cls)
+        self._path = Path(path)
+        self._id = page_id
+        self._nbytes = nbytes
+        self._dev = dev
+        self._ino = ino
+        self._given_up = False
+        return self
+
+    def __new__(cls, *args: object, **kwargs: object) -> BorrowedPage:
+        raise TypeError("a BorrowedPage comes from unpickling a Page")
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def released(self) -> bool:
+        """True once this handle's ``release()`` ran; says nothing of the owner's page."""
+        return self._given_up
+
+    def release(self) -> None:
+        """Stop reading through this handle. The file stays: it is the owner's."""
+        self._given_up = True
+
+    def _open(self) -> int:
+        if self._given_up:
+            raise PageReleasedError(f"borrowed page {self._id} was released")
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise PageLostError(
+                f"borrowed page {self._id}: its file {self._path} is gone (its owner released it or exited)"
+            ) from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (self._dev, self._ino) or st.st_size != self._nbytes:
+            os.close(fd)
+            raise PageLostError(f"borrowed page {self._id}: its file {self._path} is not the page any more")
+        return fd
+
+    def __enter__(self) -> BorrowedPage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __reduce__(self) -> Any:
+        return BorrowedPage._load, (str(self._path), self._id, self._nbytes, self._dev, self._ino)
+
+    def __repr__(self) -> str:
+        state = " released" if self._given_up else ""
+        return f"<BorrowedPage {self._id} {self._nbytes} bytes {str(self._path)!r}{state}>"
+
+
+class PageBuilder(_PageFile):
+    """A page being written in place. ``view()`` is a writable memoryview over the file's
+    shared mapping; ``seal()`` syncs per the cache's mode, gives the file its name, unmaps
+    and returns the Page. Until then the file has no name in the folder, so a builder
+    dropped unsealed, or a process killed while it fills one, leaves nothing."""
+
+    __slots__ = ("_fd", "_mapping", "_lock", "_sealed")
+
+    _close = os.close  # for __del__ at shutdown, when module globals may be gone
+
+    @classmethod
+    def _building(
+        cls, cache: PageCache, rec: Any, page_id: int, nbytes: int, fd: int, mapping: Any
+    ) -> PageBuilder:
         self = cls._new(cache, rec, page_id, nbytes)
+        self._fd = fd
         self._sealed = False
         self._mapping = mapping
         self._lock = threading.Lock()
@@ -402,11 +512,17 @@ class PageBuilder(_PageFile):
 
     def __del__(self) -> None:
         if not self._sealed:
-            self._drop(self._rec)  # the mapping, if a view still holds it, dies with the view
+            self._close(self._fd)  # the mapping, if a view still holds it, dies with the view
+            self._drop(self._rec)
 
     @property
     def sealed(self) -> bool:
         return self._sealed
+
+    @property
+    def path(self) -> Path:
+        """Where the page's file will be once sealed (until then it has no name)."""
+        return super().path
 
     def view(self) -> memoryview:
         """A writable view of the page's bytes (zero-filled at first)."""
@@ -418,25 +534,32 @@ class PageBuilder(_PageFile):
             return memoryview(self._mapping if self._mapping is not None else bytearray())
 
     def seal(self) -> Page:
-        """Sync the bytes per the cache's sync mode, unmap, and return the read-only Page.
-        Raises BufferError while a view from ``view()`` is alive: a sealed page must never
-        change through an old view. The builder stays usable after that error."""
+        """Sync the bytes per the cache's sync mode, unmap, give the file its name, and
+        return the read-only Page. Raises BufferError while a view from ``view()`` is alive:
+        a sealed page must never change through an old view. After any error the builder
+        is as it was and ``seal()`` can be tried again."""
         with self._lock:
             if self._sealed:
                 raise ValueError(f"page {self._id} is already sealed")
             cache = self._cache
             cache._check_open()
             mapping = self._mapping
-            # Everything that can fail comes before the unmap, so a failure leaves the
-            # builder as it was: bytes first, then the folder (the name), then unmap.
-            if mapping is not None and cache._sync != "none":
-                mapping.flush()  # msync(MS_SYNC)
-            native.seal(cache._handle, str(cache._path))  # folder fsync; refuses in a fork
             if mapping is not None:
+                if cache._sync != "none":
+                    mapping.flush()  # msync(MS_SYNC): the bytes, before the name
                 mapping.close()  # BufferError while a view is exported
+            try:
+                native.seal(cache._handle, self._rec, self._fd, str(self.path))  # the name
+            except BaseException:
+                self._mapping = _map_shared(self._fd, self._nbytes)  # usable again
+                raise
             self._mapping = None
             self._sealed = True
+            os.close(self._fd)
             return Page._new(cache, self._rec, self._id, self._nbytes)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a PageBuilder cannot be pickled: seal() it and pickle the Page")
 
     def __repr__(self) -> str:
         state = "sealed" if self._sealed else "open"

@@ -16,3 +16,8 @@ class PageReleasedError(PageCacheError):
 
 class PageLostError(PageCacheError):
     """The page's file vanished or changed size under the cache (removed by someone else)."""
+
+
+class UnsafeRootError(PageCacheError):
+    """The root folder could let someone else in: it is a symbolic link, belongs to another
+    user, or others can write to it. diskpages refuses to put pages there."""

@@ -1,0 +1,250 @@
+"""Roots and cache folders: made safely in a temp folder every user can write to, locked for
+a cache's whole life, and swept once the process that made them is gone.
+
+A root holds one folder per cache, named ``<pid>-<created, hex seconds>-<random>``. The
+cache holds an exclusive ``flock`` on its folder's directory fd for its whole life; the
+kernel drops it when the process dies, however it dies, so "not locked" means "orphaned"
+whatever pid the name shows (pids are reused; locks are not). A forked child inherits the
+fd and so keeps the lock: a folder is swept only once every process that could read it is
+gone.
+
+The race between a new cache and a sweep is closed by a lock on the root itself: a cache
+takes it shared from ``mkdir`` until its folder is locked; a sweep takes it exclusively
+while it picks the unlocked folders (and releases it before it removes them).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _bindings as native
+from .errors import UnsafeRootError
+
+__all__ = ["default_root", "sweep", "FolderInfo", "list_folders"]
+
+OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+_FOLDER = re.compile(r"^(\d+)-([0-9a-f]{8})-[0-9a-f]{8}$")
+
+
+def default_root() -> Path:
+    """``$DISKPAGES_ROOT``, else ``<tempdir>/diskpages-<uid>``: one root per user."""
+    env = os.environ.get("DISKPAGES_ROOT")
+    if env:
+        return Path(env)
+    return Path(tempfile.gettempdir()) / f"diskpages-{os.getuid()}"
+
+
+def resolve_root(root: str | os.PathLike[str] | None) -> Path:
+    # absolute, so that a later os.chdir() cannot move page paths or close()'s rmdir
+    return (Path(root) if root is not None else default_root()).absolute()
+
+
+def open_root(root: Path, create: bool) -> int | None:
+    """A directory fd of the root, made (mode 0700) if missing and ``create``; None if it is
+    missing and not ``create``. Refuses a root that is a symlink, is not ours, or is
+    writable by others: the default root lives in a folder every user can write to."""
+    if create:
+        os.makedirs(root, mode=0o700, exist_ok=True)  # OSError names the path
+    try:
+        fd = os.open(root, OPEN_DIR)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(root):
+            raise UnsafeRootError(f"the root {root} is a symbolic link; it is not followed") from None
+        raise
+    try:
+        check_root(fd, root)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_root(fd: int, root: Path) -> None:
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        raise UnsafeRootError(
+            f"the root {root} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
+            "choose another root"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeRootError(
+            f"the root {root} can be written by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"make it private (chmod go-w {root}) or choose another root"
+        )
+
+
+def make_folder(root_fd: int) -> tuple[str, int]:
+    """Make a cache folder (0700) under the root and lock it: its name and its locked fd."""
+    fcntl.flock(root_fd, fcntl.LOCK_SH)  # no sweep picks folders until ours is locked
+    try:
+        while True:
+            name = f"{os.getpid()}-{int(time.time()) & 0xFFFFFFFF:08x}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(name, 0o700, dir_fd=root_fd)
+                break
+            except FileExistsError:
+                continue
+        try:
+            fd = os.open(name, OPEN_DIR, dir_fd=root_fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours: nobody else can hold it
+        except BaseException:
+            os.rmdir(name, dir_fd=root_fd)
+            raise
+        return name, fd
+    finally:
+        fcntl.flock(root_fd, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """One cache folder under a root, as ``diskpages ls`` shows it."""
+
+    path: Path
+    pid: int  #: the process that made it (a live one may be a forked child of it)
+    alive: bool  #: its lock is held: some process still has the cache open
+    pages: int
+    nbytes: int  #: bytes of every file in it
+    created: float  #: seconds since the epoch
+
+
+def _cache_folders(root_fd: int) -> Iterator[tuple[str, int, int]]:
+    """(name, pid, created) of each entry that looks like a cache folder: a real directory
+    (never a symlink) whose name has our shape."""
+    with os.scandir(root_fd) as entries:
+        for entry in entries:
+            m = _FOLDER.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False):
+                yield entry.name, int(m.group(1)), int(m.group(2), 16)
+
+
+def _open_owned(root_fd: int, name: str) -> int | None:
+    """The folder's fd if it is still a directory we own; else None (gone, a symlink
+    swapped in, someone else's)."""
+    try:
+        fd = os.open(name, OPEN_DIR, dir_fd=root_fd)
+    except OSError:
+        return None
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        return None
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _contents(fd: int) -> tuple[int, int]:
+    """(page count, bytes of every file) of an open folder; nothing followed."""
+    pages = nbytes = 0
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                nbytes += st.st_size
+                pages += entry.name.endswith(".page")
+    return pages, nbytes
+
+
+def list_folders(root: str | os.PathLike[str] | None = None) -> list[FolderInfo]:
+    """Every cache folder under the root, live or orphaned, oldest first."""
+    root_path = resolve_root(root)
+    root_fd = open_root(root_path, create=False)
+    if root_fd is None:
+        return []
+    out = []
+    try:
+        for name, pid, created in _cache_folders(root_fd):
+            fd = _open_owned(root_fd, name)
+            if fd is None:
+                continue
+            try:
+                alive = not _try_lock(fd)  # a lock we took goes with the close below
+                pages, nbytes = _contents(fd)
+            finally:
+                os.close(fd)
+            out.append(FolderInfo(root_path / name, pid, alive, pages, nbytes, float(created)))
+    finally:
+        os.close(root_fd)
+    return sorted(out, key=lambda f: (f.created, f.path.name))
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    removed: list[FolderInfo]
+    failed: list[tuple[FolderInfo, OSError]]
+
+
+def sweep_folders(root: str | os.PathLike[str] | None = None, *, dry_run: bool = False) -> SweepResult:
+    """Remove every orphaned cache folder under the root (see the module docstring)."""
+    root_path = resolve_root(root)
+    root_fd = open_root(root_path, create=False)
+    if root_fd is None:
+        return SweepResult([], [])
+    try:
+        return sweep_at(root_fd, root_path, dry_run=dry_run)
+    finally:
+        os.close(root_fd)
+
+
+def sweep_at(root_fd: int, root_path: Path, *, dry_run: bool = False) -> SweepResult:
+    orphans: list[tuple[str, int, int, int]] = []
+    try:
+        fcntl.flock(root_fd, fcntl.LOCK_EX)  # no new folder is between mkdir and its lock
+        try:
+            for name, pid, created in _cache_folders(root_fd):
+                fd = _open_owned(root_fd, name)
+                if fd is None:
+                    continue
+                if _try_lock(fd):
+                    orphans.append((name, pid, created, fd))  # ours now, until we close it
+                else:
+                    os.close(fd)
+        finally:
+            fcntl.flock(root_fd, fcntl.LOCK_UN)
+        removed, failed = [], []
+        while orphans:
+            name, pid, created, fd = orphans.pop()
+            try:
+                pages, nbytes = _contents(fd)
+                info = FolderInfo(root_path / name, pid, False, pages, nbytes, float(created))
+                if not dry_run:
+                    native.empty_folder(fd, str(info.path))
+                    os.rmdir(name, dir_fd=root_fd)
+                removed.append(info)
+            except OSError as e:
+                failed.append((FolderInfo(root_path / name, pid, False, 0, 0, float(created)), e))
+            finally:
+                os.close(fd)
+        return SweepResult(removed, failed)
+    finally:
+        for _, _, _, fd in orphans:  # only if something above raised
+            os.close(fd)
+
+
+def sweep(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove the folders that caches of dead processes left under ``root`` (the default
+    root if None) and return their paths. A folder whose cache is open in any process is
+    never touched, whatever its pid. Folders that cannot be emptied are left as they are."""
+    return [info.path for info in sweep_folders(root).removed]
