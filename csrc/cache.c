@@ -49,7 +49,9 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     c->max_delay_ns = max_delay_ns;
     atomic_init(&c->next_id, 1);
     atomic_init(&c->released, NULL);
-    atomic_init(&c->tmpfile, true);
+    /* DISKPAGES_TMPFILE=0 takes the path of file systems without O_TMPFILE (for tests) */
+    const char *tmpfile = getenv("DISKPAGES_TMPFILE");
+    atomic_init(&c->tmpfile, !(tmpfile && strcmp(tmpfile, "0") == 0));
 
     c->remover = dp_remover_new(remover);
     if (!c->remover) {

@@ -79,7 +79,8 @@ static void remove_chunk(dp_cache *c, dp_page **recs, size_t n)
     char *ptrs[DRAIN_CHUNK] = {0};
     int results[DRAIN_CHUNK];
     for (size_t i = 0; i < n; i++) {
-        dp_page_name(recs[i]->id, names[i]);
+        /* an unsealed builder's file, where there is no O_TMPFILE, has its .part name */
+        (recs[i]->part ? dp_part_name : dp_page_name)(recs[i]->id, names[i]);
         ptrs[i] = names[i];
     }
     dp_remove_names(c->remover, c->dirfd, ptrs, n, results);

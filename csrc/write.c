@@ -84,7 +84,10 @@ static int link_page(dp_cache *c, dp_page *p, int fd)
     if (p->part) {
         char part[DP_NAME_MAX];
         dp_part_name(p->id, part);
-        return renameat(c->dirfd, part, c->dirfd, name) == 0 ? 0 : -errno;
+        if (renameat(c->dirfd, part, c->dirfd, name) != 0)
+            return -errno;
+        p->part = false; /* its name is the page's now, for the removal too */
+        return 0;
     }
     /* linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on most kernels; the
      * /proc/self/fd link is the documented way for everyone else (open(2), O_TMPFILE). */
@@ -271,14 +274,16 @@ int dp_seal(dp_cache *c, dp_page *p, int fd)
     int err = enter_write(c); /* not after close has emptied the folder, not in a fork */
     if (err)
         return err;
+    bool part = p->part;
     if (!(err = link_page(c, p, fd)) && (err = sync_folder(c))) {
         /* back to nameless (the fd keeps the bytes), so that seal() can be tried again */
         char name[DP_NAME_MAX];
         dp_page_name(p->id, name);
-        if (p->part) {
+        if (part) {
             char part[DP_NAME_MAX];
             dp_part_name(p->id, part);
             renameat(c->dirfd, name, c->dirfd, part);
+            p->part = true;
         } else {
             unlinkat(c->dirfd, name, 0);
         }

@@ -265,6 +265,10 @@ def _map_read_only(fd: int, nbytes: int, path: Path) -> mmap.mmap | None:
     return mapping
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
 class _Sized:
     """A page's id and size, whoever holds it."""
 
@@ -407,14 +411,15 @@ class Page(_PageFile, _Readable):
         self.release()
 
     def __reduce__(self) -> Any:
-        # The handle names the file and pins its identity (inode), so a borrower can never
-        # read another file that later took the name. Only the path travels: no bytes.
+        # The handle names the file and pins its identity (device, inode and change time:
+        # an inode number alone is reused at once), so a borrower does not read another
+        # file that later took the name. Only the path travels: no bytes.
         fd = self._open()
         try:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return BorrowedPage._load, (str(self.path), self._id, self._nbytes, st.st_dev, st.st_ino)
+        return BorrowedPage._load, (str(self.path), self._id, self._nbytes, _identity(st))
 
     def __repr__(self) -> str:
         state = " released" if self.released else ""
@@ -429,18 +434,17 @@ class BorrowedPage(_Readable):
     The owner must outlive its readers: once the owner's page is released, reads raise
     PageLostError (a view taken before stays readable)."""
 
-    __slots__ = ("_path", "_id", "_nbytes", "_dev", "_ino", "_given_up", "__weakref__")
+    __slots__ = ("_path", "_id", "_nbytes", "_identity", "_given_up", "__weakref__")
 
     borrowed = True
 
     @classmethod
-    def _load(cls, path: str, page_id: int, nbytes: int, dev: int, ino: int) -> BorrowedPage:
+    def _load(cls, path: str, page_id: int, nbytes: int, identity: tuple[int, int, int]) -> BorrowedPage:
         self = object.__new__(cls)
         self._path = Path(path)
         self._id = page_id
         self._nbytes = nbytes
-        self._dev = dev
-        self._ino = ino
+        self._identity = tuple(identity)
         self._given_up = False
         return self
 
@@ -470,7 +474,7 @@ class BorrowedPage(_Readable):
                 f"borrowed page {self._id}: its file {self._path} is gone (its owner released it or exited)"
             ) from None
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (self._dev, self._ino) or st.st_size != self._nbytes:
+        if _identity(st) != self._identity or st.st_size != self._nbytes:
             os.close(fd)
             raise PageLostError(f"borrowed page {self._id}: its file {self._path} is not the page any more")
         return fd
@@ -482,7 +486,7 @@ class BorrowedPage(_Readable):
         self.release()
 
     def __reduce__(self) -> Any:
-        return BorrowedPage._load, (str(self._path), self._id, self._nbytes, self._dev, self._ino)
+        return BorrowedPage._load, (str(self._path), self._id, self._nbytes, self._identity)
 
     def __repr__(self) -> str:
         state = " released" if self._given_up else ""

@@ -1,0 +1,105 @@
+"""``python -m diskpages`` (also the ``diskpages`` command): see and clean cache folders.
+
+    diskpages ls [--root DIR]
+    diskpages sweep [--root DIR] [--dry-run]
+
+Exit status: 0 on success, 2 on bad usage, 1 on failure (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from ._folders import FolderInfo, default_root, list_folders, sweep_folders
+from .errors import PageCacheError
+
+
+def human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def age(seconds: float) -> str:
+    """12s, 5m03s, 2h05m, 3d04h: the two largest units."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def describe(info: FolderInfo, now: float) -> str:
+    state = "alive" if info.alive else "orphaned"
+    return (
+        f"{info.path.name}  pid {info.pid:<7} {state:<8} {info.pages:>7} pages "
+        f"{human(info.nbytes):>10}  age {age(now - info.created)}"
+    )
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    folders = list_folders(args.root)
+    now = time.time()
+    for info in folders:
+        print(describe(info, now))
+    if not folders:
+        print(f"no cache folders under {args.root or default_root()}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    result = sweep_folders(args.root, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for info in result.removed:
+        print(f"{verb} {info.path} ({info.pages} pages, {human(info.nbytes)})")
+    freed = sum(info.nbytes for info in result.removed)
+    print(f"{verb} {len(result.removed)} orphaned folders, {human(freed)}")
+    for info, error in result.failed:
+        print(f"diskpages: could not remove {info.path}: {error}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="diskpages",
+        description="See and clean the cache folders of diskpages (one per PageCache).",
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="{ls,sweep}")
+    root_help = "the root folder (default: $DISKPAGES_ROOT or <tempdir>/diskpages-<uid>)"
+
+    ls = sub.add_parser("ls", help="list cache folders: owner pid, alive or orphaned, pages, bytes, age")
+    ls.add_argument("--root", metavar="DIR", help=root_help)
+    ls.set_defaults(run=cmd_ls)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="remove the folders of processes that died (never a live cache's)",
+        description="Remove the cache folders whose lock no process holds: those of killed "
+        "or crashed processes. A live cache's folder is never touched.",
+    )
+    sw.add_argument("--root", metavar="DIR", help=root_help)
+    sw.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    sw.set_defaults(run=cmd_sweep)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # exits 2 on bad usage
+    try:
+        return args.run(args)
+    except (OSError, PageCacheError) as e:
+        print(f"diskpages: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
