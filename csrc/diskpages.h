@@ -52,6 +52,10 @@ int dp_write(dp_cache *c, const void *data, size_t nbytes, int method, dp_page *
  * *failed_at tells which buffer failed, and with DP_SYNC_FULL the folder is fsynced once. */
 int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
                   int method, dp_page **pages, uint64_t *ids, size_t *failed_at);
+/* Write one page made of `count` buffers laid end to end, with pwritev (a header and its
+ * data without joining them in memory); otherwise as dp_write with DP_WRITE_PWRITE. */
+int dp_write_parts(dp_cache *c, const void *const *parts, const size_t *sizes, size_t count,
+                   dp_page **page, uint64_t *id);
 /* Create a page of nbytes for writing in place: returns an O_RDWR fd (the caller maps it,
  * and keeps it until dp_seal) with the blocks already allocated, so stores through the
  * mapping cannot meet ENOSPC. The file has no name until dp_seal gives it one, so a crash

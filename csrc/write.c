@@ -4,11 +4,13 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -238,6 +240,96 @@ int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, si
         }
     }
     pthread_rwlock_unlock(&c->closing);
+    return err;
+}
+
+/* pwritev every part from offset 0, resuming after short writes (Linux writes at most
+ * 2 GiB a call) and at most IOV_MAX parts a call, then fdatasync if the sync mode asks.
+ * Consumes iov: it is advanced in place. */
+static int writev_synced(dp_cache *c, int fd, struct iovec *iov, size_t count)
+{
+    off_t off = 0;
+    for (;;) {
+        while (count && iov->iov_len == 0) { /* empty parts: nothing to write, skip them */
+            iov++;
+            count--;
+        }
+        if (!count)
+            break;
+        ssize_t n = pwritev(fd, iov, count < IOV_MAX ? (int)count : IOV_MAX, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO; /* no progress on a regular file: do not spin */
+        off += n;
+        for (size_t left = (size_t)n; left;) { /* drop what was written */
+            size_t step = left < iov->iov_len ? left : iov->iov_len;
+            iov->iov_base = (char *)iov->iov_base + step;
+            iov->iov_len -= step;
+            left -= step;
+            if (iov->iov_len == 0) {
+                iov++;
+                count--;
+            }
+        }
+    }
+    if (c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
+        return -errno;
+    return 0;
+}
+
+int dp_write_parts(dp_cache *c, const void *const *parts, const size_t *sizes, size_t count,
+                   dp_page **page, uint64_t *id)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (sizes[i] > (size_t)SSIZE_MAX - total)
+            return -EOVERFLOW;
+        total += sizes[i];
+    }
+    struct iovec *iov = malloc((count ? count : 1) * sizeof *iov);
+    if (!iov)
+        return -ENOMEM;
+    for (size_t i = 0; i < count; i++)
+        iov[i] = (struct iovec){.iov_base = (void *)parts[i], .iov_len = sizes[i]};
+
+    int err = enter_write(c);
+    if (err)
+        goto out;
+    dp_page *rec;
+    int fd = open_new_page(c, total, O_WRONLY, &rec);
+    if (fd < 0) {
+        err = fd;
+        goto unlock;
+    }
+    /* Reserve the blocks first, as numpy's tofile does: on ext4 here a 64 MiB write took
+     * 0.97x np.save's time with it and 1.38x without. Without fallocate, just write. */
+    err = reserve(fd, total);
+    if (err == -EOPNOTSUPP)
+        err = 0;
+    if (!err)
+        err = writev_synced(c, fd, iov, count);
+    if (!err)
+        err = link_page(c, rec, fd);
+    /* close() can report a deferred write error (NFS and friends): it counts. */
+    if (close(fd) != 0 && !err && errno != EINTR)
+        err = -errno;
+    if (!err)
+        err = sync_folder(c);
+    if (err) {
+        discard_page(c, rec);
+        goto unlock;
+    }
+    publish(c, rec);
+    *page = rec;
+    *id = rec->id;
+unlock:
+    pthread_rwlock_unlock(&c->closing);
+out:
+    free(iov);
     return err;
 }
 

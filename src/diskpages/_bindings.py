@@ -110,6 +110,20 @@ def write_many(
     return [(pages[i], ids[i], len(bufs[i])) for i in range(count)]
 
 
+def write_parts(handle: Handle, parts: Sequence[Any], path: str) -> tuple[Record, int, int]:
+    """One page whose bytes are the parts laid end to end, written without joining them."""
+    bufs = [as_buffer(p) for p in parts]
+    count = len(bufs)
+    data = ffi.new("void *[]", bufs) if count else ffi.NULL
+    sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
+    page = ffi.new("dp_page **")
+    page_id = ffi.new("uint64_t *")
+    rc = lib.dp_write_parts(handle, data, sizes, count, page, page_id)
+    if rc:
+        raise error(rc, path)
+    return page[0], page_id[0], sum(len(b) for b in bufs)
+
+
 def allocate(handle: Handle, nbytes: int, path: str) -> tuple[Record, int, int]:
     page = ffi.new("dp_page **")
     page_id = ffi.new("uint64_t *")

@@ -18,11 +18,14 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import _arrays, _folders
 from . import _bindings as native
-from . import _folders
 from .errors import CacheClosedError, PageLostError, PageReleasedError
+
+if TYPE_CHECKING:
+    import numpy
 
 __all__ = ["PageCache", "Page", "BorrowedPage", "PageBuilder", "CacheStats"]
 
@@ -196,6 +199,23 @@ class PageCache:
             raise
         return PageBuilder._building(self, rec, page_id, nbytes, fd, mapping)
 
+    def write_array(self, array: Any) -> Page:
+        """Write a NumPy array (or anything ``numpy.asarray`` takes) as a ``.npy`` page:
+        numpy's header, then the data, so ``numpy.load(page.path, mmap_mode="r")`` and
+        ``page.array()`` open it. C- and Fortran-ordered arrays are written from their own
+        memory, others in C order. Arrays holding Python objects raise TypeError: no pickle
+        is ever written. Otherwise as ``write()``. Needs NumPy."""
+        self._check_open()
+        header, data = _arrays.npy_parts(array)
+        rec, page_id, nbytes = native.write_parts(self._handle, (header, data), str(self._path))
+        return Page._new(self, rec, page_id, nbytes)
+
+    def allocate_array(self, shape: int | Iterable[int], dtype: Any) -> PageBuilder:
+        """A ``.npy`` page to fill in place: the header is written, ``builder.array()`` is
+        a writable C-ordered array of zeros over the page's mapping, and ``seal()`` works
+        as for ``allocate()``. Object dtypes raise TypeError. Needs NumPy."""
+        return _arrays.allocate_array(self, shape, dtype)
+
     # -- removal ----------------------------------------------------------------------
 
     def flush(self) -> int:
@@ -324,6 +344,12 @@ class _Readable(_Sized):
         finally:
             os.close(fd)
         return memoryview(mapping if mapping is not None else b"")
+
+    def array(self) -> numpy.ndarray:
+        """The ``.npy`` page as a NumPy array, zero-copy: read-only, over the same kind of
+        mapping as ``view()``, so it holds no file descriptor and stays valid after the
+        page is released. ValueError if the page is not a ``.npy`` file. Needs NumPy."""
+        return _arrays.array_of(self)
 
     def __copy__(self) -> Any:
         return self
@@ -536,6 +562,12 @@ class PageBuilder(_PageFile):
             if self._cache._closed:
                 raise CacheClosedError(f"the cache at {self._cache._path} is closed")
             return memoryview(self._mapping if self._mapping is not None else bytearray())
+
+    def array(self) -> numpy.ndarray:
+        """A writable NumPy array over the page's mapping (a page from ``allocate_array()``,
+        or any whose bytes start with a ``.npy`` header). Like a view, it makes ``seal()``
+        raise BufferError while it is alive. Needs NumPy."""
+        return _arrays.array_of(self)
 
     def seal(self) -> Page:
         """Sync the bytes per the cache's sync mode, unmap, give the file its name, and

@@ -1,0 +1,162 @@
+"""NumPy arrays as pages. An array page is a complete .npy file: numpy.lib.format's header
+(format 1.0, or 2.0 when the header outgrows 1.0), then the data, so
+``numpy.load(page.path, mmap_mode="r")`` opens it and ``array()`` views it in place.
+
+NumPy is optional: it is imported on first use, never when diskpages is imported, and its
+absence is an ImportError that names the extra that installs it. Arrays that hold Python
+objects are refused: a .npy file would need a pickle, and diskpages never writes one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import operator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy
+
+    from ._cache import Page, PageBuilder, PageCache
+
+NEEDS_NUMPY = 'arrays need NumPy: pip install "diskpages[numpy]"'
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+        import numpy.lib.format  # not loaded by "import numpy" in every version
+    except ImportError as exc:
+        raise ImportError(NEEDS_NUMPY, name="numpy") from exc
+    return numpy
+
+
+def _refuse_objects(dtype: numpy.dtype) -> None:
+    if dtype.hasobject:
+        raise TypeError(
+            f"an array of dtype {dtype} holds Python objects; a .npy page would need a pickle, "
+            "and diskpages never writes pickles"
+        )
+
+
+def _header(np: Any, dtype: numpy.dtype, fields: dict[str, Any]) -> bytes:
+    """The .npy header for ``fields`` (descr, fortran_order, shape), in the lowest format
+    version that holds it, made by numpy.lib.format's own writers."""
+    fmt = np.lib.format
+    if fmt.descr_to_dtype(fields["descr"]) != dtype:  # numpy would write "|O" and a pickle
+        raise TypeError(f"dtype {dtype} cannot be stored in a .npy header without a pickle")
+    try:
+        try:
+            out = io.BytesIO()
+            fmt.write_array_header_1_0(out, fields)
+        except ValueError:  # a header over 64 KiB (thousands of fields) needs format 2.0
+            out = io.BytesIO()
+            fmt.write_array_header_2_0(out, fields)
+    except UnicodeEncodeError:
+        # Formats 1.0 and 2.0 are latin-1; 3.0 (UTF-8) has no public writer in numpy.lib.format.
+        raise ValueError(
+            f"the field names of dtype {dtype} are not latin-1, which needs .npy format 3.0; "
+            "diskpages writes 1.0 and 2.0 only"
+        ) from None
+    return out.getvalue()
+
+
+def npy_parts(data: Any) -> tuple[bytes, Any]:
+    """The header and a bytes-like object over the array's data, in file order. The data is
+    the array's own memory when it is C- or Fortran-contiguous (then the header says
+    fortran_order), else a C-ordered copy."""
+    np = _numpy()
+    array = np.asarray(data)
+    _refuse_objects(array.dtype)
+    fields = np.lib.format.header_data_from_array_1_0(array)  # fortran_order from the flags
+    header = _header(np, array.dtype, fields)
+    if array.dtype.itemsize == 0 or array.size == 0:
+        return header, b""
+    ordered = array.T if fields["fortran_order"] else np.ascontiguousarray(array)
+    # As bytes: every dtype exports a uint8 buffer (datetime64 has no buffer of its own).
+    return header, ordered.reshape(-1).view(np.uint8)
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    """An int or a sequence of ints (bools refused, as PageCache refuses them elsewhere)."""
+    try:
+        items = [shape] if hasattr(shape, "__index__") else list(shape)
+    except TypeError:
+        items = [None]
+    if any(isinstance(n, bool) or not hasattr(n, "__index__") for n in items):
+        raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r}")
+    dims = tuple(operator.index(n) for n in items)
+    if any(n < 0 for n in dims):
+        raise ValueError(f"shape must not have negative dimensions: {shape!r}")
+    return dims
+
+
+def allocate_array(cache: PageCache, shape: Any, dtype: Any) -> PageBuilder:
+    np = _numpy()
+    dims = _shape(shape)
+    dtype = np.dtype(dtype)  # TypeError for what is not a dtype
+    if dtype.subdtype is not None:  # as numpy.empty does: ("f8", (3,)) adds a dimension
+        dtype, dims = dtype.base, dims + dtype.shape
+    _refuse_objects(dtype)
+    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": dims}
+    header = _header(np, dtype, fields)
+    nbytes = math.prod(dims) * dtype.itemsize
+    if len(header) + nbytes > 2**63 - 1:
+        raise ValueError(f"an array of shape {dims} and dtype {dtype} is too large for a page")
+    builder = cache.allocate(len(header) + nbytes)
+    with builder.view() as view:
+        view[: len(header)] = header
+    return builder
+
+
+class _Reader:
+    """The file-like read() that numpy.lib.format's header readers call, over a memoryview:
+    it copies only what they read, never the data."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.view) if size < 0 else min(self.pos + size, len(self.view))
+        chunk = bytes(self.view[self.pos : end])
+        self.pos = end
+        return chunk
+
+
+def array_of(owner: Page | PageBuilder) -> numpy.ndarray:
+    """The array a .npy page holds, over ``owner.view()``: no copy, read-only for a Page,
+    writable for a PageBuilder. The array holds an export of the view's mapping, so the
+    mapping lives (and a builder cannot be sealed) while the array does."""
+    np = _numpy()
+    view = owner.view()
+    fmt = np.lib.format
+    reader = _Reader(view)
+    try:
+        version = fmt.read_magic(reader)
+        # The page is this process's own file, so a header of any size is read (numpy.load
+        # caps it at 10,000 characters against hostile files).
+        if version == (1, 0):
+            shape, fortran_order, dtype = fmt.read_array_header_1_0(reader, max_header_size=len(view))
+        elif version == (2, 0):
+            shape, fortran_order, dtype = fmt.read_array_header_2_0(reader, max_header_size=len(view))
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are)")
+    except ValueError as exc:
+        raise ValueError(f"page {owner.id} is not a .npy array: {exc}") from None
+    if dtype.hasobject:
+        raise ValueError(f"page {owner.id} holds a pickled object array, which diskpages never loads")
+    count = math.prod(shape)
+    if reader.pos + count * dtype.itemsize != len(view):
+        raise ValueError(
+            f"page {owner.id} is not a .npy array: its header says {count * dtype.itemsize} bytes "
+            f"of data, the page has {len(view) - reader.pos}"
+        )
+    order = "F" if fortran_order else "C"
+    if dtype.itemsize == 0:  # nothing to map; numpy.frombuffer refuses such dtypes
+        array = np.empty(shape, dtype, order=order)
+        array.flags.writeable = not view.readonly
+        return array
+    # frombuffer, not ndarray(buffer=...): only frombuffer keeps an export of the mapping.
+    flat = np.frombuffer(view, dtype=dtype, count=count, offset=reader.pos)
+    return flat.reshape(shape, order=order)
