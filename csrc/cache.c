@@ -33,7 +33,7 @@ pid_t dp_pid(void)
 }
 
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
-                  dp_cache **out)
+                  uint64_t max_bytes, dp_cache **out)
 {
     if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
         (remover != DP_REMOVE_AUTO && remover != DP_REMOVE_LOOP))
@@ -47,6 +47,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     c->sync = sync;
     c->batch = batch;
     c->max_delay_ns = max_delay_ns;
+    c->max_bytes = max_bytes;
     atomic_init(&c->next_id, 1);
     atomic_init(&c->released, NULL);
     /* DISKPAGES_TMPFILE=0 takes the path of file systems without O_TMPFILE (for tests) */
@@ -101,6 +102,7 @@ fail_alloc:
 
 void dp_cache_stats(dp_cache *c, dp_stats *out)
 {
+    bool closed = atomic_load(&c->closed);
     out->live_pages = atomic_load(&c->live_pages);
     out->live_bytes = atomic_load(&c->live_bytes);
     out->pending = atomic_load(&c->pending);
@@ -108,6 +110,18 @@ void dp_cache_stats(dp_cache *c, dp_stats *out)
     out->removed = atomic_load(&c->removed);
     out->remove_errors = atomic_load(&c->remove_errors);
     out->written = atomic_load(&c->written);
+    out->released_by_refcount = atomic_load(&c->released_by[BY_REFCOUNT]);
+    out->released_by_gc = atomic_load(&c->released_by[BY_GC]);
+    out->released_explicitly = atomic_load(&c->released_by[BY_CALL]);
+    out->released_at_close = 0;
+    if (closed) {
+        /* Close removed every file: nothing is live or pending any more, and every page not
+         * released before close counts as released at close (releases after close are not
+         * counted by cause, so this is exact once close has returned). */
+        out->released_at_close = out->written - out->released_by_refcount -
+                                 out->released_by_gc - out->released_explicitly;
+        out->live_pages = out->live_bytes = out->pending = out->pending_bytes = 0;
+    }
     out->remover = dp_remover_kind(c->remover);
 }
 

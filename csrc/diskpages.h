@@ -16,7 +16,7 @@ enum { DP_WRITE_PWRITE = 0, DP_WRITE_MMAP = 1 };
 /* how a drain removes files: asked for (AUTO, LOOP) and in use (LOOP, URING) */
 enum { DP_REMOVE_AUTO = 0, DP_REMOVE_LOOP = 1, DP_REMOVE_URING = 2 };
 /* our own error codes, returned negated like errno and kept clear of errno's range */
-enum { DP_ECLOSED = 10001, DP_ESIZE = 10002, DP_EFORKED = 10003 };
+enum { DP_ECLOSED = 10001, DP_ESIZE = 10002, DP_EFORKED = 10003, DP_EFULL = 10004 };
 
 typedef struct dp_stats {
     uint64_t live_pages;    /* written, not yet released */
@@ -26,15 +26,21 @@ typedef struct dp_stats {
     uint64_t removed;       /* files removed (or found already gone) */
     uint64_t remove_errors; /* removals that failed with another error */
     uint64_t written;       /* pages written since the cache opened */
+    /* why pages were released; the four add up to every page released */
+    uint64_t released_by_refcount; /* their object's last reference went */
+    uint64_t released_by_gc;       /* the cycle collector freed their object */
+    uint64_t released_explicitly;  /* dp_release (Page.release(), a with block) */
+    uint64_t released_at_close;    /* still live when the cache closed */
     int remover;            /* DP_REMOVE_LOOP or DP_REMOVE_URING: what drains use now */
 } dp_stats;
 
 /* Take ownership of dirfd (closed by dp_cache_free) and start the reaper thread, which
  * drains the release queue once `batch` releases are waiting or `max_delay_ns` has passed.
  * remover: DP_REMOVE_AUTO (io_uring where the kernel allows, else the loop) or
- * DP_REMOVE_LOOP; dp_stats.remover says which one is in use. */
+ * DP_REMOVE_LOOP; dp_stats.remover says which one is in use. max_bytes, if not 0, caps the
+ * bytes of live and pending pages: a write that would pass it fails with -DP_EFULL. */
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
-                  dp_cache **out);
+                  uint64_t max_bytes, dp_cache **out);
 /* Stop the reaper, remove every queued page and then every file in the folder (the folder
  * itself stays: Python removes it by path). Later writes fail with -DP_ECLOSED; releases
  * are still accepted. Each call empties the folder again (so a failed close can be
@@ -76,8 +82,17 @@ int dp_map_fixed(int fd, void *addr, size_t nbytes);
  * finalizer, during a garbage collection and at interpreter shutdown. Idempotent. */
 void dp_release(dp_page *p);
 int dp_released(const dp_page *p);
-/* The owning object is gone: release if not yet released and let the record be freed. */
+/* The owning object is gone: release if not yet released and let the record be freed.
+ * Counted as released by the cycle collector while dp_gc_phase says one runs. */
 void dp_page_drop(dp_page *p);
+
+/* The cycle collector starts (1) or ends (0): called from a gc callback. */
+void dp_gc_phase(int collecting);
+int dp_gc_collecting(void);
+/* How many pages the collector released since the last call (for every cache). */
+uint64_t dp_gc_take_releases(void);
+/* Ask the reaper to drain now (after a collection released pages), without waiting. */
+void dp_kick(dp_cache *c);
 
 /* Remove every queued page now, in the caller's thread; returns how many. */
 int64_t dp_flush(dp_cache *c);

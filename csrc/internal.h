@@ -39,6 +39,12 @@ struct dp_cache {
 
     atomic_uint_fast64_t live_pages, live_bytes, pending, pending_bytes;
     atomic_uint_fast64_t removed, remove_errors, written;
+    atomic_uint_fast64_t released_by[3]; /* enum release_cause */
+
+    /* The budget: bytes of live, pending and being-written pages, never above max_bytes
+     * (if not 0). Charged before a file is made, uncharged once it is removed. */
+    uint64_t max_bytes;
+    atomic_uint_fast64_t charged;
 
     /* Writers hold it shared, close holds it exclusive: no file is created after close
      * has emptied the folder. Never taken on the release path. */
@@ -56,6 +62,7 @@ struct dp_cache {
     pthread_mutex_t lock;
     pthread_cond_t wake;
     bool stop;
+    bool kick; /* drain at once: a collection released pages */
     bool reaper_started;
     pthread_t reaper;
 };
@@ -69,7 +76,11 @@ void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count,
 /* cache.c: remove every entry of a folder; the count removed or the first -errno */
 int64_t dp_empty_dir(dp_remover *r, int dirfd);
 
+enum release_cause { BY_REFCOUNT = 0, BY_GC = 1, BY_CALL = 2 };
+
 /* queue.c */
+int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */
+void dp_uncharge(dp_cache *c, uint64_t nbytes);
 int64_t dp_drain_locked(dp_cache *c);
 void dp_free_queue(dp_cache *c);
 void *dp_reaper_main(void *arg);

@@ -41,11 +41,58 @@ static void record_put(dp_page *p)
         free(p);
 }
 
-void dp_release(dp_page *p)
+/* Set by the gc callback around each collection (the collector holds the GIL, so a page
+ * dropped meanwhile was almost surely freed by it). Relaxed: a hint for accounting. */
+static atomic_int collecting;
+static atomic_uint_fast64_t gc_releases;
+
+void dp_gc_phase(int on)
+{
+    atomic_store_explicit(&collecting, on, memory_order_relaxed);
+}
+
+int dp_gc_collecting(void)
+{
+    return atomic_load_explicit(&collecting, memory_order_relaxed);
+}
+
+uint64_t dp_gc_take_releases(void)
+{
+    return atomic_exchange_explicit(&gc_releases, 0, memory_order_relaxed);
+}
+
+int dp_charge(dp_cache *c, uint64_t nbytes)
+{
+    if (c->max_bytes == 0) {
+        atomic_fetch_add_explicit(&c->charged, nbytes, memory_order_relaxed);
+        return 0;
+    }
+    uint64_t now = atomic_load_explicit(&c->charged, memory_order_relaxed);
+    do {
+        if (nbytes > c->max_bytes || now > c->max_bytes - nbytes)
+            return -DP_EFULL;
+    } while (!atomic_compare_exchange_weak_explicit(&c->charged, &now, now + nbytes,
+                                                    memory_order_relaxed,
+                                                    memory_order_relaxed));
+    return 0;
+}
+
+void dp_uncharge(dp_cache *c, uint64_t nbytes)
+{
+    atomic_fetch_sub_explicit(&c->charged, nbytes, memory_order_relaxed);
+}
+
+static void release_as(dp_page *p, int cause)
 {
     if (atomic_exchange_explicit(&p->released, true, memory_order_acq_rel))
         return;
     dp_cache *c = p->cache;
+    /* after close, the page counts as released at close (dp_cache_stats works it out) */
+    if (!atomic_load_explicit(&c->closed, memory_order_relaxed)) {
+        atomic_fetch_add_explicit(&c->released_by[cause], 1, memory_order_relaxed);
+        if (cause == BY_GC)
+            atomic_fetch_add_explicit(&gc_releases, 1, memory_order_relaxed);
+    }
     /* Count the page pending before it stops counting as live: the reaper sleeps without a
      * timeout only when it sees neither, so no release can slip past it unseen. */
     atomic_fetch_add(&c->pending, 1);
@@ -61,6 +108,11 @@ void dp_release(dp_page *p)
     atomic_fetch_sub(&c->live_bytes, p->nbytes);
 }
 
+void dp_release(dp_page *p)
+{
+    release_as(p, BY_CALL);
+}
+
 int dp_released(const dp_page *p)
 {
     return atomic_load_explicit(&p->released, memory_order_acquire);
@@ -68,7 +120,7 @@ int dp_released(const dp_page *p)
 
 void dp_page_drop(dp_page *p)
 {
-    dp_release(p);
+    release_as(p, atomic_load_explicit(&collecting, memory_order_relaxed) ? BY_GC : BY_REFCOUNT);
     record_put(p);
 }
 
@@ -86,10 +138,12 @@ static void remove_chunk(dp_cache *c, dp_page **recs, size_t n)
     dp_remove_names(c->remover, c->dirfd, ptrs, n, results);
     for (size_t i = 0; i < n; i++) {
         /* ENOENT: someone removed it under us; the file is gone either way. */
-        if (results[i] == 0 || results[i] == -ENOENT)
+        if (results[i] == 0 || results[i] == -ENOENT) {
             atomic_fetch_add(&c->removed, 1);
-        else
-            atomic_fetch_add(&c->remove_errors, 1);
+            dp_uncharge(c, recs[i]->nbytes); /* the file is gone: room again */
+        } else {
+            atomic_fetch_add(&c->remove_errors, 1); /* its bytes stay charged until close */
+        }
         atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
         atomic_fetch_sub(&c->pending, 1);
         record_put(recs[i]);
@@ -143,6 +197,16 @@ void dp_free_queue(dp_cache *c)
     }
 }
 
+void dp_kick(dp_cache *c)
+{
+    if (dp_pid() != c->owner)
+        return; /* a forked child has no reaper, and the lock may be held by a lost thread */
+    pthread_mutex_lock(&c->lock);
+    c->kick = true;
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+}
+
 void dp_wake_reaper(dp_cache *c)
 {
     pthread_mutex_lock(&c->lock);
@@ -175,6 +239,16 @@ void *dp_reaper_main(void *arg)
 
     pthread_mutex_lock(&c->lock);
     while (!c->stop) {
+        if (c->kick) {
+            c->kick = false;
+            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_lock(&c->drain_lock);
+            dp_drain_locked(c);
+            pthread_mutex_unlock(&c->drain_lock);
+            pthread_mutex_lock(&c->lock);
+            last_empty = dp_now_ns();
+            continue;
+        }
         /* live first, then pending: a release counts pending before it stops counting
          * live, so reading live == 0 means every release so far already shows in pending.
          * (Read the other way round, a release between the loads would sleep unseen.) */
@@ -187,8 +261,8 @@ void *dp_reaper_main(void *arg)
         struct timespec deadline;
         deadline_after(tick, &deadline);
         pthread_cond_timedwait(&c->wake, &c->lock, &deadline);
-        if (c->stop)
-            break;
+        if (c->stop || c->kick)
+            continue;
         uint64_t now = dp_now_ns();
         uint64_t pending = atomic_load(&c->pending);
         if (pending == 0) {

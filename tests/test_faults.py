@@ -231,7 +231,7 @@ def test_c_layer_refuses_bad_arguments(tmp_path):
             (0, 1, 1, 7),
         ]
         for sync, batch, delay, remover in bad:
-            assert lib.dp_cache_open(fd, sync, batch, delay, remover, out) == -errno.EINVAL
+            assert lib.dp_cache_open(fd, sync, batch, delay, remover, 0, out) == -errno.EINVAL
     finally:
         os.close(fd)  # on failure the fd stays the caller's
 

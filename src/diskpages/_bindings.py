@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._native import ffi, lib
-from .errors import CacheClosedError
+from .errors import CacheClosedError, CacheFullError
 
 SYNC_MODES = {"none": lib.DP_SYNC_NONE, "data": lib.DP_SYNC_DATA, "full": lib.DP_SYNC_FULL}
 REMOVERS = {"auto": lib.DP_REMOVE_AUTO, "loop": lib.DP_REMOVE_LOOP}
@@ -21,6 +21,11 @@ WRITE_METHODS = {"pwrite": lib.DP_WRITE_PWRITE, "mmap": lib.DP_WRITE_MMAP}
 release = lib.dp_release
 released = lib.dp_released
 page_drop = lib.dp_page_drop
+# The gc callback's calls (it runs at shutdown too)
+gc_phase = lib.dp_gc_phase
+gc_collecting = lib.dp_gc_collecting
+gc_take_releases = lib.dp_gc_take_releases
+kick = lib.dp_kick
 
 Handle = Any  # a cdata 'dp_cache *' owned through ffi.gc
 Record = Any  # a cdata 'dp_page *'
@@ -31,6 +36,8 @@ def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
     code = -code
     if code == lib.DP_ECLOSED:
         return CacheClosedError("the cache is closed")
+    if code == lib.DP_EFULL:
+        return CacheFullError("the write would take the cache past its max_bytes")
     if code == lib.DP_EFORKED:
         return CacheClosedError(
             "this cache belongs to the process that opened it; a forked child cannot add "
@@ -46,9 +53,11 @@ def page_name(page_id: int) -> str:
     return ffi.string(buf).decode()
 
 
-def cache_open(dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: int, path: str) -> Handle:
+def cache_open(
+    dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: int, max_bytes: int, path: str
+) -> Handle:
     out = ffi.new("dp_cache **")
-    rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, out)
+    rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, out)
     if rc:
         raise error(rc, path)
     return ffi.gc(out[0], lib.dp_cache_free)

@@ -14,15 +14,17 @@ import mmap
 import os
 import sys
 import threading
+import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _arrays, _folders
+from . import _arrays, _explain, _folders
 from . import _bindings as native
-from .errors import CacheClosedError, PageLostError, PageReleasedError
+from ._explain import LivePage
+from .errors import CacheClosedError, CacheFullError, PageLostError, PageReleasedError
 
 if TYPE_CHECKING:
     import numpy
@@ -43,26 +45,77 @@ class CacheStats:
     removed: int  #: files removed since the cache opened
     remove_errors: int  #: removals that failed (the file stays until close)
     written: int  #: pages written since the cache opened
+    # Why pages were released; the four add up to ``released``.
+    released_by_refcount: int  #: the Page's last reference went
+    released_by_gc: int  #: the cycle collector freed the Page (it was in a reference cycle)
+    released_explicitly: int  #: ``release()`` or the end of a ``with page:`` block
+    released_at_close: int  #: still alive when the cache closed (0 until it does)
     remover: str  #: "io_uring" or "loop": how this cache removes files
 
+    @property
+    def released(self) -> int:
+        by_call = self.released_explicitly + self.released_at_close
+        return self.released_by_refcount + self.released_by_gc + by_call
 
-def _shutdown(handle: Any, path: str) -> None:
+
+def _shutdown(handle: Any, path: str, watched: weakref.WeakSet[Page] | None = None) -> None:
     """Close a cache: every file and the folder go. The finalizer of PageCache, so it must
     not reference the cache object, and it runs at exit through weakref.finalize's atexit
-    hook, before module globals are torn down."""
+    hook, before module globals are torn down. ``watched``: the live pages of a
+    ``warn_on_gc`` cache, to warn about when the finalizer (not close()) reclaims them."""
+    alive = [p for p in watched if not p.released] if watched is not None else []
     if not native.cache_close(handle, path):
         return  # a forked child borrows its parent's cache; it removes nothing
+    for page in alive:
+        warnings.warn(
+            f"page {page.id} ({page.nbytes} bytes) was still alive when its cache was finalized "
+            f"(at exit or when the cache was collected); its file {page.path} was removed",
+            ResourceWarning,
+            stacklevel=2,
+        )
     try:
         os.rmdir(path)
     except FileNotFoundError:
         pass  # removed under us: what close wants anyway
 
 
-def _shutdown_quietly(handle: Any, path: str) -> None:
+def _shutdown_quietly(handle: Any, path: str, watched: weakref.WeakSet[Page] | None) -> None:
     try:
-        _shutdown(handle, path)
+        _shutdown(handle, path, watched)
     except OSError:
         pass  # nothing to report to at exit or in a collection; close() raises instead
+
+
+# Every open cache, for the gc callback below (weak: it keeps none alive).
+_caches: weakref.WeakSet[PageCache] = weakref.WeakSet()
+
+
+def _on_collection(
+    phase: str,
+    info: dict[str, int],
+    _phase: Any = native.gc_phase,
+    _take: Any = native.gc_take_releases,
+    _kick: Any = native.kick,
+    _caches: weakref.WeakSet[PageCache] = _caches,
+) -> None:
+    """gc.callbacks hook: pages dropped during a collection count as released by the
+    collector, and once it ends the reapers of caches with pending pages drain at once
+    (in their own thread) instead of waiting for the next batch or max_delay. Captures what
+    it needs as defaults: it runs at shutdown too."""
+    if phase == "start":
+        _phase(1)
+        return
+    _phase(0)
+    if _take():
+        try:
+            for cache in list(_caches):
+                if not cache._closed:
+                    _kick(cache._handle)
+        except Exception:
+            pass  # interpreter teardown: nothing left to kick
+
+
+gc.callbacks.append(_on_collection)
 
 
 class PageCache:
@@ -82,7 +135,16 @@ class PageCache:
         sync: str = "none",
         batch: int = 64,
         max_delay: float = 0.05,
+        max_bytes: int | None = None,
+        warn_on_gc: bool = False,
     ) -> None:
+        if max_bytes is not None:
+            if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+                raise TypeError(f"max_bytes must be an int or None, not {type(max_bytes).__name__}")
+            if not 1 <= max_bytes < 2**64:
+                raise ValueError(f"max_bytes must be from 1 to 2**64 - 1, not {max_bytes}")
+        if not isinstance(warn_on_gc, bool):
+            raise TypeError(f"warn_on_gc must be True or False, not {warn_on_gc!r}")
         if sync not in native.SYNC_MODES:
             raise ValueError(f"sync must be one of {sorted(native.SYNC_MODES)}, not {sync!r}")
         if isinstance(batch, bool) or not isinstance(batch, int):
@@ -113,6 +175,7 @@ class PageCache:
                     batch,
                     max(1, round(max_delay * 1e9)),
                     native.REMOVERS[remover],
+                    max_bytes or 0,
                     path,
                 )
             except BaseException:
@@ -131,7 +194,12 @@ class PageCache:
         self._write_method = native.WRITE_METHODS["pwrite"]  # measured faster; see README
         self._close_lock = threading.Lock()
         self._pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path)
+        self._max_bytes = max_bytes
+        self._warn_on_gc = warn_on_gc
+        self._page_class = _WatchedPage if warn_on_gc else Page
+        self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
+        self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)
+        _caches.add(self)
         # A multiprocessing child (fork or forkserver) leaves through os._exit, which skips
         # atexit; multiprocessing runs its own finalizers first, so register there too.
         mp_util = sys.modules.get("multiprocessing.util")
@@ -161,6 +229,10 @@ class PageCache:
     def max_delay(self) -> float:
         return self._max_delay
 
+    @property
+    def max_bytes(self) -> int | None:
+        return self._max_bytes
+
     # -- writing ----------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -171,16 +243,25 @@ class PageCache:
         """Write one page. When this returns the bytes are in a file under ``self.path``
         (and on stable storage as far as ``sync`` asks). On failure no file is left."""
         self._check_open()
-        rec, page_id, nbytes = native.write(self._handle, data, self._write_method, str(self._path))
-        return Page._new(self, rec, page_id, nbytes)
+        args = (self._handle, data, self._write_method, str(self._path))
+        try:
+            rec, page_id, nbytes = native.write(*args)
+        except CacheFullError:
+            rec, page_id, nbytes = self._make_room(native.write, args, len(native.as_buffer(data)))
+        return self._page_class._new(self, rec, page_id, nbytes)
 
     def write_many(self, buffers: Iterable[Any]) -> list[Page]:
         """Write many pages in one call into C, all or nothing: if any write fails, no
         page of this call is kept. Under ``sync="full"`` the folder is fsynced once."""
         self._check_open()
         items = list(buffers)
-        made = native.write_many(self._handle, items, self._write_method, str(self._path))
-        return [Page._new(self, rec, page_id, nbytes) for rec, page_id, nbytes in made]
+        args = (self._handle, items, self._write_method, str(self._path))
+        try:
+            made = native.write_many(*args)
+        except CacheFullError:
+            made = self._make_room(native.write_many, args, sum(len(native.as_buffer(b)) for b in items))
+        new = self._page_class._new
+        return [new(self, rec, page_id, nbytes) for rec, page_id, nbytes in made]
 
     def allocate(self, nbytes: int) -> PageBuilder:
         """A page of ``nbytes`` to fill in place through a writable shared mapping; its
@@ -190,7 +271,11 @@ class PageCache:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
         self._check_open()
-        rec, page_id, fd = native.allocate(self._handle, nbytes, str(self._path))
+        args = (self._handle, nbytes, str(self._path))
+        try:
+            rec, page_id, fd = native.allocate(*args)
+        except CacheFullError:
+            rec, page_id, fd = self._make_room(native.allocate, args, nbytes)
         try:
             mapping = _map_shared(fd, nbytes)
         except BaseException:
@@ -207,14 +292,42 @@ class PageCache:
         is ever written. Otherwise as ``write()``. Needs NumPy."""
         self._check_open()
         header, data = _arrays.npy_parts(array)
-        rec, page_id, nbytes = native.write_parts(self._handle, (header, data), str(self._path))
-        return Page._new(self, rec, page_id, nbytes)
+        args = (self._handle, (header, data), str(self._path))
+        try:
+            rec, page_id, nbytes = native.write_parts(*args)
+        except CacheFullError:
+            rec, page_id, nbytes = self._make_room(native.write_parts, args, len(header) + data.nbytes)
+        return self._page_class._new(self, rec, page_id, nbytes)
 
     def allocate_array(self, shape: int | Iterable[int], dtype: Any) -> PageBuilder:
         """A ``.npy`` page to fill in place: the header is written, ``builder.array()`` is
         a writable C-ordered array of zeros over the page's mapping, and ``seal()`` works
         as for ``allocate()``. Object dtypes raise TypeError. Needs NumPy."""
         return _arrays.allocate_array(self, shape, dtype)
+
+    def _make_room(self, write: Any, args: tuple[Any, ...], requested: int) -> Any:
+        """A write met the budget: remove the released pages and retry; then run the cycle
+        collector (pages in unreachable cycles still hold their bytes), remove again and
+        retry; then give up, having written nothing. With other threads about, a
+        collection may already be running in one of them (gc.collect() then returns at once)
+        or they may make garbage or release pages meanwhile: so up to three collections,
+        and more removals while pages are pending."""
+        for attempt in range(100):
+            if 1 <= attempt <= 3:
+                gc.collect()  # pages in unreachable cycles hold their bytes until this
+            self.flush()
+            try:
+                return write(*args)
+            except CacheFullError:
+                pass
+            if attempt >= 3 and self.stats().pending_bytes == 0:
+                break
+        s = self.stats()
+        raise CacheFullError(
+            f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
+            f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending "
+            "even after flush() and a full collection; nothing was written"
+        ) from None
 
     # -- removal ----------------------------------------------------------------------
 
@@ -230,6 +343,19 @@ class PageCache:
         released, then ``flush()``."""
         gc.collect()
         return self.flush()
+
+    def live(self) -> Iterator[LivePage]:
+        """The pages of this cache that are alive (not released), oldest id first, with
+        their size and age. Walks the heap through the gc module: a diagnostic."""
+        return _explain.live_pages(self)
+
+    def explain(self, page: Page) -> str:
+        """What keeps ``page`` alive: the chains of references from a module's global or a
+        frame's local variable down to it (shortest first), or that it is only in an
+        unreachable reference cycle. A diagnostic: it walks the heap when called."""
+        if not isinstance(page, Page) or page._cache is not self:
+            raise ValueError(f"{page!r} is not a page of this cache")
+        return _explain.explain(page, skip_frames=1)
 
     def stats(self) -> CacheStats:
         raw = native.cache_stats(self._handle)
@@ -251,7 +377,8 @@ class PageCache:
             if info is None:
                 return
             self._closed = True
-            _shutdown(*info[2])  # on failure the finalizer stays: close() can be retried
+            handle, path, _ = info[2]
+            _shutdown(handle, path)  # on failure the finalizer stays: close() can be retried
             self._finalizer.detach()
 
     def __enter__(self) -> PageCache:
@@ -452,6 +579,33 @@ class Page(_PageFile, _Readable):
         return f"<Page {self._id} {self._nbytes} bytes{state}>"
 
 
+class _WatchedPage(Page):
+    """A Page of a ``warn_on_gc`` cache: it says so when the cycle collector, rather than
+    refcount or release(), reclaims it (and the cache's finalizer says so for pages alive
+    at exit), the way an unclosed file does."""
+
+    __slots__ = ()
+
+    _collecting = native.gc_collecting
+    _warn = warnings.warn
+
+    @classmethod
+    def _new(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int) -> Any:
+        self = super()._new(cache, rec, page_id, nbytes)
+        cache._watched.add(self)  # type: ignore[union-attr]
+        return self
+
+    def __del__(self) -> None:
+        if self._collecting() and not self._released(self._rec) and not self._cache._closed:
+            self._warn(
+                f"page {self._id} ({self._nbytes} bytes) was reclaimed by the cycle collector, "
+                "not by refcount or release(): it was in a reference cycle",
+                ResourceWarning,
+                source=self,
+            )
+        self._drop(self._rec)
+
+
 class BorrowedPage(_Readable):
     """A page owned by another Page object, usually in another process: what unpickling a
     Page gives. It reads the same file (zero-copy through ``view()``) but never removes
@@ -592,7 +746,7 @@ class PageBuilder(_PageFile):
             self._mapping = None
             self._sealed = True
             os.close(self._fd)
-            return Page._new(cache, self._rec, self._id, self._nbytes)
+            return cache._page_class._new(cache, self._rec, self._id, self._nbytes)
 
     def __reduce__(self) -> Any:
         raise TypeError("a PageBuilder cannot be pickled: seal() it and pickle the Page")

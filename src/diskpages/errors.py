@@ -18,6 +18,11 @@ class PageLostError(PageCacheError):
     """The page's file vanished or changed size under the cache (removed by someone else)."""
 
 
+class CacheFullError(PageCacheError):
+    """A write would take the cache past its ``max_bytes`` even after removing every
+    released page and running the cycle collector. Nothing was written."""
+
+
 class UnsafeRootError(PageCacheError):
     """The root folder could let someone else in: it is a symbolic link, belongs to another
     user, or others can write to it. diskpages refuses to put pages there."""

@@ -110,7 +110,7 @@ int main(int argc, char **argv)
     if (dirfd < 0)
         fail("open", -1);
     int remover = getenv("DP_LOOP") ? DP_REMOVE_LOOP : DP_REMOVE_AUTO;
-    int err = dp_cache_open(dirfd, DP_SYNC_NONE, 16, 1000000, remover, &cache);
+    int err = dp_cache_open(dirfd, DP_SYNC_NONE, 16, 1000000, remover, 1ull << 40, &cache);
     if (err)
         fail("dp_cache_open", err);
     pthread_t t[THREADS];

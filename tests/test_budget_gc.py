@@ -1,0 +1,290 @@
+"""The disk budget, removal after a collection, release accounting by cause, warn_on_gc,
+and the "why is this page alive?" diagnostics."""
+
+import gc
+import os
+import threading
+import time
+import warnings
+
+import pytest
+
+from diskpages import CacheFullError, PageCache, PageCacheError
+
+from conftest import files_in, run_python, wait_until
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def no_gc():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def folder_bytes(cache):
+    return sum(os.path.getsize(cache.path / n) for n in files_in(cache.path))
+
+
+def cyclic(cache, data):
+    """A page that dies only when the cycle collector runs."""
+    a = [cache.write(data)]
+    a.append(a)
+
+
+# -- 1. budget -----------------------------------------------------------------------------
+
+
+def test_budget_holds_when_every_page_dies_in_a_cycle_with_gc_disabled(root, no_gc):
+    page = 64 * 1024
+    with PageCache(root, max_bytes=MiB, max_delay=3600, batch=2**31 - 1) as cache:
+        peak = 0
+        for _ in range(6 * MiB // page):
+            cyclic(cache, b"c" * page)  # succeeds: the write collects and removes first
+            peak = max(peak, folder_bytes(cache))
+            s = cache.stats()
+            assert s.live_bytes + s.pending_bytes <= MiB
+        assert peak <= MiB + page
+        assert cache.stats().written == 6 * MiB // page
+        assert cache.stats().released_by_gc > 0
+
+
+def test_over_budget_write_raises_and_writes_nothing(root):
+    with PageCache(root, max_bytes=10_000) as cache:
+        kept = [cache.write(b"k" * 4000), cache.write(b"k" * 4000)]
+        before = (files_in(cache.path), cache.stats().written)
+        with pytest.raises(CacheFullError, match=r"writing 4000 bytes .* 8000 bytes are live") as info:
+            cache.write(b"x" * 4000)
+        assert isinstance(info.value, PageCacheError)
+        with pytest.raises(CacheFullError):
+            cache.write_many([b"a" * 1000, b"b" * 1500])  # the whole call counts
+        with pytest.raises(CacheFullError):
+            cache.allocate(2001)
+        with pytest.raises(CacheFullError, match="writing 10001 bytes"):
+            kept.append(cache.write(b"x" * 10_001))  # bigger than the budget on its own
+        assert (files_in(cache.path), cache.stats().written) == before
+        kept.pop().release()  # room again, once removed: the write removes it itself
+        assert cache.write(b"y" * 4000).read() == b"y" * 4000
+        assert cache.allocate(2000).seal().nbytes == 2000
+
+
+def test_budget_counts_builders_and_array_pages(root):
+    np = pytest.importorskip("numpy")
+    with PageCache(root, max_bytes=2000) as cache:
+        builder = cache.allocate(1500)
+        with pytest.raises(CacheFullError):
+            cache.write_array(np.zeros(100))  # 800 bytes of data plus the .npy header
+        del builder  # unsealed: dropped, its bytes go back
+        page = cache.write_array(np.zeros(100))
+        assert cache.stats().live_bytes == page.nbytes == os.path.getsize(page.path)
+
+
+def test_budget_under_threads(root):
+    limit = 256 * 1024
+    cache = PageCache(root, max_bytes=limit, max_delay=0.005)
+    errors, over, stop = [], [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            s = cache.stats()
+            if s.live_bytes + s.pending_bytes > limit:
+                over.append(s)
+
+    def work(cycles):
+        # Three threads drop pages by refcount; one leaves them in cycles for the collector
+        # that any thread's over-budget write runs. (Were every thread to make cyclic
+        # garbage as fast as it can, a write could lose the room it made to the others
+        # and rightly raise: the budget is a cap, not a queue.)
+        try:
+            for i in range(300):
+                if cycles:
+                    cyclic(cache, b"z" * 3000)
+                    time.sleep(0)  # let the others run: a thread making garbage, not a flood
+                else:
+                    p = cache.write(b"w" * (1000 + i * 37 % 8000))
+                    del p
+        except Exception as e:
+            errors.append(e)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    workers = [threading.Thread(target=work, args=(i == 0,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    watcher.join()
+    cache.close()
+    assert errors == [] and over == []
+
+
+def test_bad_budget_arguments(root):
+    bad_values = ((0, ValueError), (-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError))
+    for bad, exc in bad_values:
+        with pytest.raises(exc):
+            PageCache(root, max_bytes=bad)
+    with pytest.raises(TypeError):
+        PageCache(root, warn_on_gc=1)
+    assert files_in(root) == []
+
+
+# -- 2. a collection triggers removal ----------------------------------------------------------
+
+
+def test_collection_removes_its_pages_right_after_it_ends(root, no_gc):
+    # Neither the batch nor the delay would ever drain: only the collection can.
+    with PageCache(root, max_delay=3600, batch=2**31 - 1) as cache:
+        for _ in range(50):
+            cyclic(cache, b"g" * 100)
+        cache.write(b"refcount").release()  # pending, but not from a collection
+        time.sleep(0.1)
+        assert len(files_in(cache.path)) == 51  # nothing drained meanwhile
+        gc.collect()
+        assert wait_until(lambda: files_in(cache.path) == []), files_in(cache.path)
+        s = cache.stats()
+        assert (s.released_by_gc, s.pending, s.removed) == (50, 0, 51)
+
+
+# -- 3. accounting by cause ---------------------------------------------------------------------
+
+
+def test_releases_are_counted_by_cause(root, no_gc):
+    cache = PageCache(root)
+    a = cache.write(b"a")
+    del a  # refcount
+    for _ in range(3):
+        cyclic(cache, b"c")
+    gc.collect()  # gc
+    cache.write(b"r").release()  # explicit
+    with cache.write(b"w"):
+        pass  # explicit, through the with block
+    released_twice = cache.write(b"t")
+    released_twice.release()
+    del released_twice  # already released: not counted again
+    live = [cache.write(b"l") for _ in range(4)]
+    s = cache.stats()
+    causes = (s.released_by_refcount, s.released_by_gc, s.released_explicitly, s.released_at_close)
+    assert causes == (1, 3, 3, 0)
+    assert s.released == s.written - s.live_pages == 7
+    cache.close()
+    s = cache.stats()
+    assert s.released_at_close == 4 and s.released == s.written == 11
+    assert (s.live_pages, s.pending, s.pending_bytes) == (0, 0, 0)
+    del live  # after close: still counted once, at close
+    s = cache.stats()
+    assert s.released_at_close == 4 and s.released == 11 and s.pending == 0
+
+
+# -- 4. warn_on_gc --------------------------------------------------------------------------------
+
+
+def test_warn_on_gc_names_pages_the_collector_reclaims(root, no_gc):
+    with PageCache(root, warn_on_gc=True) as cache, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cyclic(cache, b"x" * 123)
+        plain = cache.write(b"y")
+        del plain  # refcount: silent
+        released = [cache.write(b"z")]
+        released.append(released)
+        released[0].release()  # released, then collected: silent
+        del released
+        gc.collect()
+    messages = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert messages == [
+        "page 1 (123 bytes) was reclaimed by the cycle collector, not by refcount or release(): "
+        "it was in a reference cycle"
+    ]
+
+
+def test_default_is_silent(root, no_gc):
+    with PageCache(root) as cache, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cyclic(cache, b"x")
+        gc.collect()
+    assert caught == []
+
+
+def test_warn_on_gc_at_exit(root):
+    code = f"""
+        from diskpages import PageCache
+        quiet = PageCache({str(root)!r})
+        loud = PageCache({str(root)!r}, warn_on_gc=True)
+        keep = [quiet.write(b"q"), loud.write(b"abc"), loud.write(b"de")]
+        loud.write(b"dropped")  # refcount: no warning
+    """
+    proc = run_python(code, env={"PYTHONWARNINGS": "always::ResourceWarning"})
+    assert proc.returncode == 0
+    lines = [line for line in proc.stderr.splitlines() if "ResourceWarning" in line]
+    assert len(lines) == 2, proc.stderr
+    assert "page 1 (3 bytes) was still alive when its cache was finalized" in lines[0] + lines[1]
+    assert "page 2 (2 bytes)" in lines[0] + lines[1]
+    assert files_in(root) == []
+
+
+# -- 5. why alive --------------------------------------------------------------------------------
+
+REGISTRY = {}
+
+
+class Holder:
+    def __init__(self, page):
+        self.page = page
+
+
+def test_explain_names_globals_attributes_locals_and_cycles(cache, no_gc):
+    REGISTRY["cols"] = [None, cache.write(b"global")]
+    text = cache.explain(REGISTRY["cols"][1])
+    assert f"global 'REGISTRY' of module {__name__}['cols'][1]" in text
+    del REGISTRY["cols"]
+
+    holder = Holder(cache.write(b"attr"))
+    assert "local 'holder' of test_explain_names_globals_attributes_locals_and_cycles()" in cache.explain(
+        holder.page
+    )
+    assert ".page" in cache.explain(holder.page)
+
+    def inner():
+        mine = cache.write(b"local")
+        return cache.explain(mine)
+
+    assert "local 'mine' of inner()" in inner()
+
+    a = [cache.write(b"cycle")]
+    a.append(a)
+    import weakref
+
+    ref = weakref.ref(a[0])
+    del a
+    text = cache.explain(ref())  # (inside an assert, pytest would hold it in a local)
+    assert "reference cycle" in text
+    released = cache.write(b"r")
+    released.release()
+    assert "released" in cache.explain(released)
+    with PageCache(cache.path.parent) as other:
+        with pytest.raises(ValueError):
+            cache.explain(other.write(b"o"))
+
+
+def test_explain_does_not_keep_the_page_alive(cache):
+    page = cache.write(b"p")
+    path = page.path
+    cache.explain(page)
+    del page
+    cache.flush()
+    assert not path.exists()
+
+
+def test_live_lists_live_pages_with_size_and_age(cache):
+    a = cache.write(b"a" * 10)
+    time.sleep(0.05)
+    b = cache.write(b"b" * 20)
+    cache.write(b"c").release()
+    live = list(cache.live())
+    assert [(x.page, x.nbytes) for x in live] == [(a, 10), (b, 20)]
+    assert live[0].age >= live[1].age >= 0 and live[0].age >= 0.04
