@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -32,6 +33,25 @@ pid_t dp_pid(void)
     return (pid_t)atomic_load_explicit(&current_pid, memory_order_relaxed);
 }
 
+/* Whether a nameless file made here can be given a name: O_TMPFILE needs the file
+ * system's support, and linkat needs /proc (or CAP_DAC_READ_SEARCH). Tried once per
+ * cache, so that a write never finds out halfway. */
+static bool tmpfile_links(int dirfd)
+{
+    int fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return false;
+    char proc[40];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    const char *probe = ".probe";
+    bool ok = linkat(AT_FDCWD, proc, dirfd, probe, AT_SYMLINK_FOLLOW) == 0 ||
+              linkat(fd, "", dirfd, probe, AT_EMPTY_PATH) == 0;
+    if (ok)
+        unlinkat(dirfd, probe, 0);
+    close(fd);
+    return ok;
+}
+
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
                   uint64_t max_bytes, dp_cache **out)
 {
@@ -52,7 +72,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     atomic_init(&c->released, NULL);
     /* DISKPAGES_TMPFILE=0 takes the path of file systems without O_TMPFILE (for tests) */
     const char *tmpfile = getenv("DISKPAGES_TMPFILE");
-    atomic_init(&c->tmpfile, !(tmpfile && strcmp(tmpfile, "0") == 0));
+    atomic_init(&c->tmpfile, !(tmpfile && strcmp(tmpfile, "0") == 0) && tmpfile_links(dirfd));
 
     c->remover = dp_remover_new(remover);
     if (!c->remover) {

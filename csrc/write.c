@@ -220,6 +220,7 @@ int dp_write(dp_cache *c, const void *data, size_t nbytes, int method, dp_page *
 int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
                   int method, dp_page **pages, uint64_t *ids, size_t *failed_at)
 {
+    *failed_at = count; /* a failure before any buffer is nobody's fault */
     int err = enter_write(c);
     if (err)
         return err;
@@ -227,7 +228,6 @@ int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, si
     for (size_t i = 0; i < count; i++)
         total += nbytes[i];
     if ((err = dp_charge(c, total))) {
-        *failed_at = count;
         pthread_rwlock_unlock(&c->closing);
         return err;
     }
@@ -394,10 +394,10 @@ int dp_seal(dp_cache *c, dp_page *p, int fd)
         char name[DP_NAME_MAX];
         dp_page_name(p->id, name);
         if (part) {
-            char part[DP_NAME_MAX];
-            dp_part_name(p->id, part);
-            renameat(c->dirfd, name, c->dirfd, part);
-            p->part = true;
+            char part_name[DP_NAME_MAX];
+            dp_part_name(p->id, part_name);
+            if (renameat(c->dirfd, name, c->dirfd, part_name) == 0)
+                p->part = true; /* else it keeps the page's name, and goes by that name */
         } else {
             unlinkat(c->dirfd, name, 0);
         }

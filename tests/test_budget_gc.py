@@ -202,6 +202,26 @@ def test_warn_on_gc_names_pages_the_collector_reclaims(root, no_gc):
     ]
 
 
+def test_warning_that_raises_still_releases_the_page(root, no_gc):
+    code = f"""
+        import gc, sys, warnings
+        warnings.simplefilter("error", ResourceWarning)  # -W error: the warning raises
+        from diskpages import PageCache
+        cache = PageCache({str(root)!r}, warn_on_gc=True, max_bytes=100)
+        for _ in range(5):  # each page fills the budget: each must really be released
+            a = [cache.write(b"x" * 100)]
+            a.append(a)
+            del a
+            gc.collect()
+        s = cache.stats()
+        assert (s.live_pages, s.released_by_gc) == (0, 5), s
+        print("ok")
+    """
+    proc = run_python(code)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+    assert "ResourceWarning" in proc.stderr  # reported as unraisable, not swallowed
+
+
 def test_default_is_silent(root, no_gc):
     with PageCache(root) as cache, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -244,10 +264,9 @@ def test_explain_names_globals_attributes_locals_and_cycles(cache, no_gc):
     del REGISTRY["cols"]
 
     holder = Holder(cache.write(b"attr"))
-    assert "local 'holder' of test_explain_names_globals_attributes_locals_and_cycles()" in cache.explain(
-        holder.page
-    )
-    assert ".page" in cache.explain(holder.page)
+    text = cache.explain(holder.page)  # (inside an assert, pytest would hold it in a local)
+    assert "local 'holder' of test_explain_names_globals_attributes_locals_and_cycles() at" in text
+    assert text.rstrip().endswith(".page")
 
     def inner():
         mine = cache.write(b"local")
@@ -278,6 +297,37 @@ def test_explain_does_not_keep_the_page_alive(cache):
     del page
     cache.flush()
     assert not path.exists()
+
+
+def test_explain_leaves_a_locals_dict_someone_holds(cache):
+    page = cache.write(b"p")
+    namespace = locals()
+    assert namespace["page"] is page
+    cache.explain(page)
+    assert namespace["page"] is page  # not emptied under its holder
+
+
+class BadKey:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+    def __hash__(self):
+        return 1
+
+
+def test_explain_survives_odd_referrers_and_live_survives_dead_proxies(cache):
+    import weakref
+
+    class Thing:
+        pass
+
+    proxy = weakref.proxy(Thing())  # dead at once: isinstance(proxy, ...) would raise
+    REGISTRY[BadKey()] = cache.write(b"odd")
+    text = cache.explain([v for k, v in REGISTRY.items() if isinstance(k, BadKey)][0])
+    assert "global 'REGISTRY'" in text and "BadKey" in text  # its repr raised
+    assert [p.page for p in cache.live()] == list(REGISTRY.values())
+    REGISTRY.clear()
+    del proxy
 
 
 def test_live_lists_live_pages_with_size_and_age(cache):

@@ -330,11 +330,14 @@ def test_sweep_of_a_missing_root_is_empty(tmp_path):
 RACE = """
 import os, sys, time
 from diskpages import PageCache, sweep
+from diskpages._folders import list_folders
 root, role, until = sys.argv[1], sys.argv[2], float(sys.argv[3])
 made = 0
 while time.time() < until:
     if role == "sweep":
         sweep(root)
+    elif role == "ls":  # probes every folder's lock, as a sweep does
+        list_folders(root)
     else:
         c = PageCache(root)
         if not c.path.is_dir():
@@ -347,7 +350,7 @@ print(made)
 """
 
 
-def test_sweep_racing_cache_creation_never_removes_a_new_cache(root):
+def test_sweep_and_ls_racing_cache_creation_never_break_a_new_cache(root):
     root.mkdir(mode=0o700)
     until = str(time.time() + 4)
     procs = [
@@ -357,7 +360,7 @@ def test_sweep_racing_cache_creation_never_removes_a_new_cache(root):
             stderr=subprocess.PIPE,
             text=True,
         )
-        for role in ("sweep", "sweep", "make", "make")
+        for role in ("sweep", "ls", "make", "make")
     ]
     outs = [p.communicate(timeout=60) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
@@ -561,3 +564,38 @@ def test_without_o_tmpfile_pages_are_written_as_part_files_and_renamed(root, mon
         del page, written
         cache.flush()
         assert files_in(cache.path) == []
+
+
+@pytest.mark.parametrize("probe", ["sweep", "ls"])
+def test_a_folder_between_mkdir_and_its_lock_is_left_alone(root, probe):
+    """The window a new cache is in, held open: a sweep or ls must wait for it to close
+    rather than take the folder's lock (or the folder)."""
+    import fcntl
+    import threading
+
+    from diskpages._folders import OPEN_DIR, list_folders
+
+    root.mkdir(mode=0o700)
+    root_fd = os.open(root, OPEN_DIR)
+    fcntl.flock(root_fd, fcntl.LOCK_SH)  # as PageCache() holds it from mkdir to lock
+    name = f"{os.getpid()}-00000000-0badcafe"
+    os.mkdir(root / name, 0o700)
+    result = []
+    worker = threading.Thread(
+        target=lambda: result.append(diskpages.sweep(root) if probe == "sweep" else list_folders(root))
+    )
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive() and result == [], "it did not wait for the root lock"
+    folder_fd = os.open(root / name, OPEN_DIR)
+    fcntl.flock(folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody took it meanwhile
+    fcntl.flock(root_fd, fcntl.LOCK_UN)
+    worker.join(30)
+    if probe == "sweep":
+        assert result == [[]]
+    else:
+        assert [(f.path.name, f.alive) for f in result[0]] == [(name, True)]
+    assert os.path.isdir(root / name)
+    os.close(folder_fd)
+    os.close(root_fd)
+    os.rmdir(root / name)

@@ -63,20 +63,21 @@ def _shutdown(handle: Any, path: str, watched: weakref.WeakSet[Page] | None = No
     not reference the cache object, and it runs at exit through weakref.finalize's atexit
     hook, before module globals are torn down. ``watched``: the live pages of a
     ``warn_on_gc`` cache, to warn about when the finalizer (not close()) reclaims them."""
-    alive = [p for p in watched if not p.released] if watched is not None else []
+    # what to say, not the pages themselves: a warning must not keep a page alive
+    alive = [(p.id, p.nbytes, p.path) for p in watched if not p.released] if watched is not None else []
     if not native.cache_close(handle, path):
         return  # a forked child borrows its parent's cache; it removes nothing
-    for page in alive:
-        warnings.warn(
-            f"page {page.id} ({page.nbytes} bytes) was still alive when its cache was finalized "
-            f"(at exit or when the cache was collected); its file {page.path} was removed",
-            ResourceWarning,
-            stacklevel=2,
-        )
     try:
         os.rmdir(path)
     except FileNotFoundError:
         pass  # removed under us: what close wants anyway
+    for page_id, nbytes, page_path in alive:  # after the work: a warning may raise (-W error)
+        warnings.warn(
+            f"page {page_id} ({nbytes} bytes) was still alive when its cache was finalized "
+            f"(at exit or when the cache was collected); its file {page_path} was removed",
+            ResourceWarning,
+            stacklevel=2,
+        )
 
 
 def _shutdown_quietly(handle: Any, path: str, watched: weakref.WeakSet[Page] | None) -> None:
@@ -596,14 +597,16 @@ class _WatchedPage(Page):
         return self
 
     def __del__(self) -> None:
-        if self._collecting() and not self._released(self._rec) and not self._cache._closed:
+        # No source=self: whoever records the warning would keep this object alive after
+        # its C record is gone. And the drop comes first, in case the warning raises.
+        warn = self._collecting() and not self._released(self._rec) and not self._cache._closed
+        self._drop(self._rec)
+        if warn:
             self._warn(
                 f"page {self._id} ({self._nbytes} bytes) was reclaimed by the cycle collector, "
                 "not by refcount or release(): it was in a reference cycle",
                 ResourceWarning,
-                source=self,
             )
-        self._drop(self._rec)
 
 
 class BorrowedPage(_Readable):
@@ -653,10 +656,13 @@ class BorrowedPage(_Readable):
             raise PageLostError(
                 f"borrowed page {self._id}: its file {self._path} is gone (its owner released it or exited)"
             ) from None
-        st = os.fstat(fd)
-        if _identity(st) != self._identity or st.st_size != self._nbytes:
+        try:
+            st = os.fstat(fd)
+            if _identity(st) != self._identity or st.st_size != self._nbytes:
+                raise PageLostError(f"borrowed page {self._id}: {self._path} is not the page any more")
+        except BaseException:
             os.close(fd)
-            raise PageLostError(f"borrowed page {self._id}: its file {self._path} is not the page any more")
+            raise
         return fd
 
     def __enter__(self) -> BorrowedPage:

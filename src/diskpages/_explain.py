@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import reprlib
 import sys
 import time
 import types
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._cache import Page, PageCache
 
-MAX_OBJECTS = 20_000  # referrers examined per explain(): bounded on any heap
+MAX_STEPS = 5_000  # objects whose referrers explain() looks up (each scans the heap)
+MAX_SECONDS = 2.0
 MAX_CHAINS = 3
 
 
@@ -32,10 +34,14 @@ class LivePage:
 
 
 def live_pages(cache: PageCache) -> Iterator[LivePage]:
+    """The cache's live pages, oldest id first: a list made now, so nothing of the heap walk
+    (which sees every page) outlives the call."""
     from ._cache import Page
 
     now = time.time()
-    pages = [o for o in gc.get_objects() if isinstance(o, Page) and o._cache is cache]
+    # type(), not isinstance(): isinstance asks __class__, which a dead weakref.proxy raises
+    pages = [o for o in gc.get_objects() if issubclass(type(o), Page) and o._cache is cache]
+    out = []
     for page in sorted(pages, key=lambda p: p.id):
         if page.released:
             continue
@@ -43,15 +49,23 @@ def live_pages(cache: PageCache) -> Iterator[LivePage]:
             written = os.stat(page.path).st_mtime
         except OSError:
             continue  # lost: not on disk, so not what the user is looking for
-        yield LivePage(page, page.nbytes, max(0.0, now - written))
+        out.append(LivePage(page, page.nbytes, max(0.0, now - written)))
+    return iter(out)  # built at once: a suspended generator would hold every page
+
+
+def _repr(obj: Any) -> str:
+    try:
+        return reprlib.repr(obj)
+    except Exception:  # a user's __repr__ may raise: explain() must not
+        return f"<{type(obj).__name__} object>"
 
 
 def _edge(holder: Any, target: Any) -> str:
     """How holder refers to target, as a user would write it."""
     if isinstance(holder, dict):
-        for key, value in holder.items():
+        for key, value in list(holder.items()):
             if value is target:
-                return f"[{key!r}]"
+                return f"[{_repr(key)}]"
         return "[<a key>]"
     if isinstance(holder, (list, tuple)):
         for i, value in enumerate(holder):
@@ -89,7 +103,10 @@ def _frame_locals(own: set[int]) -> tuple[dict[int, list[str]], list[dict[str, A
             code = f.f_code
             if id(f) not in own and code.co_flags & inspect.CO_OPTIMIZED:
                 f_locals = f.f_locals
-                snapshots.append(f_locals)
+                if isinstance(f_locals, dict):  # before 3.13: the frame's own cached dict
+                    snapshots.append(f_locals)
+                else:  # 3.13+: a live proxy that caches nothing; read a copy
+                    f_locals = dict(f_locals)
                 where = f"{code.co_name}() at {os.path.basename(code.co_filename)}:{f.f_lineno}"
                 for name, value in f_locals.items():
                     roots.setdefault(id(value), []).append(f"local {name!r} of {where}")
@@ -113,7 +130,12 @@ def explain(page: Page, skip_frames: int = 1) -> str:
         chains, examined = _search(page, modules, local_roots, snapshots)
     finally:
         for snapshot in snapshots:
-            snapshot.clear()  # see _frame_locals: leave no reference behind
+            # See _frame_locals: leave no reference behind. But a dict someone else holds
+            # (ns = locals() in that frame) is theirs: leave it. Otherwise its references
+            # are four: the frame, our list, this loop's variable, getrefcount's argument.
+            if sys.getrefcount(snapshot) <= 4:
+                snapshot.clear()
+        snapshots.clear()
         local_roots.clear()
 
     head = f"page {page.id} ({page.nbytes} bytes, {page.path})"
@@ -121,8 +143,8 @@ def explain(page: Page, skip_frames: int = 1) -> str:
         return f"{head} is released: its file is gone or going."
     if chains:
         return "\n".join([f"{head} is kept alive by:", *(f"  {chain}" for chain in chains)])
-    if examined >= MAX_OBJECTS:
-        return f"{head}: no global or local found within {MAX_OBJECTS} referrers."
+    if examined < 0:
+        return f"{head}: no global or local found within {MAX_STEPS} objects or {MAX_SECONDS:g} s."
     return (
         f"{head} is not reachable from any global or local: it is in a reference cycle, "
         "and its file goes when the cycle collector runs (gc.collect() or cache.collect())."
@@ -138,22 +160,42 @@ def _search(
     ignore.update(id(s) for s in snapshots)
     chains: list[str] = []
     examined = 0
-    while queue and len(chains) < MAX_CHAINS and examined < MAX_OBJECTS:
-        obj, path = queue.popleft()
-        chains.extend(root + "".join(path) for root in local_roots.get(id(obj), ()))
-        referrers = gc.get_referrers(obj)
-        ignore.add(id(referrers))
-        for holder in referrers:
+    deadline = time.monotonic() + MAX_SECONDS
+    try:
+        while queue and not chains and examined < MAX_STEPS:
+            if time.monotonic() > deadline:
+                return chains, -1
+            _step(queue, seen, ignore, modules, local_roots, chains)
             examined += 1
-            if id(holder) in ignore or id(holder) in seen or isinstance(holder, types.FrameType):
-                continue
-            seen.add(id(holder))
-            step = _edge(holder, obj)
-            if id(holder) in modules:
-                name = step[1:-1] if step.startswith("[") else step
-                chains.append(f"global {name} of module {modules[id(holder)]}" + "".join(path))
-            else:
-                queue.append((holder, (step, *path)))
-        del referrers
-    queue.clear()
-    return chains[:MAX_CHAINS], examined
+        if queue and not chains:
+            return chains, -1
+        return chains[:MAX_CHAINS], examined
+    finally:
+        queue.clear()  # on any exit, an error too: hold none of the heap
+        seen.clear()
+
+
+def _step(
+    queue: deque[Any],
+    seen: set[int],
+    ignore: set[int],
+    modules: dict[int, str],
+    local_roots: dict[int, list[str]],
+    chains: list[str],
+) -> None:
+    """One breadth-first step: the referrers of the next object on the queue. A holder
+    that is a module's globals ends a chain; a local variable ends one at the object."""
+    obj, path = queue.popleft()
+    chains.extend(root + "".join(path) for root in local_roots.get(id(obj), ()))
+    referrers = gc.get_referrers(obj)
+    ignore.add(id(referrers))
+    for holder in referrers:
+        if id(holder) in ignore or id(holder) in seen or isinstance(holder, types.FrameType):
+            continue
+        seen.add(id(holder))
+        step = _edge(holder, obj)
+        if id(holder) in modules:
+            name = step[1:-1] if step.startswith("[") else step
+            chains.append(f"global {name} of module {modules[id(holder)]}" + "".join(path))
+        else:
+            queue.append((holder, (step, *path)))

@@ -138,17 +138,22 @@ def _open_owned(root_fd: int, name: str) -> int | None:
         fd = os.open(name, OPEN_DIR, dir_fd=root_fd)
     except OSError:
         return None
-    if os.fstat(fd).st_uid != os.geteuid():
-        os.close(fd)
-        return None
-    return fd
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _try_lock(fd: int) -> bool:
+    """Whether we took the folder's lock: False if a live cache holds it (or, on any other
+    error, as if one did: a folder we cannot lock is never touched)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except BlockingIOError:
+    except OSError:
         return False
 
 
@@ -173,19 +178,26 @@ def list_folders(root: str | os.PathLike[str] | None = None) -> list[FolderInfo]
     root_fd = open_root(root_path, create=False)
     if root_fd is None:
         return []
-    out = []
+    out: list[FolderInfo] = []
+    probed: list[tuple[str, int, int, int, bool]] = []
     try:
-        for name, pid, created in _cache_folders(root_fd):
-            fd = _open_owned(root_fd, name)
-            if fd is None:
-                continue
-            try:
-                alive = not _try_lock(fd)  # a lock we took goes with the close below
-                pages, nbytes = _contents(fd)
-            finally:
-                os.close(fd)
+        # As a sweep does: a folder between mkdir and its lock must not be probed, or the
+        # cache making it would find its own lock taken.
+        fcntl.flock(root_fd, fcntl.LOCK_EX)
+        try:
+            for name, pid, created in _cache_folders(root_fd):
+                fd = _open_owned(root_fd, name)
+                if fd is not None:
+                    probed.append((name, pid, created, fd, not _try_lock(fd)))
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # a lock we took goes at once
+        finally:
+            fcntl.flock(root_fd, fcntl.LOCK_UN)
+        for name, pid, created, fd, alive in probed:
+            pages, nbytes = _contents(fd)
             out.append(FolderInfo(root_path / name, pid, alive, pages, nbytes, float(created)))
     finally:
+        for *_, fd, _alive in probed:
+            os.close(fd)
         os.close(root_fd)
     return sorted(out, key=lambda f: (f.created, f.path.name))
 
