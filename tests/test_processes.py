@@ -451,11 +451,13 @@ def test_sigkill_while_writing_leaves_no_half_written_page(root, delay, tmpfile)
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True, env=env
     )
-    folder = proc.stdout.readline().strip()
-    assert wait_until(lambda: len(files_in(Path(folder))) > 5, timeout=30)
-    time.sleep(delay)
-    proc.kill()
-    proc.wait()
+    try:  # the writer never stops by itself: kill it whatever happens here
+        folder = proc.stdout.readline().strip()
+        assert wait_until(lambda: len(files_in(Path(folder))) > 5, timeout=30)
+        time.sleep(delay)
+    finally:
+        proc.kill()
+        proc.wait()
     assert check_whole(folder) > 0
     assert files_in(survivor.path) == [kept.path.name]
     assert [str(p) for p in diskpages.sweep(root)] == [folder]
