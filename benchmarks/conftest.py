@@ -45,6 +45,14 @@ def scaled(full: int, quick: int, smoke: int = 1) -> int:
 
 
 def pytest_collection_modifyitems(items):
+    # A module's skip_reason(**params) skips a case before its fixtures run (the steady
+    # state's fixture saturates a block group: seconds of work for a case to be skipped).
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        reason = getattr(item.module, "skip_reason", None)
+        if params and reason is not None and (why := reason(**params)):
+            item.add_marker(pytest.mark.skip(reason=why))
+
     # Fresh-state figures first, then steady state: the steady state's saturated block
     # group must not exist yet while fresh figures are taken (see diskstate.py).
     def state_of(item):

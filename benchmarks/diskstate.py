@@ -31,9 +31,9 @@ The method here (``Disk``):
   nothing until it ends. A benchmark that deletes as it goes would saturate its own group
   within seconds (and favour whoever ran first in a round), so each of its contenders gets
   a new parent of its own every round (``own_group=True``): every round starts fresh.
-  In the write benchmarks, which keep their files, every round starts with all dirty data
-  written back (``os.sync``), so no round pays for another's writeback or meets the
-  kernel's dirty-memory throttling because of it.
+  In the write benchmarks of big unsynced pages, which keep their files, every round starts
+  with all dirty data written back (``os.sync``), so no round pays for another's writeback
+  or meets the kernel's dirty-memory throttling because of it.
 - **Steady**: one shared parent for the session. Before each benchmark its block group is
   saturated (``saturate``: more empty files than the group has inodes are made, then
   deleted once the next second has begun), so every free inode of the group is recently

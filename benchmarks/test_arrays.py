@@ -25,7 +25,7 @@ from diskpages import PageCache
 from conftest import QUICK, ROUNDS, fresh_dir, scaled
 from harness import record
 
-NBYTES = scaled(64 << 20, 64 << 20, 1 << 20)
+NBYTES = scaled(64 << 20, 16 << 20, 1 << 20)
 WRITES_PER_ROUND = 2
 READS_PER_ROUND = 2 if QUICK else 4
 

@@ -72,7 +72,7 @@ class DropObjects:
 
 
 def test_release_cost(benchmark, disk, state):
-    n = scaled(5000, 2000, 20) if state == "fresh" else scaled(500, 300, 20)
+    n = scaled(5000, 2000, 20) if state == "fresh" else scaled(500, 150, 20)
     caches: list[PageCache] = []
     small = b"r" * 16
     n_naive = max(n // 20, 10)  # the naive design does ~100x more work per object
@@ -133,7 +133,8 @@ class FlushPages:
         os.environ["DISKPAGES_REMOVER"] = self.remover
         try:
             folder = self.disk.folder(f"flush-{self.remover}", own_group=True)
-            self.cache = PageCache(folder, max_delay=3600, batch=2**31 - 1)
+            sync = "data" if self.synced else "none"  # "data": each page fdatasync'ed
+            self.cache = PageCache(folder, sync=sync, max_delay=3600, batch=2**31 - 1)
         finally:
             if old is None:
                 del os.environ["DISKPAGES_REMOVER"]
@@ -141,8 +142,6 @@ class FlushPages:
                 os.environ["DISKPAGES_REMOVER"] = old
         pages = self.cache.write_many([b"d" * 4096] * self.per_round)
         del pages  # all released, none removed yet
-        if self.synced:
-            os.sync()
 
     def run(self):
         assert self.cache.flush() == self.per_round
@@ -169,9 +168,8 @@ class UnlinkFiles:
     def setup(self):
         self.dir = self.disk.folder(self.kind, own_group=True)
         self.dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        assert self.floor.lib.floor_write(self.dirfd, 0, self.per_round, self.buf, 4096, 0) == 0
-        if self.synced:
-            os.sync()
+        sync = 1 if self.synced else 0  # 1: each file fdatasync'ed
+        assert self.floor.lib.floor_write(self.dirfd, 0, self.per_round, self.buf, 4096, sync) == 0
 
     def run(self):
         if self.kind == "floor":
@@ -192,16 +190,17 @@ class UnlinkFiles:
 
 @pytest.mark.parametrize("data", ["written back", "in page cache"])
 def test_removal_rate(benchmark, floor, disk, state, data):
-    """ "written back": os.sync() before each round, so the files own blocks on the device
-    and each unlink waits for the discard; "in page cache": delayed allocation has given
+    """ "written back": each file fdatasync'ed when made (untimed; this process's files only,
+    not a global os.sync that waits for everyone's), so the files own blocks on the device
+    and each unlink waits for their discard; "in page cache": delayed allocation has given
     the files no blocks yet, and unlink is cheap."""
     synced = data == "written back"
     # a written-back file waits ~0.1-1 ms for its discard: fewer of those; in steady state
     # each create (untimed, in setup) costs ~1 ms
     if state == "fresh":
-        n = scaled(500, 200, 20) if synced else scaled(2000, 1000, 20)
+        n = scaled(500, 100, 20) if synced else scaled(2000, 1000, 20)
     else:
-        n = scaled(150, 60, 20) if synced else scaled(300, 120, 20)
+        n = scaled(150, 40, 20) if synced else scaled(300, 100, 20)
     runners = {
         "unlinkat loop in C (floor)": UnlinkFiles(disk, floor, "floor", synced, n),
         "os.unlink loop": UnlinkFiles(disk, floor, "python", synced, n),

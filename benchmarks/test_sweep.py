@@ -21,7 +21,7 @@ from diskpages import PageCache
 from conftest import ROUNDS, scaled
 from harness import record
 
-FOLDERS, PAGES = scaled(100, 20, 2), scaled(100, 100, 5)
+FOLDERS, PAGES = scaled(100, 5, 2), scaled(100, 100, 5)
 
 
 class Orphans:
