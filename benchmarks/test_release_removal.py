@@ -72,7 +72,7 @@ class DropObjects:
 
 
 def test_release_cost(benchmark, disk, state):
-    n = scaled(5000, 2000, 20) if state == "fresh" else scaled(500, 150, 20)
+    n = scaled(5000, 2000, 20) if state == "fresh" else scaled(300, 150, 20)
     caches: list[PageCache] = []
     small = b"r" * 16
     n_naive = max(n // 20, 10)  # the naive design does ~100x more work per object
@@ -198,9 +198,9 @@ def test_removal_rate(benchmark, floor, disk, state, data):
     # a written-back file waits ~0.1-1 ms for its discard: fewer of those; in steady state
     # each create (untimed, in setup) costs ~1 ms
     if state == "fresh":
-        n = scaled(500, 100, 20) if synced else scaled(2000, 1000, 20)
+        n = scaled(200, 100, 20) if synced else scaled(2000, 1000, 20)
     else:
-        n = scaled(150, 40, 20) if synced else scaled(300, 100, 20)
+        n = scaled(100, 40, 20) if synced else scaled(150, 100, 20)
     runners = {
         "unlinkat loop in C (floor)": UnlinkFiles(disk, floor, "floor", synced, n),
         "os.unlink loop": UnlinkFiles(disk, floor, "python", synced, n),

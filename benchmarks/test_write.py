@@ -33,7 +33,7 @@ SYNC_NUM = {"none": 0, "data": 1, "full": 2}
 # full run stays in budget. Steady state makes every create cost ~1 ms (diskstate.py).
 FRESH_PER_ROUND = {"4KiB": 200, "64KiB": 100, "1MiB": 16, "16MiB": 2}
 FRESH_PER_ROUND_SYNCED = {"4KiB": 60, "64KiB": 50, "1MiB": 12, "16MiB": 2}
-STEADY_PER_ROUND = {"4KiB": 40, "64KiB": 40, "1MiB": 12, "16MiB": 2}
+STEADY_PER_ROUND = {"4KiB": 30, "64KiB": 30, "1MiB": 12, "16MiB": 2}
 
 
 class FloorWriter(peers.PeerWriter):
