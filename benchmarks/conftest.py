@@ -37,6 +37,7 @@ harness.DEFAULT_WARMUP = WARMUP
 diskstate.Disk.write_back = not SMOKE  # a smoke run checks that code runs, not figures
 STEADY_RESATURATE_S = 50  # the saturation lasts 60 s at least; renew it before then
 SESSION_START = time.monotonic()
+SPREAD = {"ok": None}  # whether the session root got ext4's TOPDIR flag (diskstate.py)
 
 
 def scaled(full: int, quick: int, smoke: int = 1) -> int:
@@ -73,7 +74,7 @@ def bench_root():
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     root = base / uuid.uuid4().hex[:8]
     root.mkdir(mode=0o700)
-    diskstate.spread_subfolders(root)
+    SPREAD["ok"] = diskstate.spread_subfolders(root)
     yield root
     diskstate.remove_tree(root)
 
@@ -160,6 +161,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "python": platform.python_version(),
         "bench_root": str(base),
         "filesystem": diskstate.filesystem_info(base),
+        "folders_spread": SPREAD["ok"],
         "diskpages_version": diskpages.__version__,
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),

@@ -260,8 +260,10 @@ def load():
 
 class Watcher:
     """Records when files ending in ".page" appear in and leave one folder (inotify, read by
-    a C thread). ``stop()`` returns {page number: (created_ns, deleted_ns)}, either may be
-    None; the clock is time.perf_counter_ns's."""
+    a C thread). ``stop()`` returns the events in the kernel's order as (ns, +1 appeared or
+    -1 gone, page number), on time.perf_counter_ns's clock, and whether any were lost.
+    Events read together share one stamp, so their order, not their stamps, says which
+    came first."""
 
     def __init__(self, floor, folder, capacity: int):
         self.floor = floor
@@ -272,18 +274,16 @@ class Watcher:
             raise OSError(f"could not watch {folder} with inotify")
         self.realtime = bool(realtime[0])
 
-    def stop(self) -> tuple[dict[int, list], bool]:
+    def stop(self) -> tuple[list[tuple[int, int, int]], bool]:
         overflowed = self.floor.ffi.new("int *")
         n = self.floor.lib.watch_stop(self.handle, overflowed)
         self.handle = None
-        files: dict[int, list] = {}
+        events = []
         string = self.floor.ffi.string
         for i in range(n):
             ev = self.events[i]
             name = string(ev.name)
-            if not name.endswith(b".page"):
-                continue
-            times = files.setdefault(int(name[:-5]), [None, None])
-            times[ev.kind - 1] = ev.t_ns
+            if name.endswith(b".page"):
+                events.append((ev.t_ns, 1 if ev.kind == 1 else -1, int(name[:-5])))
         self.events = None
-        return files, bool(overflowed[0])
+        return events, bool(overflowed[0])

@@ -228,23 +228,20 @@ class CleanupArm:
         if self.cache is not None:
             self.cache.flush()
         self.watcher_realtime = self.watcher.realtime
-        files, overflowed = self.watcher.stop()
+        events, overflowed = self.watcher.stop()
         self.watcher = None
         self.close_round()
         if measured:
-            self.rounds.append(self.observe(files, overflowed, t_end, t_censor))
+            self.rounds.append(self.observe(events, overflowed, t_end, t_censor))
 
-    def observe(self, files, overflowed, t_end, t_censor) -> dict:
+    def observe(self, events, overflowed, t_end, t_censor) -> dict:
+        gone_at = {page_id: t for t, step, page_id in events if step < 0}
         latencies = []
         for page_id, t_drop in self.drops:
-            gone = files.get(page_id, (None, None))[1]
+            gone = gone_at.get(page_id)
             latencies.append((gone - t_drop) / 1e9 if gone is not None and gone <= t_censor else float("inf"))
-        changes = sorted(
-            [(t, +1) for t, _ in files.values() if t is not None]
-            + [(t, -1) for _, t in files.values() if t is not None]
-        )
         on_disk, peak, series = 0, 0, []
-        for t, step in changes:
+        for t, step, _ in events:  # in the kernel's order (stamps are per read)
             if t > t_end:
                 break
             on_disk += step
