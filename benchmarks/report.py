@@ -316,7 +316,7 @@ def removal_section(data: dict, out: list[str]) -> None:
     if removal:
         out.append(
             "Removing N released 4 KiB pages: ratio of time per file to an unlinkat loop in C."
-            " *Written back*: os.sync() first, so each unlink waits for the discard of the"
+            " *Written back*: each file fdatasync'ed when made, so each unlink waits for the discard of the"
             " file's blocks; *in page cache*: the files have no blocks yet.\n\n"
         )
         names = list(removal[0]["extra_info"]["contenders"])

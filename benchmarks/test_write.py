@@ -2,8 +2,9 @@
 loop), a plain Python loop and other libraries, per page size, sync mode and disk state,
 in interleaved rounds (harness.py).
 
-"fresh": every round writes into a new folder in a part of the disk nobody deleted from
-lately; no file is deleted until the group ends.
+"fresh": every round writes into new folders under one parent in a part of the disk nobody
+deleted from lately; no file is deleted until the group ends, and big unsynced pages are
+written back (os.sync) before each round.
 "steady": each contender writes into its own long-lived folder under the session's shared
 parent, whose block group is saturated with recently deleted inodes; before each round
 every contender drops its previous round's pages and the round waits for the next second
