@@ -53,6 +53,8 @@ def fmt_ratio(ratio: tuple[float, float] | None) -> str:
     if ratio is None:
         return "–"
     med, iqr = ratio
+    if med < 0.1:  # e.g. diskpages' release against the naive unlink: keep the digits
+        return f"{med:.2g} ± {iqr / 2:.1g}"
     return f"{med:.2f} ± {iqr / 2:.2f}"
 
 
