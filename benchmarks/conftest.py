@@ -1,30 +1,61 @@
-"""Shared pieces of the benchmark suite: where files go, the C floor, run order, sizes.
+"""Shared pieces of the benchmark suite: run size, where files go, the disk's state.
 
-Run: python -m pytest benchmarks   (DISKPAGES_QUICK=1 for a short run)
-Every group holds a baseline measured in the same run; benchmarks/summary.py prints each
-contender's median as a ratio to it.
+Run:   python -m pytest benchmarks --benchmark-json=bench.json
+       (DISKPAGES_QUICK=1 for a short run; DISKPAGES_BENCH_SMOKE=1 runs every benchmark
+       once with tiny sizes, which is what tests/test_benchmarks_smoke.py does)
+Report: python benchmarks/report.py bench.json   (writes benchmarks/results/REPORT.md)
+
+Every group holds a baseline measured in the same run, in interleaved rounds
+(harness.py); fresh and steady disk states are made alike for all contenders
+(diskstate.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import platform
+import shlex
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+import diskstate
 import floor as floor_module
+import harness
 
-QUICK = os.environ.get("DISKPAGES_QUICK", "") not in ("", "0")
-ROUNDS = 5 if QUICK else 12
+SMOKE = os.environ.get("DISKPAGES_BENCH_SMOKE", "") not in ("", "0")
+QUICK = SMOKE or os.environ.get("DISKPAGES_QUICK", "") not in ("", "0")
+MODE = "smoke" if SMOKE else "quick" if QUICK else "full"
+ROUNDS = 1 if SMOKE else 5 if QUICK else 12
+WARMUP = 0 if SMOKE else 1
+harness.DEFAULT_WARMUP = WARMUP
+diskstate.Disk.write_back = not SMOKE  # a smoke run checks that code runs, not figures
+STEADY_RESATURATE_S = 50  # the saturation lasts 60 s at least; renew it before then
+SESSION_START = time.monotonic()
+SPREAD = {"ok": None}  # whether the session root got ext4's TOPDIR flag (diskstate.py)
+
+
+def scaled(full: int, quick: int, smoke: int = 1) -> int:
+    """A count for the current run size."""
+    return smoke if SMOKE else quick if QUICK else full
 
 
 def pytest_collection_modifyitems(items):
-    # Fresh-folder figures first, then the churn, then steady-state figures: creates right
-    # after many deletions are slower on this machine's journal-less ext4, and that history
-    # must not leak into the fresh figures.
+    # A module's skip_reason(**params) skips a case before its fixtures run (the steady
+    # state's fixture saturates a block group: seconds of work for a case to be skipped).
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        reason = getattr(item.module, "skip_reason", None)
+        if params and reason is not None and (why := reason(**params)):
+            item.add_marker(pytest.mark.skip(reason=why))
+
+    # Fresh-state figures first, then steady state: the steady state's saturated block
+    # group must not exist yet while fresh figures are taken (see diskstate.py).
     def state_of(item):
         params = getattr(getattr(item, "callspec", None), "params", {})
         return 1 if params.get("state") == "steady" else 0
@@ -32,14 +63,20 @@ def pytest_collection_modifyitems(items):
     items.sort(key=state_of)
 
 
+def bench_base() -> Path:
+    return Path(os.environ.get("DISKPAGES_BENCH_ROOT", tempfile.gettempdir())) / "diskpages-bench"
+
+
 @pytest.fixture(scope="session")
 def bench_root():
-    base = Path(os.environ.get("DISKPAGES_BENCH_ROOT", tempfile.gettempdir())) / "diskpages-bench"
-    base.mkdir(parents=True, exist_ok=True)
+    """This session's folder; its subfolders are spread over the disk (diskstate.py)."""
+    base = bench_base()
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     root = base / uuid.uuid4().hex[:8]
-    root.mkdir()
+    root.mkdir(mode=0o700)
+    SPREAD["ok"] = diskstate.spread_subfolders(root)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    diskstate.remove_tree(root)
 
 
 @pytest.fixture(scope="session")
@@ -48,21 +85,86 @@ def floor():
 
 
 @pytest.fixture(scope="session")
-def churned(bench_root):
-    """Tens of thousands of create-and-drop cycles, so what follows runs in steady state."""
-    from diskpages import PageCache
-
-    n = 10_000 if QUICK else 40_000
-    with PageCache(bench_root, batch=256) as cache:
-        data = b"c" * 4096
-        for _ in range(n // 100):
-            pages = cache.write_many([data] * 100)
-            del pages
-        cache.flush()
-    return n
+def inodes_per_group(bench_root):
+    return diskstate.inodes_per_group(bench_root)
 
 
 def fresh_dir(root: Path) -> Path:
-    d = root / f"fresh-{uuid.uuid4().hex[:10]}"
-    d.mkdir()
-    return d
+    """A new folder under ``root`` (spread over the disk when ``root`` is bench_root)."""
+    return diskstate.new_folder(root, "fresh")
+
+
+class _Steady:
+    parent: Path | None = None
+    saturated_at = 0.0
+
+
+@pytest.fixture(scope="session")
+def _steady(bench_root):
+    return _Steady()
+
+
+@pytest.fixture
+def steady_parent(_steady, bench_root, inodes_per_group):
+    """The shared parent folder of every steady-state benchmark, its block group saturated
+    with recently deleted inodes (diskstate.py)."""
+    if _steady.parent is None:
+        _steady.parent = diskstate.new_folder(bench_root, "steady")
+    if time.monotonic() - _steady.saturated_at > STEADY_RESATURATE_S:
+        diskstate.saturate(_steady.parent, inodes_per_group, count=300 if SMOKE else None)
+        _steady.saturated_at = time.monotonic()
+    return _steady.parent
+
+
+@pytest.fixture(params=["fresh", "steady"])
+def state(request):
+    return request.param
+
+
+@pytest.fixture
+def disk(request, state, bench_root) -> diskstate.Disk:
+    """Where the benchmark's contenders make their folders, and its rounds' before_round,
+    for its disk state (diskstate.py). Dirty data of earlier benchmarks is written back
+    first, so that no benchmark pays for another's writeback."""
+    if diskstate.Disk.write_back:
+        os.sync()
+    if state == "steady":
+        return diskstate.Disk("steady", bench_root, request.getfixturevalue("steady_parent"))
+    return diskstate.Disk("fresh", bench_root)
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """What the report states about the run: machine, disk, Python, command, code."""
+    import diskpages
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("DISKPAGES_")}
+    command = " ".join([*(f"{k}={v}" for k, v in sorted(env.items())), "python -m pytest"])
+    command += " " + shlex.join(sys.argv[1:])
+    base = bench_base()
+    base.mkdir(parents=True, exist_ok=True)
+    machine_info["diskpages_bench"] = {
+        "mode": MODE,
+        "rounds": ROUNDS,
+        "command": command,
+        "cpu_count": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "bench_root": str(base),
+        "filesystem": diskstate.filesystem_info(base),
+        "folders_spread": SPREAD["ok"],
+        "diskpages_version": diskpages.__version__,
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "elapsed_s": time.monotonic() - SESSION_START,
+    }

@@ -22,10 +22,10 @@ import pytest
 
 from diskpages import PageCache
 
-from conftest import QUICK, ROUNDS, fresh_dir
+from conftest import QUICK, ROUNDS, fresh_dir, scaled
 from harness import record
 
-NBYTES = 64 << 20
+NBYTES = scaled(64 << 20, 16 << 20, 1 << 20)
 WRITES_PER_ROUND = 2
 READS_PER_ROUND = 2 if QUICK else 4
 

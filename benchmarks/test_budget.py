@@ -18,11 +18,11 @@ import gc
 
 from diskpages import PageCache
 
-from conftest import QUICK, ROUNDS
+from conftest import ROUNDS, scaled
 from harness import record
 
 PAGE = 64 << 10
-N = 400 if QUICK else 1600
+N = scaled(1600, 400, 20)
 
 
 class CyclicArm:

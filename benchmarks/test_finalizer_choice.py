@@ -11,10 +11,10 @@ import weakref
 
 import pytest
 
-from conftest import QUICK, ROUNDS
+from conftest import ROUNDS, scaled
 from harness import record
 
-N = 20_000 if QUICK else 100_000
+N = scaled(100_000, 20_000, 50)
 
 
 def noop():
@@ -69,6 +69,15 @@ def test_finalizer_choice(benchmark, phase):
     gc.disable()
     try:
         runners = {"__del__": Phase(WithDel, phase), "weakref.finalize": Phase(WithFinalize, phase)}
-        record(benchmark, f"finalizer: {phase}", runners, N, "__del__", ROUNDS, unit="object")
+        record(
+            benchmark,
+            f"finalizer: {phase}",
+            runners,
+            N,
+            "__del__",
+            ROUNDS,
+            kind="finalizer",
+            unit="object",
+        )
     finally:
         gc.enable()

@@ -1,13 +1,15 @@
-"""What dropping a page costs the caller, and how fast released pages' files go.
+"""What dropping a page costs the caller, and how fast released pages' files go, in fresh
+and steady state (diskstate.py).
 
 release: the time to drop the last reference to N pages (the Page objects' deallocation
 and finalizers), per page, against objects with an empty __del__ (the interpreter's own
-cost), against a plain slotted object without one, and against the naive design the seed
-notebook starts from (__del__ unlinks its own file synchronously).
+cost), a plain slotted object without one, an explicit ``page.release()`` call, and the
+naive design the seed notebook starts from (__del__ unlinks its own file synchronously).
 
 removal: flush() of N released 4 KiB pages through io_uring, the same through the plain
 loop remover (DISKPAGES_REMOVER=loop), a C unlinkat loop (the floor), a Python os.unlink
-loop, and shutil.rmtree of the folder.
+loop, and shutil.rmtree of the folder. Files are made in setup (untimed); in steady
+state each create costs ~1 ms, hence fewer files a round there.
 """
 
 from __future__ import annotations
@@ -19,11 +21,8 @@ import pytest
 
 from diskpages import PageCache
 
-from conftest import QUICK, ROUNDS, fresh_dir
+from conftest import ROUNDS, scaled
 from harness import record
-
-N_RELEASE = 5_000 if QUICK else 20_000
-N_REMOVE = 1_000 if QUICK else 2_000
 
 
 class Slotted:
@@ -52,106 +51,132 @@ class NaivePage:
 class DropObjects:
     """Make objects in setup (untimed); drop them all in run (timed)."""
 
-    def __init__(self, make, per_round):
-        self.make, self.per_round = make, per_round
+    def __init__(self, make, per_round, drop=None):
+        self.make, self.per_round, self.drop_each = make, per_round, drop
         self.objs: list = []
+
+    def drop(self):
+        pass  # run() removes everything a round makes
 
     def setup(self):
         self.objs = self.make()
 
     def run(self):
+        if self.drop_each is not None:
+            for obj in self.objs:
+                self.drop_each(obj)
         self.objs.clear()
 
     def cleanup(self):
         self.objs = []
 
 
-def test_release_cost(benchmark, bench_root):
-    cache = PageCache(bench_root, max_delay=3600, batch=2**31 - 1)
-    naive_dir = fresh_dir(bench_root)
+def test_release_cost(benchmark, disk, state):
+    n = scaled(5000, 2000, 20) if state == "fresh" else scaled(300, 150, 20)
+    caches: list[PageCache] = []
     small = b"r" * 16
-    n_naive = N_RELEASE // 20  # the naive design does ~100x more work per object
+    n_naive = max(n // 20, 10)  # the naive design does ~100x more work per object
 
+    # Each round's files go into a new folder (own_group: see diskstate.Disk); the previous
+    # round's files are removed first, untimed.
     def naive():
-        paths = [str(naive_dir / f"{i}") for i in range(n_naive)]
+        folder = disk.folder("naive", own_group=True)
+        paths = [str(folder / f"{i}") for i in range(n_naive)]
         for p in paths:
             with open(p, "wb") as f:
                 f.write(small)
         return [NaivePage(p) for p in paths]
 
     def pages():
-        cache.flush()  # remove the previous round's files, untimed
-        return cache.write_many([small] * N_RELEASE)
+        while caches:
+            caches.pop().close()
+        caches.append(PageCache(disk.folder("pages", own_group=True), max_delay=3600, batch=2**31 - 1))
+        return caches[-1].write_many([small] * n)
 
     runners = {
-        "slotted object, no __del__": DropObjects(lambda: [Slotted() for _ in range(N_RELEASE)], N_RELEASE),
-        "empty __del__": DropObjects(lambda: [EmptyDel() for _ in range(N_RELEASE)], N_RELEASE),
-        "diskpages Page": DropObjects(pages, N_RELEASE),
+        "slotted object, no __del__": DropObjects(lambda: [Slotted() for _ in range(n)], n),
+        "empty __del__": DropObjects(lambda: [EmptyDel() for _ in range(n)], n),
+        "diskpages Page": DropObjects(pages, n),
+        "diskpages page.release()": DropObjects(pages, n, drop=lambda page: page.release()),
         "naive __del__ + os.unlink": DropObjects(naive, n_naive),
     }
     try:
         record(
             benchmark,
-            "release: drop the last reference",
+            f"release: drop the last reference, {state}",
             runners,
-            N_RELEASE,
+            n,
             "empty __del__",
             ROUNDS,
+            before_round=disk.before_round,
+            kind="release",
             unit="page",
+            state=state,
         )
     finally:
-        cache.close()
-        shutil.rmtree(naive_dir, ignore_errors=True)
+        while caches:
+            caches.pop().close()
 
 
 class FlushPages:
-    def __init__(self, root, remover, synced):
-        self.root, self.remover, self.synced = root, remover, synced
+    """A new cache in a new folder every round (own_group: see diskstate.Disk)."""
+
+    def __init__(self, disk, remover, synced, n):
+        self.disk, self.remover, self.synced, self.per_round = disk, remover, synced, n
         self.cache = None
+
+    def drop(self):
+        pass
 
     def setup(self):
         old = os.environ.get("DISKPAGES_REMOVER")
         os.environ["DISKPAGES_REMOVER"] = self.remover
         try:
-            if self.cache is None:
-                self.cache = PageCache(self.root, max_delay=3600, batch=2**31 - 1)
+            folder = self.disk.folder(f"flush-{self.remover}", own_group=True)
+            sync = "data" if self.synced else "none"  # "data": each page fdatasync'ed
+            self.cache = PageCache(folder, sync=sync, max_delay=3600, batch=2**31 - 1)
         finally:
             if old is None:
                 del os.environ["DISKPAGES_REMOVER"]
             else:
                 os.environ["DISKPAGES_REMOVER"] = old
-        pages = self.cache.write_many([b"d" * 4096] * N_REMOVE)
+        pages = self.cache.write_many([b"d" * 4096] * self.per_round)
         del pages  # all released, none removed yet
-        if self.synced:
-            os.sync()
 
     def run(self):
-        assert self.cache.flush() == N_REMOVE
+        assert self.cache.flush() == self.per_round
+
+    def finish(self, measured):
+        self.cleanup()
 
     def cleanup(self):
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
 
 
 class UnlinkFiles:
-    def __init__(self, root, floor, kind, synced):
-        self.root, self.floor, self.kind, self.synced = root, floor, kind, synced
+    def __init__(self, disk, floor, kind, synced, n):
+        self.disk, self.floor, self.kind, self.synced, self.per_round = disk, floor, kind, synced, n
         self.dir = None
         self.dirfd = -1
         self.buf = floor.ffi.from_buffer(b"d" * 4096)
 
+    def drop(self):
+        pass
+
     def setup(self):
-        self.dir = fresh_dir(self.root)
+        self.dir = self.disk.folder(self.kind, own_group=True)
         self.dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        assert self.floor.lib.floor_write(self.dirfd, 0, N_REMOVE, self.buf, 4096, 0) == 0
-        if self.synced:
-            os.sync()
+        sync = 1 if self.synced else 0  # 1: each file fdatasync'ed
+        assert self.floor.lib.floor_write(self.dirfd, 0, self.per_round, self.buf, 4096, sync) == 0
 
     def run(self):
         if self.kind == "floor":
-            assert self.floor.lib.floor_unlink(self.dirfd, 0, N_REMOVE) == 0
+            assert self.floor.lib.floor_unlink(self.dirfd, 0, self.per_round) == 0
         elif self.kind == "python":
             fd = self.dirfd
-            for i in range(N_REMOVE):
+            for i in range(self.per_round):
                 os.unlink(f"{i}.page", dir_fd=fd)
         else:
             shutil.rmtree(self.dir)
@@ -163,28 +188,36 @@ class UnlinkFiles:
         pass
 
 
-@pytest.mark.parametrize("state", ["fresh", "steady"])
 @pytest.mark.parametrize("data", ["written back", "in page cache"])
-def test_removal_rate(benchmark, request, bench_root, floor, data, state):
-    """ "written back": os.sync() before each round, so the files own blocks on the device
-    and each unlink waits for the discard; "in page cache": delayed allocation has given
+def test_removal_rate(benchmark, floor, disk, state, data):
+    """ "written back": each file fdatasync'ed when made (untimed; this process's files only,
+    not a global os.sync that waits for everyone's), so the files own blocks on the device
+    and each unlink waits for their discard; "in page cache": delayed allocation has given
     the files no blocks yet, and unlink is cheap."""
-    if state == "steady":
-        request.getfixturevalue("churned")
     synced = data == "written back"
+    # a written-back file waits ~0.1-1 ms for its discard: fewer of those; in steady state
+    # each create (untimed, in setup) costs ~1 ms
+    if state == "fresh":
+        n = scaled(200, 100, 20) if synced else scaled(2000, 1000, 20)
+    else:
+        n = scaled(100, 40, 20) if synced else scaled(150, 100, 20)
     runners = {
-        "unlinkat loop in C (floor)": UnlinkFiles(bench_root, floor, "floor", synced),
-        "os.unlink loop": UnlinkFiles(bench_root, floor, "python", synced),
-        "shutil.rmtree": UnlinkFiles(bench_root, floor, "rmtree", synced),
-        "flush, io_uring": FlushPages(bench_root, "auto", synced),
-        "flush, loop remover": FlushPages(bench_root, "loop", synced),
+        "unlinkat loop in C (floor)": UnlinkFiles(disk, floor, "floor", synced, n),
+        "os.unlink loop": UnlinkFiles(disk, floor, "python", synced, n),
+        "shutil.rmtree": UnlinkFiles(disk, floor, "rmtree", synced, n),
+        "flush, io_uring": FlushPages(disk, "auto", synced, n),
+        "flush, loop remover": FlushPages(disk, "loop", synced, n),
     }
     record(
         benchmark,
         f"removal of 4 KiB pages, {data}, {state}",
         runners,
-        N_REMOVE,
+        n,
         "unlinkat loop in C (floor)",
         ROUNDS,
+        before_round=disk.before_round,
+        kind="removal",
         unit="file",
+        data=data,
+        state=state,
     )

@@ -14,10 +14,10 @@ import time
 
 from diskpages import PageCache
 
-from conftest import QUICK
+from conftest import scaled
 
 MAX_DELAY = 0.05
-SAMPLES = 40 if QUICK else 150
+SAMPLES = scaled(150, 40, 3)
 
 
 def test_removal_latency_without_any_call(benchmark, bench_root):
@@ -44,6 +44,7 @@ def test_removal_latency_without_any_call(benchmark, bench_root):
     med = statistics.median(latencies)
     benchmark.extra_info.update(
         group="removal latency without any call",
+        kind="latency",
         max_delay_s=MAX_DELAY,
         median_s=med,
         p99_s=p99,

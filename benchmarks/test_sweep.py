@@ -18,10 +18,10 @@ import uuid
 import diskpages
 from diskpages import PageCache
 
-from conftest import QUICK, ROUNDS
+from conftest import ROUNDS, scaled
 from harness import record
 
-FOLDERS, PAGES = (20, 100) if QUICK else (100, 100)
+FOLDERS, PAGES = scaled(100, 5, 2), scaled(100, 100, 5)
 
 
 class Orphans:

@@ -1,136 +1,220 @@
-"""Writes: diskpages' write paths against the C floor and a plain Python loop, per page
-size, sync mode and disk state, in interleaved rounds (see harness.py).
+"""Writes: diskpages' three write paths against the floor (the same system calls in a C
+loop), a plain Python loop and other libraries, per page size, sync mode and disk state,
+in interleaved rounds (harness.py).
 
-"fresh": every round writes into a new folder; files are deleted only after the group.
-"steady": after the session's churn, one long-lived folder per contender, the previous
-round's pages dropped and removed just before each round (a create-and-drop loop).
+"fresh": every round writes into new folders under one parent in a part of the disk nobody
+deleted from lately; no file is deleted until the group ends, and big unsynced pages are
+written back (os.sync) before each round.
+"steady": each contender writes into its own long-lived folder under the session's shared
+parent, whose block group is saturated with recently deleted inodes; before each round
+every contender drops its previous round's pages and the round waits for the next second
+(diskstate.py says why this is the fair way on this disk).
+
+Peers (peers.py) have no sync knob: they appear in the sync="none" groups only.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+from pathlib import Path
 
 import pytest
 
-from diskpages import PageCache, _bindings
+from diskpages import PageCache
 
-from conftest import QUICK, ROUNDS, fresh_dir
+import diskstate
+import peers
+from conftest import QUICK, ROUNDS, SMOKE, scaled
 from harness import record
 
-SIZES = {"4KiB": 4096, "64KiB": 64 << 10, "1MiB": 1 << 20}
-PER_ROUND = {4096: 400, 64 << 10: 120, 1 << 20: 24}
+SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20}
 SYNC_NUM = {"none": 0, "data": 1, "full": 2}
 
+# Pages per round: a round of a few tens of milliseconds at least, and few big pages so the
+# full run stays in budget. Steady state makes every create cost ~1 ms (diskstate.py).
+FRESH_PER_ROUND = {"4KiB": 200, "64KiB": 100, "1MiB": 16, "16MiB": 2}
+FRESH_PER_ROUND_SYNCED = {"4KiB": 60, "64KiB": 50, "1MiB": 12, "16MiB": 2}
+STEADY_PER_ROUND = {"4KiB": 30, "64KiB": 30, "1MiB": 12, "16MiB": 2}
 
-class FileLoop:
-    """The floor (the same system calls in a C loop) or a plain Python loop."""
 
-    def __init__(self, root, floor, kind, data, n, sync, steady):
-        self.root, self.floor, self.kind = root, floor, kind
-        self.data, self.n, self.sync, self.steady = data, n, sync, steady
-        self.dirs: list[str] = []
-        self.dirfd = -1
-        self.next = 0
+class FloorWriter(peers.PeerWriter):
+    """The floor: openat + pwrite (+ fdatasync, + folder fsync) + close in a C loop; or the
+    same with O_TMPFILE + linkat, the calls diskpages makes when pages are born nameless."""
+
+    def __init__(self, data, n, sync, floor, tmpfile):
+        super().__init__(data, n)
+        self.sync, self.floor, self.tmpfile = SYNC_NUM[sync], floor, tmpfile
         self.cbuf = floor.ffi.from_buffer(data)
+        self.dirfd = -1
+        self.written: list[tuple[int, int]] = []
 
-    def setup(self):
-        if self.steady and self.dirfd >= 0:
-            if self.next:  # drop the previous round's files: the create-and-drop loop
-                assert self.floor.lib.floor_unlink(self.dirfd, self.next - self.n, self.n) == 0
-            return
-        if self.dirfd >= 0:
-            os.close(self.dirfd)
-        self.dirs.append(str(fresh_dir(self.root)))
-        self.dirfd = os.open(self.dirs[-1], os.O_RDONLY | os.O_DIRECTORY)
-        self.next = 0
+    def open(self, folder):
+        super().open(folder)
+        self.dirfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
 
-    def run(self):
-        start, self.next = self.next, self.next + self.n
-        if self.kind == "floor":
-            rc = self.floor.lib.floor_write(
-                self.dirfd, start, self.n, self.cbuf, len(self.data), SYNC_NUM[self.sync]
-            )
-            assert rc == 0, os.strerror(-rc)
-            return
-        folder, data, sync, dirfd = self.dirs[-1], self.data, self.sync, self.dirfd
+    def write(self, start):
+        lib = self.floor.lib
+        fn = lib.floor_write_tmpfile if self.tmpfile else lib.floor_write
+        rc = fn(self.dirfd, start, self.n, self.cbuf, len(self.data), self.sync)
+        assert rc == 0, os.strerror(-rc)
+        self.written.append((start, self.n))
+
+    def drop(self):
+        for start, n in self.written:
+            assert self.floor.lib.floor_unlink(self.dirfd, start, n) == 0
+        self.written = []
+
+    def close(self):
+        os.close(self.dirfd)
+
+
+class PythonLoop(peers.PeerWriter):
+    """open / write / (os.fdatasync) / close, (os.fsync of the folder) per page."""
+
+    def __init__(self, data, n, sync):
+        super().__init__(data, n)
+        self.sync = sync
+        self.dirfd = -1
+
+    def open(self, folder):
+        super().open(folder)
+        self.dirfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+    def write(self, start):
+        folder, data, sync, dirfd = str(self.folder), self.data, self.sync, self.dirfd
         for i in range(start, start + self.n):
-            with open(os.path.join(folder, f"{i}.page"), "xb", buffering=0) as f:
+            path = f"{folder}/{i}.page"
+            with open(path, "xb", buffering=0) as f:
                 f.write(data)
                 if sync != "none":
                     os.fdatasync(f.fileno())
             if sync == "full":
                 os.fsync(dirfd)
+            self.keys.append(path)
 
-    def cleanup(self):
+    def drop(self):
+        for path in self.keys:
+            os.unlink(path)
+        self.keys = []
+
+    def close(self):
         os.close(self.dirfd)
-        for d in self.dirs:
-            shutil.rmtree(d)
 
 
-class Diskpages:
-    """write() per page, write_many() once per round, write() through mmap, or allocate()."""
+class DiskpagesWriter(peers.PeerWriter):
+    """write() per page, write_many() once per round, or allocate() + fill the view + seal().
+    Files go only at drop() (flush) or close(): the reaper is kept out of the way."""
 
-    def __init__(self, root, kind, data, n, sync, steady):
-        self.root, self.kind, self.data, self.n = root, kind, data, n
-        self.sync, self.steady = sync, steady
+    def __init__(self, data, n, sync, kind):
+        super().__init__(data, n)
+        self.sync, self.kind = sync, kind
         self.cache: PageCache | None = None
-        self.pages: list = []
-        self.old: list[PageCache] = []
 
-    def setup(self):
-        self.pages = []  # the previous round's pages die here...
-        if self.cache is not None and self.steady:
-            self.cache.flush()  # ...and are removed before the next round
-            return
-        if self.cache is not None:
-            self.old.append(self.cache)  # fresh: keep the files until the group ends
-        self.cache = PageCache(self.root, sync=self.sync, max_delay=3600, batch=2**31 - 1)
-        if self.kind == "write_mmap":
-            self.cache._write_method = _bindings.WRITE_METHODS["mmap"]
+    def open(self, folder):
+        super().open(folder)
+        self.cache = PageCache(folder, sync=self.sync, max_delay=3600, batch=2**31 - 1)
 
-    def run(self):
-        cache, data, n, pages = self.cache, self.data, self.n, self.pages
-        if self.kind == "write_many":
+    def write(self, start):
+        cache, data, n, pages = self.cache, self.data, self.n, self.keys
+        if self.kind == "write_many()":
             pages.extend(cache.write_many([data] * n))
-        elif self.kind == "allocate":
+        elif self.kind == "allocate()":
             for _ in range(n):
-                b = cache.allocate(len(data))
-                b.view()[:] = data
-                pages.append(b.seal())
+                builder = cache.allocate(len(data))
+                builder.view()[:] = data
+                pages.append(builder.seal())
         else:
             write = cache.write
             for _ in range(n):
                 pages.append(write(data))
 
+    def drop(self):
+        self.keys = []
+        self.cache.flush()
+
+    def close(self):
+        self.keys = []
+        self.cache.close()
+
+
+class Contender:
+    """A writer in the harness's rounds. Fresh: a new folder (and writer) every round, all
+    kept until cleanup. Steady: one folder and writer; ``drop()`` before each round."""
+
+    def __init__(self, label, make_writer, disk: diskstate.Disk, steady: bool, n: int):
+        self.label, self.make_writer, self.disk, self.steady = label, make_writer, disk, steady
+        self.per_round = n
+        self.writers: list[peers.PeerWriter] = []
+        self.folders: list[Path] = []
+        self.next = 0
+        self.inode = 0  # of its first folder: which block group its files land in
+
+    def setup(self):
+        if self.steady and self.writers:
+            return
+        slug = "".join(c if c.isalnum() else "-" for c in self.label)
+        self.folders.append(self.disk.folder(slug))
+        self.inode = self.inode or self.folders[0].stat().st_ino
+        self.writers.append(self.make_writer())
+        self.writers[-1].open(self.folders[-1])
+
+    def run(self):
+        self.writers[-1].write(self.next)
+        self.next += self.per_round
+
+    def drop(self):
+        if self.writers:
+            self.writers[-1].drop()
+
     def cleanup(self):
-        self.pages = []
-        for c in [*self.old, self.cache]:
-            if c is not None:
-                c.close()
+        for writer in self.writers:
+            writer.drop()
+            writer.close()
+        for folder in self.folders:
+            diskstate.remove_tree(folder)
 
 
-CONTENDERS = ["floor", "python", "write", "write_many", "write_mmap", "allocate"]
+def contenders(floor, data, n, sync, disk, steady):
+    makers = {
+        "floor": lambda: FloorWriter(data, n, sync, floor, tmpfile=False),
+        "floor O_TMPFILE": lambda: FloorWriter(data, n, sync, floor, tmpfile=True),
+        "python loop": lambda: PythonLoop(data, n, sync),
+        "write()": lambda: DiskpagesWriter(data, n, sync, "write()"),
+        "write_many()": lambda: DiskpagesWriter(data, n, sync, "write_many()"),
+        "allocate()": lambda: DiskpagesWriter(data, n, sync, "allocate()"),
+    }
+    if sync == "none":
+        for peer in peers.PEERS:
+            if peers.missing_reason(peer) is None:
+                makers[peer] = lambda cls=peers.PEER_CLASSES[peer]: cls(data, n)
+    return {label: Contender(label, make, disk, steady, n) for label, make in makers.items()}
 
 
-@pytest.mark.parametrize("state", ["fresh", "steady"])
+def skip_reason(size=None, sync=None, state=None, **_) -> str | None:
+    """Cases a short run leaves out (conftest.py skips them before their fixtures run)."""
+    if size is None:
+        return None
+    if SMOKE and size != "4KiB":
+        return "smoke run: 4 KiB pages only"
+    if QUICK and not SMOKE and sync != "none" and size in ("64KiB", "16MiB"):
+        return "quick run: 64 KiB and 16 MiB pages are measured with sync=none only"
+    if QUICK and not SMOKE and state == "steady" and sync != "none":
+        return "quick run: steady state is measured with sync=none only"
+    return None
+
+
 @pytest.mark.parametrize("sync", list(SYNC_NUM))
 @pytest.mark.parametrize("size", list(SIZES))
-def test_write(benchmark, request, bench_root, floor, size, sync, state):
-    if QUICK and size == "64KiB" and sync != "none":
-        pytest.skip("quick mode: 64 KiB pages are measured with sync=none only")
-    if state == "steady":
-        request.getfixturevalue("churned")
-    nbytes = SIZES[size]
-    n = PER_ROUND[nbytes] // (2 if QUICK else 1)
-    data = os.urandom(nbytes)
+def test_write(benchmark, floor, disk, inodes_per_group, size, sync, state):
     steady = state == "steady"
-    runners = {}
-    for name in CONTENDERS:
-        if name in ("floor", "python"):
-            runners[name] = FileLoop(bench_root, floor, name, data, n, sync, steady)
-        else:
-            runners[name] = Diskpages(bench_root, name, data, n, sync, steady)
+    # Files are kept, so big unsynced pages pile up dirty data that throttles later rounds:
+    # write it back before each round (diskstate.Disk). Small pages leave a few MB a round.
+    disk.write_back_each_round = sync == "none" and SIZES[size] >= 1 << 20
+    table = STEADY_PER_ROUND if steady else FRESH_PER_ROUND if sync == "none" else FRESH_PER_ROUND_SYNCED
+    n = scaled(table[size], max(2, table[size] // 2), 2)
+    data = os.urandom(SIZES[size])
+    runners = contenders(floor, data, n, sync, disk, steady)
+    missing = {p: r for p in peers.PEERS if sync == "none" and (r := peers.missing_reason(p))}
     record(
         benchmark,
         f"write {size} sync={sync} {state}",
@@ -138,8 +222,24 @@ def test_write(benchmark, request, bench_root, floor, size, sync, state):
         n,
         "floor",
         ROUNDS,
+        before_round=disk.before_round,
+        kind="write",
         unit="page",
-        size=nbytes,
+        size=SIZES[size],
+        size_label=size,
         sync=sync,
         state=state,
+        missing_peers=missing,
     )
+    # where each contender's files landed: one block group for all is the fairness check
+    benchmark.extra_info["block_groups"] = {
+        label: (r.inode - 1) // inodes_per_group if inodes_per_group else None for label, r in runners.items()
+    }
+
+
+@pytest.mark.parametrize("peer", peers.PEERS)
+def test_peer_available(peer):
+    """A peer that cannot be imported is left out of the write groups: say so here (-rs)."""
+    reason = peers.missing_reason(peer)
+    if reason:
+        pytest.skip(reason)
