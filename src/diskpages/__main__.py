@@ -18,12 +18,13 @@ from .errors import PageCacheError
 
 
 def human(nbytes: int) -> str:
-    size = float(nbytes)
+    """4 B, 20.0 KiB, 1.5 GiB."""
+    size, unit = float(nbytes), "B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            break
         size /= 1024
-    raise AssertionError("unreachable")
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def age(seconds: float) -> str:

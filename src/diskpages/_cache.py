@@ -196,7 +196,6 @@ class PageCache:
         self._close_lock = threading.Lock()
         self._pid = os.getpid()
         self._max_bytes = max_bytes
-        self._warn_on_gc = warn_on_gc
         self._page_class = _WatchedPage if warn_on_gc else Page
         self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
         self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)

@@ -172,6 +172,27 @@ def _contents(fd: int) -> tuple[int, int]:
     return pages, nbytes
 
 
+def _probe(root_fd: int) -> list[tuple[str, int, int, int, bool]]:
+    """(name, pid, created, fd, orphaned) of each cache folder we own. For an orphaned one
+    we hold its lock (and so must close fd, which drops it). Done under the root's lock
+    taken exclusively: a folder between its mkdir and its lock must not be probed, or the
+    sweep would take it or the cache making it would find its own lock taken."""
+    probed: list[tuple[str, int, int, int, bool]] = []
+    fcntl.flock(root_fd, fcntl.LOCK_EX)
+    try:
+        for name, pid, created in _cache_folders(root_fd):
+            fd = _open_owned(root_fd, name)
+            if fd is not None:
+                probed.append((name, pid, created, fd, _try_lock(fd)))
+    except BaseException:
+        for *_, fd, _orphaned in probed:
+            os.close(fd)
+        raise
+    finally:
+        fcntl.flock(root_fd, fcntl.LOCK_UN)
+    return probed
+
+
 def list_folders(root: str | os.PathLike[str] | None = None) -> list[FolderInfo]:
     """Every cache folder under the root, live or orphaned, oldest first."""
     root_path = resolve_root(root)
@@ -179,25 +200,18 @@ def list_folders(root: str | os.PathLike[str] | None = None) -> list[FolderInfo]
     if root_fd is None:
         return []
     out: list[FolderInfo] = []
-    probed: list[tuple[str, int, int, int, bool]] = []
     try:
-        # As a sweep does: a folder between mkdir and its lock must not be probed, or the
-        # cache making it would find its own lock taken.
-        fcntl.flock(root_fd, fcntl.LOCK_EX)
+        probed = _probe(root_fd)
         try:
-            for name, pid, created in _cache_folders(root_fd):
-                fd = _open_owned(root_fd, name)
-                if fd is not None:
-                    probed.append((name, pid, created, fd, not _try_lock(fd)))
-                    fcntl.flock(fd, fcntl.LOCK_UN)  # a lock we took goes at once
+            for name, pid, created, fd, orphaned in probed:
+                if orphaned:
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # ls only looks: let a sweep have it
+                pages, nbytes = _contents(fd)
+                out.append(FolderInfo(root_path / name, pid, not orphaned, pages, nbytes, float(created)))
         finally:
-            fcntl.flock(root_fd, fcntl.LOCK_UN)
-        for name, pid, created, fd, alive in probed:
-            pages, nbytes = _contents(fd)
-            out.append(FolderInfo(root_path / name, pid, alive, pages, nbytes, float(created)))
+            for *_, fd, _orphaned in probed:
+                os.close(fd)
     finally:
-        for *_, fd, _alive in probed:
-            os.close(fd)
         os.close(root_fd)
     return sorted(out, key=lambda f: (f.created, f.path.name))
 
@@ -221,23 +235,12 @@ def sweep_folders(root: str | os.PathLike[str] | None = None, *, dry_run: bool =
 
 
 def sweep_at(root_fd: int, root_path: Path, *, dry_run: bool = False) -> SweepResult:
-    orphans: list[tuple[str, int, int, int]] = []
+    probed = _probe(root_fd)
+    removed, failed = [], []
     try:
-        fcntl.flock(root_fd, fcntl.LOCK_EX)  # no new folder is between mkdir and its lock
-        try:
-            for name, pid, created in _cache_folders(root_fd):
-                fd = _open_owned(root_fd, name)
-                if fd is None:
-                    continue
-                if _try_lock(fd):
-                    orphans.append((name, pid, created, fd))  # ours now, until we close it
-                else:
-                    os.close(fd)
-        finally:
-            fcntl.flock(root_fd, fcntl.LOCK_UN)
-        removed, failed = [], []
-        while orphans:
-            name, pid, created, fd = orphans.pop()
+        for name, pid, created, fd, orphaned in probed:
+            if not orphaned:
+                continue  # a live cache's: never touched
             try:
                 pages, nbytes = _contents(fd)
                 info = FolderInfo(root_path / name, pid, False, pages, nbytes, float(created))
@@ -247,12 +250,10 @@ def sweep_at(root_fd: int, root_path: Path, *, dry_run: bool = False) -> SweepRe
                 removed.append(info)
             except OSError as e:
                 failed.append((FolderInfo(root_path / name, pid, False, 0, 0, float(created)), e))
-            finally:
-                os.close(fd)
-        return SweepResult(removed, failed)
     finally:
-        for _, _, _, fd in orphans:  # only if something above raised
-            os.close(fd)
+        for *_, fd, _orphaned in probed:
+            os.close(fd)  # drops the locks we took
+    return SweepResult(removed, failed)
 
 
 def sweep(root: str | os.PathLike[str] | None = None) -> list[Path]:
