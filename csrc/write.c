@@ -111,12 +111,20 @@ static void publish(dp_cache *c, dp_page *p)
         dp_wake_reaper(c); /* it sleeps without a timeout while nothing is live */
 }
 
-/* pwrite all of it, then fdatasync if the sync mode asks for the data. */
-static int write_synced(dp_cache *c, int fd, const char *data, size_t nbytes)
+/* pwritev every part from offset 0, resuming after short writes (Linux writes at most
+ * 2 GiB a call) and at most IOV_MAX parts a call, then fdatasync if the sync mode asks.
+ * Consumes iov: it is advanced in place. */
+static int writev_synced(dp_cache *c, int fd, struct iovec *iov, size_t count)
 {
-    size_t off = 0;
-    while (off < nbytes) {
-        ssize_t n = pwrite(fd, data + off, nbytes - off, (off_t)off);
+    off_t off = 0;
+    for (;;) {
+        while (count && iov->iov_len == 0) { /* empty parts: nothing to write, skip them */
+            iov++;
+            count--;
+        }
+        if (!count)
+            break;
+        ssize_t n = pwritev(fd, iov, count < IOV_MAX ? (int)count : IOV_MAX, off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -124,11 +132,28 @@ static int write_synced(dp_cache *c, int fd, const char *data, size_t nbytes)
         }
         if (n == 0)
             return -EIO; /* no progress on a regular file: do not spin */
-        off += (size_t)n;
+        off += n;
+        for (size_t left = (size_t)n; left;) { /* drop what was written */
+            size_t step = left < iov->iov_len ? left : iov->iov_len;
+            iov->iov_base = (char *)iov->iov_base + step;
+            iov->iov_len -= step;
+            left -= step;
+            if (iov->iov_len == 0) {
+                iov++;
+                count--;
+            }
+        }
     }
     if (c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
         return -errno;
     return 0;
+}
+
+/* One buffer: the same loop (a one-part pwritev costs what pwrite does). */
+static int write_synced(dp_cache *c, int fd, const char *data, size_t nbytes)
+{
+    struct iovec iov = {.iov_base = (void *)data, .iov_len = nbytes};
+    return writev_synced(c, fd, &iov, 1);
 }
 
 /* Reserve the blocks so that a store through a mapping can never meet ENOSPC (which would
@@ -250,44 +275,6 @@ int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, si
     }
     pthread_rwlock_unlock(&c->closing);
     return err;
-}
-
-/* pwritev every part from offset 0, resuming after short writes (Linux writes at most
- * 2 GiB a call) and at most IOV_MAX parts a call, then fdatasync if the sync mode asks.
- * Consumes iov: it is advanced in place. */
-static int writev_synced(dp_cache *c, int fd, struct iovec *iov, size_t count)
-{
-    off_t off = 0;
-    for (;;) {
-        while (count && iov->iov_len == 0) { /* empty parts: nothing to write, skip them */
-            iov++;
-            count--;
-        }
-        if (!count)
-            break;
-        ssize_t n = pwritev(fd, iov, count < IOV_MAX ? (int)count : IOV_MAX, off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            return -EIO; /* no progress on a regular file: do not spin */
-        off += n;
-        for (size_t left = (size_t)n; left;) { /* drop what was written */
-            size_t step = left < iov->iov_len ? left : iov->iov_len;
-            iov->iov_base = (char *)iov->iov_base + step;
-            iov->iov_len -= step;
-            left -= step;
-            if (iov->iov_len == 0) {
-                iov++;
-                count--;
-            }
-        }
-    }
-    if (c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
-        return -errno;
-    return 0;
 }
 
 /* The start of a single-page write: enter (not closed, not a fork), charge the budget and
