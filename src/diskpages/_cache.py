@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from . import _arrays, _explain, _folders
 from . import _bindings as native
@@ -446,6 +446,15 @@ class _Readable(_Sized):
     def _open(self) -> int:
         raise NotImplementedError
 
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()  # with page: ... gives the page up at the end of the block
+
     def read(self) -> bytes:
         """A copy of the page's bytes."""
         fd = self._open()
@@ -557,12 +566,6 @@ class Page(_PageFile, _Readable):
             raise PageLostError(f"page {self._id}: its file {self.path} {why}")
         raise native.error(fd, self.path)
 
-    def __enter__(self) -> Page:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
     def __reduce__(self) -> Any:
         # The handle names the file and pins its identity (device, inode and change time:
         # an inode number alone is reused at once), so a borrower does not read another
@@ -663,12 +666,6 @@ class BorrowedPage(_Readable):
             os.close(fd)
             raise
         return fd
-
-    def __enter__(self) -> BorrowedPage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
     def __reduce__(self) -> Any:
         return BorrowedPage._load, (str(self._path), self._id, self._nbytes, self._identity)
