@@ -81,6 +81,29 @@ def test_large_page(cache):
     assert page.view() == data
 
 
+def file_mappings(path) -> list[tuple[int, int]]:
+    """(start, end) of each mapping of path in this process."""
+    with open("/proc/self/maps") as f:
+        spans = [line.split()[0] for line in f if str(path) in line]  # "(deleted)" too
+    return [tuple(int(x, 16) for x in span.split("-")) for span in spans]
+
+
+@pytest.mark.parametrize("nbytes", [2 * 1024 * 1024, 5 * 1024 * 1024 + 3])
+def test_large_views_start_on_a_2mib_boundary(cache, nbytes):
+    # so that the kernel can fault the file in as 2 MiB folios (as for its own file mappings)
+    page = cache.write(b"v" * nbytes)
+    views = [page.view() for _ in range(3)]
+    spans = file_mappings(page.path)
+    assert len(spans) == 3
+    assert all(start % (2 * 1024 * 1024) == 0 and end - start >= nbytes for start, end in spans)
+    assert all(len(v) == nbytes and v.readonly and v[-1:] == b"v" for v in views)
+    page.release()
+    cache.flush()
+    assert all(v[:1] == b"v" for v in views)  # a view outlives its page
+    del views
+    assert file_mappings(page.path) == []  # and the mapping goes with its last view
+
+
 def test_files_are_private(cache):
     page = cache.write(b"x")
     assert stat.S_IMODE(os.stat(cache.path).st_mode) == 0o700

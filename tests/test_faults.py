@@ -191,7 +191,7 @@ def test_view_whose_mapping_fails_raises_and_leaks_no_fd(cache, monkeypatch):
     page = cache.write(b"v" * 8192)
     fds = len(os.listdir("/proc/self/fd"))
 
-    def refused(fd, target, nbytes, path):
+    def refused(fd, target, nbytes, path, align=1):
         raise OSError(errno.ENOMEM, "Cannot allocate memory", path)
 
     monkeypatch.setattr(_bindings, "map_fixed", refused)

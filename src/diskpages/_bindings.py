@@ -162,13 +162,16 @@ def open_page(handle: Handle, page_id: int, nbytes: int) -> int:
     return lib.dp_open_page(handle, page_id, nbytes)
 
 
-def map_fixed(fd: int, target: Any, nbytes: int, path: str) -> None:
-    """Replace the pages of `target` (an anonymous mmap.mmap) with a read-only shared
-    mapping of fd."""
+def map_fixed(fd: int, target: Any, nbytes: int, path: str, align: int = 1) -> int:
+    """Replace `nbytes` of the pages of `target` (an anonymous mmap.mmap) with a read-only
+    shared mapping of fd, starting at the first address in it that is a multiple of
+    `align`; return that start's offset into `target`."""
     with ffi.from_buffer(target) as addr:
-        rc = lib.dp_map_fixed(fd, addr, nbytes)
+        skip = -int(ffi.cast("uintptr_t", addr)) % align
+        rc = lib.dp_map_fixed(fd, addr + skip, nbytes)
     if rc:
         raise error(rc, path)
+    return skip
 
 
 def flush(handle: Handle) -> int:

@@ -399,17 +399,27 @@ def _map_shared(fd: int, nbytes: int) -> mmap.mmap | None:
     return mmap.mmap(fd, nbytes, access=mmap.ACCESS_WRITE) if nbytes else None
 
 
-def _map_read_only(fd: int, nbytes: int, path: Path) -> mmap.mmap | None:
-    """A read-only shared mapping of fd, held by an mmap.mmap object, so Python's read-only
-    and export rules apply, but without the fd that mmap.mmap(fd, ...) keeps open for its
-    whole life: we map a private read-only anonymous placeholder through mmap.mmap (which
-    costs no memory commit) and put the file's pages over it in C (MAP_FIXED). The
-    mapping goes when the object dies."""
+# Mappings at least this long start at a multiple of it, as the kernel places a file
+# mapping of its own: then a read can fault the file in as 2 MiB folios, not 4 KiB pages.
+_HUGE = 2 * 1024 * 1024
+
+
+def _map_read_only(fd: int, nbytes: int, path: Path) -> memoryview:
+    """A read-only view of a shared mapping of fd, held by an mmap.mmap object, so Python's
+    read-only and export rules apply, but without the fd that mmap.mmap(fd, ...) keeps open
+    for its whole life: we map a private read-only anonymous placeholder through mmap.mmap
+    (which costs no memory commit) and put the file's pages over it in C (MAP_FIXED). For a
+    large page the placeholder is 2 MiB longer, and the file goes at its first 2 MiB
+    boundary. The mapping goes when the last view of it dies."""
     if nbytes == 0:
-        return None  # mmap cannot map zero bytes; an empty page needs no mapping
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-    native.map_fixed(fd, mapping, nbytes, str(path))
-    return mapping
+        return memoryview(b"")  # mmap cannot map zero bytes; an empty page needs no mapping
+    slack = _HUGE if nbytes >= _HUGE else 0
+    mapping = mmap.mmap(-1, nbytes + slack, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    skip = native.map_fixed(fd, mapping, nbytes, str(path), align=_HUGE if slack else 1)
+    whole = memoryview(mapping)
+    view = whole[skip : skip + nbytes]
+    whole.release()  # the slice holds the mapping's export on its own
+    return view
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
@@ -476,10 +486,9 @@ class _Readable(_Sized):
         and the cache closed (a mapping outlives its file's name)."""
         fd = self._open()
         try:
-            mapping = _map_read_only(fd, self._nbytes, self.path)
+            return _map_read_only(fd, self._nbytes, self.path)
         finally:
             os.close(fd)
-        return memoryview(mapping if mapping is not None else b"")
 
     def array(self) -> numpy.ndarray:
         """The ``.npy`` page as a NumPy array, zero-copy: read-only, over the same kind of
