@@ -124,6 +124,38 @@ def test_budget_under_threads(root):
     assert errors == [] and over == []
 
 
+def test_over_budget_write_waits_out_another_threads_collection(root, no_gc):
+    # While one thread's collection runs a slow finalizer, gc.collect() in another thread
+    # returns at once, collecting nothing. The write must wait for that collection to end
+    # and run its own, which frees this thread's cyclic pages, rather than give up.
+    in_finalizer = threading.Event()
+
+    class Slow:
+        def __del__(self):
+            in_finalizer.set()
+            time.sleep(0.3)  # lets other threads run while the collection is under way
+
+    def collect_slowly():
+        s = Slow()
+        s.me = s
+        del s
+        gc.collect()
+
+    with PageCache(root, max_bytes=64 * 1024, max_delay=3600, batch=2**31 - 1) as cache:
+        other = threading.Thread(target=collect_slowly)
+        other.start()
+        try:
+            assert in_finalizer.wait(10)
+            for _ in range(16):  # made after that collection began: it cannot free them
+                cyclic(cache, b"c" * 4096)  # the whole budget, held by unreachable cycles
+            page = cache.write(b"n" * 4096)
+            assert page.read() == b"n" * 4096
+        finally:
+            other.join()
+        assert folder_bytes(cache) <= 64 * 1024
+        assert cache.stats().released_by_gc >= 16
+
+
 def test_bad_budget_arguments(root):
     bad_values = ((0, ValueError), (-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError))
     for bad, exc in bad_values:

@@ -14,6 +14,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -89,6 +90,9 @@ def _shutdown_quietly(handle: Any, path: str, watched: weakref.WeakSet[Page] | N
 
 # Every open cache, for the gc callback below (weak: it keeps none alive).
 _caches: weakref.WeakSet[PageCache] = weakref.WeakSet()
+# How many collections each thread has started: lets a thread tell whether gc.collect()
+# collected, or returned at once because another thread was collecting.
+_started = threading.local()
 
 
 def _on_collection(
@@ -98,12 +102,14 @@ def _on_collection(
     _take: Any = native.gc_take_releases,
     _kick: Any = native.kick,
     _caches: weakref.WeakSet[PageCache] = _caches,
+    _started: threading.local = _started,
 ) -> None:
     """gc.callbacks hook: pages dropped during a collection count as released by the
     collector, and once it ends the reapers of caches with pending pages drain at once
     (in their own thread) instead of waiting for the next batch or max_delay. Captures what
     it needs as defaults: it runs at shutdown too."""
     if phase == "start":
+        _started.count = getattr(_started, "count", 0) + 1
         _phase(1)
         return
     _phase(0)
@@ -117,6 +123,21 @@ def _on_collection(
 
 
 gc.callbacks.append(_on_collection)
+
+
+def _collect_here(timeout: float = 2.0) -> None:
+    """A full collection, run by this thread. While another thread collects (its
+    finalizers let other threads run), gc.collect() returns at once and collects nothing,
+    not even the cycles this thread made meanwhile: then wait for that collection to end
+    and run one of our own (within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = getattr(_started, "count", 0)
+        gc.collect()
+        ran = getattr(_started, "count", 0) != before
+        if ran or not native.gc_collecting() or time.monotonic() > deadline:
+            return  # (not collecting: ours ran, or someone took our hook out of gc.callbacks)
+        time.sleep(0.001)
 
 
 class PageCache:
@@ -308,13 +329,12 @@ class PageCache:
     def _make_room(self, write: Any, args: tuple[Any, ...], requested: int) -> Any:
         """A write met the budget: remove the released pages and retry; then run the cycle
         collector (pages in unreachable cycles still hold their bytes), remove again and
-        retry; then give up, having written nothing. With other threads about, a
-        collection may already be running in one of them (gc.collect() then returns at once)
-        or they may make garbage or release pages meanwhile: so up to three collections,
-        and more removals while pages are pending."""
+        retry; then give up, having written nothing. With other threads about, they may
+        make garbage or release pages meanwhile: so up to three collections (each run by
+        this thread: see _collect_here), and more removals while pages are pending."""
         for attempt in range(100):
             if 1 <= attempt <= 3:
-                gc.collect()  # pages in unreachable cycles hold their bytes until this
+                _collect_here()  # pages in unreachable cycles hold their bytes until this
             self.flush()
             try:
                 return write(*args)
