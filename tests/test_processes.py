@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -566,6 +567,44 @@ def test_without_o_tmpfile_pages_are_written_as_part_files_and_renamed(root, mon
         del page, written
         cache.flush()
         assert files_in(cache.path) == []
+
+
+def test_without_proc_nameless_pages_are_named_through_at_empty_path(root):
+    # With no /proc, /proc/self/fd/N cannot be linked; the page is named by
+    # linkat(fd, "", AT_EMPTY_PATH) instead. Hide /proc in a mount namespace of its own.
+    code = """
+        import os, sys
+        from diskpages import PageCache
+        assert not os.path.exists("/proc/self/fd")
+        with PageCache(sys.argv[1], sync="full") as cache:
+            builder = cache.allocate(4)
+            assert os.listdir(cache.path) == []  # nameless while unsealed, not a .part file
+            builder.view()[:] = b"abcd"
+            page = builder.seal()
+            written = cache.write_many([b"1", b"22"]) + [cache.write(b"333")]
+            names = sorted(p.path.name for p in [page, *written])
+            assert sorted(os.listdir(cache.path)) == names, os.listdir(cache.path)
+            assert [p.read() for p in [page, *written]] == [b"abcd", b"1", b"22", b"333"]
+            del page, written
+            cache.flush()
+            assert os.listdir(cache.path) == []
+            print("named", len(names))
+    """
+    script = [sys.executable, "-c", textwrap.dedent(code), str(root)]
+    hide = 'mount -t tmpfs none /proc || exit 77; exec "$@"'
+    try:
+        proc = subprocess.run(
+            ["unshare", "--mount", "sh", "-c", hide, "sh", *script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare(1)")
+    if proc.returncode == 77 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot hide /proc here: {proc.stderr.strip()}")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "named 4\n", "")
+    assert files_in(root) == []
 
 
 @pytest.mark.parametrize("probe", ["sweep", "ls"])
