@@ -123,10 +123,13 @@ fail_alloc:
 void dp_cache_stats(dp_cache *c, dp_stats *out)
 {
     bool closed = atomic_load(&c->closed);
-    out->live_pages = atomic_load(&c->live_pages);
-    out->live_bytes = atomic_load(&c->live_bytes);
-    out->pending = atomic_load(&c->pending);
+    /* pending_bytes before live_bytes: a release takes a page's bytes off live before it
+     * adds them to pending, so a page being released is never counted twice (the sum can
+     * only fall short, by pages between the two). */
     out->pending_bytes = atomic_load(&c->pending_bytes);
+    out->live_bytes = atomic_load(&c->live_bytes);
+    out->live_pages = atomic_load(&c->live_pages);
+    out->pending = atomic_load(&c->pending);
     out->removed = atomic_load(&c->removed);
     out->remove_errors = atomic_load(&c->remove_errors);
     out->written = atomic_load(&c->written);

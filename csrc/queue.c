@@ -94,7 +94,10 @@ static void release_as(dp_page *p, int cause)
             atomic_fetch_add_explicit(&gc_releases, 1, memory_order_relaxed);
     }
     /* Count the page pending before it stops counting as live: the reaper sleeps without a
-     * timeout only when it sees neither, so no release can slip past it unseen. */
+     * timeout only when it sees neither, so no release can slip past it unseen. Its bytes
+     * go the other way round (the reaper never reads them), so that dp_cache_stats, which
+     * loads pending_bytes first, never counts a page's bytes as both live and pending. */
+    atomic_fetch_sub(&c->live_bytes, p->nbytes);
     atomic_fetch_add(&c->pending, 1);
     atomic_fetch_add(&c->pending_bytes, p->nbytes);
     dp_page *head = atomic_load_explicit(&c->released, memory_order_relaxed);
@@ -105,7 +108,6 @@ static void release_as(dp_page *p, int cause)
                                                     memory_order_release,
                                                     memory_order_relaxed));
     atomic_fetch_sub(&c->live_pages, 1);
-    atomic_fetch_sub(&c->live_bytes, p->nbytes);
 }
 
 void dp_release(dp_page *p)
