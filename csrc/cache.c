@@ -136,6 +136,7 @@ void dp_cache_stats(dp_cache *c, dp_stats *out)
     out->released_by_refcount = atomic_load(&c->released_by[BY_REFCOUNT]);
     out->released_by_gc = atomic_load(&c->released_by[BY_GC]);
     out->released_explicitly = atomic_load(&c->released_by[BY_CALL]);
+    out->charged_bytes = atomic_load(&c->charged);
     out->released_at_close = 0;
     if (closed) {
         /* Close removed every file: nothing is live or pending any more, and every page not
@@ -144,6 +145,7 @@ void dp_cache_stats(dp_cache *c, dp_stats *out)
         out->released_at_close = out->written - out->released_by_refcount -
                                  out->released_by_gc - out->released_explicitly;
         out->live_pages = out->live_bytes = out->pending = out->pending_bytes = 0;
+        out->charged_bytes = 0;
     }
     out->remover = dp_remover_kind(c->remover);
 }

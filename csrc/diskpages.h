@@ -31,6 +31,8 @@ typedef struct dp_stats {
     uint64_t released_by_gc;       /* the cycle collector freed their object */
     uint64_t released_explicitly;  /* dp_release (Page.release(), a with block) */
     uint64_t released_at_close;    /* still live when the cache closed */
+    uint64_t charged_bytes; /* what max_bytes counts: live and pending bytes, writes under
+                             * way, and files whose removal failed (until close) */
     int remover;            /* DP_REMOVE_LOOP or DP_REMOVE_URING: what drains use now */
 } dp_stats;
 
@@ -94,7 +96,8 @@ uint64_t dp_gc_take_releases(void);
 /* Ask the reaper to drain now (after a collection released pages), without waiting. */
 void dp_kick(dp_cache *c);
 
-/* Remove every queued page now, in the caller's thread; returns how many. */
+/* Remove every queued page now, in the caller's thread; returns how many files went
+ * (already gone counts; a removal that fails is counted in remove_errors instead). */
 int64_t dp_flush(dp_cache *c);
 
 /* The file name of page `id` (at most 32 bytes with the NUL). */

@@ -126,9 +126,11 @@ void dp_page_drop(dp_page *p)
     record_put(p);
 }
 
-/* Remove one chunk of records' files and retire the records. */
-static void remove_chunk(dp_cache *c, dp_page **recs, size_t n)
+/* Remove one chunk of records' files and retire the records; returns how many files
+ * went (or were gone already). */
+static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
 {
+    int64_t removed = 0;
     char names[DRAIN_CHUNK][DP_NAME_MAX];
     char *ptrs[DRAIN_CHUNK] = {0};
     int results[DRAIN_CHUNK];
@@ -140,19 +142,24 @@ static void remove_chunk(dp_cache *c, dp_page **recs, size_t n)
     dp_remove_names(c->remover, c->dirfd, ptrs, n, results);
     for (size_t i = 0; i < n; i++) {
         /* ENOENT: someone removed it under us; the file is gone either way. */
+        /* Out of pending before the room is given back: live + pending <= charged at every
+         * instant, so no writer can make the sum pass max_bytes. */
+        atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
         if (results[i] == 0 || results[i] == -ENOENT) {
+            removed++;
             atomic_fetch_add(&c->removed, 1);
             dp_uncharge(c, recs[i]->nbytes); /* the file is gone: room again */
         } else {
             atomic_fetch_add(&c->remove_errors, 1); /* its bytes stay charged until close */
         }
-        atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
         atomic_fetch_sub(&c->pending, 1);
         record_put(recs[i]);
     }
+    return removed;
 }
 
-/* Remove everything queued. The caller holds drain_lock: the remover's ring has one
+/* Remove everything queued; returns how many files went (a failed removal is counted in
+ * remove_errors instead). The caller holds drain_lock: the remover's ring has one
  * producer, so the reaper, flush() and close() take turns. */
 int64_t dp_drain_locked(dp_cache *c)
 {
@@ -165,16 +172,13 @@ int64_t dp_drain_locked(dp_cache *c)
         dp_page *next = p->next; /* read before remove_chunk may free p */
         chunk[n++] = p;
         if (n == DRAIN_CHUNK) {
-            remove_chunk(c, chunk, n);
-            count += (int64_t)n;
+            count += remove_chunk(c, chunk, n);
             n = 0;
         }
         p = next;
     }
-    if (n) {
-        remove_chunk(c, chunk, n);
-        count += (int64_t)n;
-    }
+    if (n)
+        count += remove_chunk(c, chunk, n);
     return count;
 }
 

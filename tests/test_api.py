@@ -217,12 +217,13 @@ def test_stats_count_pages(cache):
     b = cache.write(b"y" * 20)
     s = cache.stats()
     assert (s.live_pages, s.live_bytes, s.pending, s.removed, s.written) == (2, 30, 0, 0, 2)
+    assert s.charged_bytes == 30
     a.release()
     s = cache.stats()
-    assert (s.live_pages, s.live_bytes, s.pending, s.pending_bytes) == (1, 20, 1, 10)
+    assert (s.live_pages, s.live_bytes, s.pending, s.pending_bytes, s.charged_bytes) == (1, 20, 1, 10, 30)
     cache.flush()
     s = cache.stats()
-    assert (s.live_pages, s.pending, s.removed) == (1, 0, 1)
+    assert (s.live_pages, s.pending, s.removed, s.charged_bytes) == (1, 0, 1, 20)
     assert s.remover in ("io_uring", "loop")
     del b
 

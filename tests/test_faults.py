@@ -185,6 +185,31 @@ def test_builder_whose_mapping_fails_leaves_no_file(cache, monkeypatch):
     assert cache.stats().live_pages == 0
 
 
+def test_a_removal_that_fails_is_counted_and_its_bytes_stay_charged(root):
+    from diskpages import CacheFullError
+
+    cache = PageCache(root, max_bytes=8192, max_delay=3600)
+    page = cache.write(b"a" * 4096)
+    path = page.path
+    os.unlink(path)
+    os.mkdir(path)  # a non-empty folder under the page's name: unlinkat fails (EISDIR)
+    (path / "x").write_bytes(b"")
+    page.release()
+    assert cache.flush() == 0  # nothing went
+    s = cache.stats()
+    assert (s.remove_errors, s.removed, s.pending, s.live_bytes, s.charged_bytes) == (1, 0, 0, 0, 4096)
+    cache.write(b"b" * 4096).release()  # what is left of the budget still takes a page
+    assert cache.flush() == 1
+    with pytest.raises(CacheFullError, match="4096 in files that could not be removed"):
+        cache.write(b"c" * 4097)
+    with pytest.raises(IsADirectoryError):
+        cache.close()  # close says so, and can be tried again
+    shutil.rmtree(path)
+    cache.close()
+    assert not root.joinpath(cache.path.name).exists()
+    assert cache.stats().charged_bytes == 0
+
+
 def test_view_whose_mapping_fails_raises_and_leaks_no_fd(cache, monkeypatch):
     from diskpages import _bindings
 

@@ -51,6 +51,9 @@ class CacheStats:
     released_by_gc: int  #: the cycle collector freed the Page (it was in a reference cycle)
     released_explicitly: int  #: ``release()`` or the end of a ``with page:`` block
     released_at_close: int  #: still alive when the cache closed (0 until it does)
+    #: what ``max_bytes`` counts, in one atomic read: the bytes of live and pending pages,
+    #: of writes under way, and of files whose removal failed (until close); 0 once closed
+    charged_bytes: int
     remover: str  #: "io_uring" or "loop": how this cache removes files
 
     @property
@@ -343,9 +346,11 @@ class PageCache:
             if attempt >= 3 and self.stats().pending_bytes == 0:
                 break
         s = self.stats()
+        stuck = s.charged_bytes - s.live_bytes - s.pending_bytes  # (or writes under way)
+        held = f", {stuck} in files that could not be removed" if stuck > 0 and s.remove_errors else ""
         raise CacheFullError(
             f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
-            f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending "
+            f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending{held} "
             "even after flush() and a full collection; nothing was written"
         ) from None
 
@@ -353,7 +358,8 @@ class PageCache:
 
     def flush(self) -> int:
         """Remove every released page's file now, in this thread; returns how many this
-        call removed (the reaper may have removed others meanwhile)."""
+        call removed (the reaper may have removed others meanwhile). A removal that fails
+        counts in ``stats().remove_errors``, and its bytes stay charged until close."""
         if self._closed:
             return 0
         return native.flush(self._handle)
@@ -361,7 +367,7 @@ class PageCache:
     def collect(self) -> int:
         """Run the cycle collector, so pages kept alive only by unreachable cycles are
         released, then ``flush()``."""
-        gc.collect()
+        _collect_here()
         return self.flush()
 
     def live(self) -> Iterator[LivePage]:
