@@ -218,8 +218,9 @@ def test_gc_disabled_program_still_cleans_at_exit(root):
 
 
 FORK = """
-    import os, sys
+    import os, sys, warnings
     from diskpages import CacheClosedError, PageCache
+    warnings.filterwarnings("ignore", "This process", DeprecationWarning)  # 3.12+: fork beside the reaper
 
     cache = PageCache({root!r})
     empty = PageCache({root!r})          # no page: its folder could be rmdir'ed by mistake
