@@ -158,6 +158,32 @@ def test_over_budget_write_waits_out_another_threads_collection(root, no_gc):
         assert cache.stats().released_by_gc >= 16
 
 
+def test_over_budget_write_in_a_finalizer_of_its_own_collection_does_not_wait(root, no_gc, monkeypatch):
+    # A __del__ that writes during this thread's collection: there is no other collection
+    # to wait out, so the write gives up at once rather than poll until a timeout.
+    from diskpages import _cache
+
+    sleeps = []
+    monkeypatch.setattr(_cache.time, "sleep", sleeps.append)
+    refused = []
+    with PageCache(root, max_bytes=8192, max_delay=3600) as cache:
+        keep = cache.write(b"k" * 8192)  # the budget is full, and stays full
+
+        class Writer:
+            def __del__(self):
+                try:
+                    cache.write(b"x")
+                except CacheFullError as e:
+                    refused.append(e)
+
+        w = Writer()
+        w.me = w
+        del w
+        gc.collect()
+        assert len(refused) == 1 and sleeps == []
+        del keep
+
+
 def test_bad_budget_arguments(root):
     bad_values = ((0, ValueError), (-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError))
     for bad, exc in bad_values:

@@ -93,8 +93,9 @@ def _shutdown_quietly(handle: Any, path: str, watched: weakref.WeakSet[Page] | N
 
 # Every open cache, for the gc callback below (weak: it keeps none alive).
 _caches: weakref.WeakSet[PageCache] = weakref.WeakSet()
-# How many collections each thread has started: lets a thread tell whether gc.collect()
-# collected, or returned at once because another thread was collecting.
+# Per thread: how many collections it has started, and whether one is under way in it.
+# Lets a thread tell whether gc.collect() collected, or returned at once because a
+# collection was already running (in another thread, or in this one's finalizers).
 _started = threading.local()
 
 
@@ -113,8 +114,10 @@ def _on_collection(
     it needs as defaults: it runs at shutdown too."""
     if phase == "start":
         _started.count = getattr(_started, "count", 0) + 1
+        _started.running = True
         _phase(1)
         return
+    _started.running = False
     _phase(0)
     if _take():
         try:
@@ -133,6 +136,8 @@ def _collect_here(timeout: float = 2.0) -> None:
     finalizers let other threads run), gc.collect() returns at once and collects nothing,
     not even the cycles this thread made meanwhile: then wait for that collection to end
     and run one of our own (within ``timeout``)."""
+    if getattr(_started, "running", False):
+        return  # called from a finalizer of this thread's own collection: nothing to wait for
     deadline = time.monotonic() + timeout
     while True:
         before = getattr(_started, "count", 0)
