@@ -7,6 +7,11 @@ sealed (one copy into a shared mapping); np.lib.format.open_memmap filled the sa
 Each contender writes into its own folder; the previous round's file is removed before
 each round, untimed. Under sync="data" the numpy contenders fdatasync / msync too.
 
+strided write (baseline np.save, which copies 16 MiB chunks): a 64 MiB float64 array
+that is every other element of a 128 MiB one. cache.write_array copies it in C order
+straight into the page's mapping; "copy + write_array" is how it was written before,
+a contiguous copy in memory first and then one pwritev.
+
 read (baseline np.load(mmap_mode="r") + a full sum): page.array() + the same sum, both of
 the same page file (in the page cache: the cost measured is mapping, faulting and summing);
 and np.load into memory + sum for reference.
@@ -84,6 +89,8 @@ class DiskpagesWrite:
         for _ in range(WRITES_PER_ROUND):
             if self.kind == "write_array":
                 self.pages.append(self.cache.write_array(array))
+            elif self.kind == "copy + write_array":
+                self.pages.append(self.cache.write_array(np.ascontiguousarray(array)))
             else:
                 builder = self.cache.allocate_array(array.shape, array.dtype)
                 out = builder.array()
@@ -118,6 +125,24 @@ def test_write_array(benchmark, bench_root, sync):
         unit="array",
         size=NBYTES,
         sync=sync,
+    )
+
+
+def test_write_strided_array(benchmark, bench_root):
+    array = np.random.default_rng(0).random(NBYTES // 4)[::2]
+    assert not array.flags.c_contiguous
+    writers = {"np.save": NumpyWrite, "write_array": DiskpagesWrite, "copy + write_array": DiskpagesWrite}
+    runners = {name: cls(bench_root, name, array, "none") for name, cls in writers.items()}
+    record(
+        benchmark,
+        "array write 64MiB float64 strided sync=none",
+        runners,
+        WRITES_PER_ROUND,
+        "np.save",
+        ROUNDS,
+        unit="array",
+        size=NBYTES,
+        sync="none",
     )
 
 

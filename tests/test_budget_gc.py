@@ -79,6 +79,9 @@ def test_budget_counts_builders_and_array_pages(root):
         builder = cache.allocate(1500)
         with pytest.raises(CacheFullError):
             cache.write_array(np.zeros(100))  # 800 bytes of data plus the .npy header
+        with pytest.raises(CacheFullError):
+            cache.write_array(np.zeros(200)[::2])  # strided: the same, through a builder
+        assert len(files_in(cache.path)) <= 1  # (the builder's file has no name yet)
         del builder  # unsealed: dropped, its bytes go back
         page = cache.write_array(np.zeros(100))
         assert cache.stats().live_bytes == page.nbytes == os.path.getsize(page.path)

@@ -61,20 +61,42 @@ def _header(np: Any, dtype: numpy.dtype, fields: dict[str, Any]) -> bytes:
     return out.getvalue()
 
 
-def npy_parts(data: Any) -> tuple[bytes, Any]:
-    """The header and a bytes-like object over the array's data, in file order. The data is
-    the array's own memory when it is C- or Fortran-contiguous (then the header says
-    fortran_order), else a C-ordered copy."""
-    np = _numpy()
-    array = np.asarray(data)
+def as_array(data: Any) -> numpy.ndarray:
+    """``numpy.asarray(data)``, refused if it holds Python objects."""
+    array = _numpy().asarray(data)
     _refuse_objects(array.dtype)
+    return array
+
+
+def is_strided(array: numpy.ndarray) -> bool:
+    """Whether the array's data is neither C- nor Fortran-contiguous (nothing to write is
+    contiguous enough)."""
+    flags = array.flags
+    return bool(array.size and array.dtype.itemsize) and not (flags.c_contiguous or flags.f_contiguous)
+
+
+def npy_parts(array: numpy.ndarray) -> tuple[bytes, Any]:
+    """The header and a bytes-like object over a C- or Fortran-contiguous array's own
+    memory, in file order (the header says fortran_order)."""
+    np = _numpy()
     fields = np.lib.format.header_data_from_array_1_0(array)  # fortran_order from the flags
     header = _header(np, array.dtype, fields)
     if array.dtype.itemsize == 0 or array.size == 0:
         return header, b""
-    ordered = array.T if fields["fortran_order"] else np.ascontiguousarray(array)
+    ordered = array.T if fields["fortran_order"] else array
     # As bytes: every dtype exports a uint8 buffer (datetime64 has no buffer of its own).
     return header, ordered.reshape(-1).view(np.uint8)
+
+
+def write_strided(cache: PageCache, array: numpy.ndarray) -> Page:
+    """A strided array, written in C order by numpy's own copy straight into a new page's
+    mapping: never a whole copy in memory first (the array may be a slice of a memmap
+    larger than memory). Dropped unsealed on any error, so it leaves no file."""
+    builder = allocate_array(cache, array.shape, array.dtype)
+    target = array_of(builder)
+    target[...] = array
+    del target  # its export of the mapping would make seal() raise BufferError
+    return builder.seal()
 
 
 def _shape(shape: Any) -> tuple[int, ...]:

@@ -317,9 +317,13 @@ class PageCache:
         """Write a NumPy array (or anything ``numpy.asarray`` takes) as a ``.npy`` page:
         numpy's header, then the data, so ``numpy.load(page.path, mmap_mode="r")`` and
         ``page.array()`` open it. C- and Fortran-ordered arrays are written from their own
-        memory, others in C order. Arrays holding Python objects raise TypeError: no pickle
-        is ever written. Otherwise as ``write()``. Needs NumPy."""
+        memory, others in C order, copied straight into the page's mapping. Arrays holding
+        Python objects raise TypeError: no pickle is ever written. Otherwise as
+        ``write()``. Needs NumPy."""
         self._check_open()
+        array = _arrays.as_array(array)
+        if _arrays.is_strided(array):
+            return _arrays.write_strided(self, array)
         header, data = _arrays.npy_parts(array)
         args = (self._handle, (header, data), str(self._path))
         try:
