@@ -124,8 +124,9 @@ void dp_cache_stats(dp_cache *c, dp_stats *out)
 {
     bool closed = atomic_load(&c->closed);
     /* pending_bytes before live_bytes: a release takes a page's bytes off live before it
-     * adds them to pending, so a page being released is never counted twice (the sum can
-     * only fall short, by pages between the two). */
+     * adds them to pending, so a page being released is never counted twice. (The loads
+     * are not one instant: a removal and a new write between them can still both show.
+     * charged_bytes, one load, is the exact figure for the budget.) */
     out->pending_bytes = atomic_load(&c->pending_bytes);
     out->live_bytes = atomic_load(&c->live_bytes);
     out->live_pages = atomic_load(&c->live_pages);

@@ -72,14 +72,14 @@ int dp_charge(dp_cache *c, uint64_t nbytes)
         if (nbytes > c->max_bytes || now > c->max_bytes - nbytes)
             return -DP_EFULL;
     } while (!atomic_compare_exchange_weak_explicit(&c->charged, &now, now + nbytes,
-                                                    memory_order_relaxed,
+                                                    memory_order_acquire,
                                                     memory_order_relaxed));
     return 0;
 }
 
 void dp_uncharge(dp_cache *c, uint64_t nbytes)
 {
-    atomic_fetch_sub_explicit(&c->charged, nbytes, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&c->charged, nbytes, memory_order_release);
 }
 
 static void release_as(dp_page *p, int cause)
@@ -142,8 +142,10 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
     dp_remove_names(c->remover, c->dirfd, ptrs, n, results);
     for (size_t i = 0; i < n; i++) {
         /* ENOENT: someone removed it under us; the file is gone either way. */
-        /* Out of pending before the room is given back: live + pending <= charged at every
-         * instant, so no writer can make the sum pass max_bytes. */
+        /* Out of pending before the room is given back (the uncharge is a release, the
+         * charge that takes the room an acquire): a writer that reuses these bytes
+         * publishes its page only after they have left pending, so live + pending never
+         * passes charged, nor charged max_bytes. */
         atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
         if (results[i] == 0 || results[i] == -ENOENT) {
             removed++;

@@ -93,11 +93,13 @@ def test_budget_under_threads(root):
     errors, over, stop = [], [], threading.Event()
 
     def watch():
-        # charged_bytes is one atomic load; live + pending are two, and a removal and a
-        # write can both fall between them
+        # Each counter is one atomic load, exact at its instant; their sum is two loads,
+        # between which a removal and a write can both fall, so it is checked when still
+        # (and single-threaded, against the folder, in the test above). The charge itself
+        # cannot pass the limit: it is a compare-and-swap that refuses to.
         while not stop.is_set():
             s = cache.stats()
-            if s.charged_bytes > limit:
+            if s.live_bytes > limit or s.pending_bytes > limit or s.charged_bytes > limit:
                 over.append(s)
 
     def work(cycles):
@@ -125,8 +127,13 @@ def test_budget_under_threads(root):
         t.join()
     stop.set()
     watcher.join()
-    cache.close()
     assert errors == [] and over == []
+    assert cache.stats().written == 1200
+    cache.collect()  # the last cyclic pages, then every file: no charge may be left behind
+    s = cache.stats()
+    assert (s.live_bytes, s.pending_bytes, s.charged_bytes, s.remove_errors) == (0, 0, 0, 0)
+    assert files_in(cache.path) == []
+    cache.close()
 
 
 def test_over_budget_write_waits_out_another_threads_collection(root, no_gc):
