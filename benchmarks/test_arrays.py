@@ -8,9 +8,9 @@ Each contender writes into its own folder; the previous round's file is removed 
 each round, untimed. Under sync="data" the numpy contenders fdatasync / msync too.
 
 strided write (baseline np.save, which copies 16 MiB chunks): a 64 MiB float64 array
-that is every other element of a 128 MiB one. cache.write_array copies it in C order
-straight into the page's mapping; "copy + write_array" is how it was written before,
-a contiguous copy in memory first and then one pwritev.
+that is every other element of a 128 MiB one. cache.write_array writes it in C order in
+pieces of at most 16 MiB (copy, pwrite); "copy + write_array" is how it was written
+before, a whole contiguous copy in memory first and then one pwritev.
 
 read (baseline np.load(mmap_mode="r") + a full sum): page.array() + the same sum, both of
 the same page file (in the page cache: the cost measured is mapping, faulting and summing);

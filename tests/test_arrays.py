@@ -147,11 +147,14 @@ def test_write_array_in_every_sync_mode(root, sync, strided):
         assert_round_trip(cache, array[::2] if strided else array[:1000])
 
 
-def test_strided_input_is_never_copied_whole_in_memory(cache):
-    # numpy copies it straight into the page's mapping; a contiguous copy first would
-    # double the memory (or not fit, for a slice of a memmap larger than memory)
+def test_strided_input_is_never_copied_whole_in_memory(cache, monkeypatch):
+    # written in pieces of at most CHUNK bytes; a contiguous copy first would double the
+    # memory (or not fit, for a slice of a memmap larger than memory)
     import tracemalloc
 
+    from diskpages import _arrays
+
+    monkeypatch.setattr(_arrays, "CHUNK", 1 << 20)
     array = np.ones((1024, 4096))[:, ::2]  # 16 MiB of data, strided
     tracemalloc.start()
     try:
@@ -159,8 +162,53 @@ def test_strided_input_is_never_copied_whole_in_memory(cache):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1024 * 1024, peak  # numpy's data allocations are traced: none of 16 MiB
+    assert peak < 3 << 20, peak  # numpy's data allocations are traced: one piece, not 16 MiB
     assert same(page.array(), array)
+
+
+@pytest.mark.parametrize(
+    "name, array",
+    [
+        ("1-d", np.arange(1000, dtype=np.int32)[::3]),
+        ("rows bigger than a piece", np.arange(6000.0).reshape(6, 1000)[:, ::2]),
+        ("3-d transposed slice", np.arange(4800.0).reshape(8, 20, 30).transpose(2, 0, 1)[:, 1:, ::2]),
+        ("structured", np.zeros(200, dtype=STRUCTURED)[::3]),
+        ("big-endian, reversed", np.arange(500, dtype=">i8")[::-1]),
+    ],
+)
+def test_strided_input_is_written_in_pieces_in_c_order(cache, monkeypatch, name, array):
+    from diskpages import _arrays
+
+    monkeypatch.setattr(_arrays, "CHUNK", 64)  # many pieces, split below the first axis too
+    assert not (array.flags.c_contiguous or array.flags.f_contiguous)
+    assert_round_trip(cache, array)
+
+
+def test_strided_write_interrupted_leaves_nothing_even_while_its_traceback_lives(root, monkeypatch):
+    from diskpages import PageBuilder, _arrays
+
+    calls = []
+
+    def interrupted(self, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return len(memoryview(data).cast("B"))
+
+    monkeypatch.setattr(PageBuilder, "_write_at", interrupted)
+    monkeypatch.setattr(_arrays, "CHUNK", 64 * 1024)
+    with PageCache(root, max_bytes=1 << 20) as cache:
+        fds = len(os.listdir("/proc/self/fd"))
+        try:
+            cache.write_array(np.zeros((200, 600))[:, ::2])  # 480 KB in 64 KB pieces
+        except KeyboardInterrupt as e:
+            kept = e  # as an interactive session keeps the last traceback
+        assert len(calls) == 3
+        assert cache.stats().live_pages == 0  # released, not waiting for the traceback
+        cache.flush()
+        assert files_in(cache.path) == [] and cache.stats().charged_bytes == 0
+        assert len(os.listdir("/proc/self/fd")) == fds  # the page's fd is closed too
+        del kept
 
 
 def test_empty_array_page_is_never_empty(cache):
@@ -448,7 +496,7 @@ def test_write_array_that_fails_midway_leaves_no_file(root):
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
         c = PageCache({str(root)!r})
         for call in (lambda: c.write_array(np.zeros(20000)), lambda: c.allocate_array(20000, "f8"),
-                     lambda: c.write_array(np.zeros(40000)[::2])):
+                     lambda: c.write_array(np.zeros(40000)[::2])):  # strided: pwrite, no mapping
             try:
                 call()
             except OSError as e:

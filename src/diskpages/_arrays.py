@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import operator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -61,6 +62,11 @@ def _header(np: Any, dtype: numpy.dtype, fields: dict[str, Any]) -> bytes:
     return out.getvalue()
 
 
+def _c_order_header(np: Any, dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
+    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    return _header(np, dtype, fields)
+
+
 def as_array(data: Any) -> numpy.ndarray:
     """``numpy.asarray(data)``, refused if it holds Python objects."""
     array = _numpy().asarray(data)
@@ -88,15 +94,43 @@ def npy_parts(array: numpy.ndarray) -> tuple[bytes, Any]:
     return header, ordered.reshape(-1).view(np.uint8)
 
 
+# A strided array is written in C-ordered pieces of at most this many bytes.
+CHUNK = 16 << 20
+
+
+def _c_order_pieces(np: Any, array: numpy.ndarray, limit: int) -> Iterator[numpy.ndarray]:
+    """Contiguous copies of consecutive pieces of ``array`` in C order, each at most
+    ``limit`` bytes (or a single element): split along the first axis, and below it where
+    one index of that axis is already too big."""
+    if array.nbytes <= limit or array.ndim == 0:
+        yield np.ascontiguousarray(array)
+        return
+    per = max(1, limit // (array.nbytes // array.shape[0]))
+    for i in range(0, array.shape[0], per):
+        if per == 1 and array.ndim > 1:
+            yield from _c_order_pieces(np, array[i], limit)
+        else:
+            yield np.ascontiguousarray(array[i : i + per])
+
+
 def write_strided(cache: PageCache, array: numpy.ndarray) -> Page:
-    """A strided array, written in C order by numpy's own copy straight into a new page's
-    mapping: never a whole copy in memory first (the array may be a slice of a memmap
-    larger than memory). Dropped unsealed on any error, so it leaves no file."""
-    builder = allocate_array(cache, array.shape, array.dtype)
-    target = array_of(builder)
-    target[...] = array
-    del target  # its export of the mapping would make seal() raise BufferError
-    return builder.seal()
+    """An array that is neither C- nor Fortran-contiguous, written in C order in pieces of
+    at most CHUNK bytes with pwrite into a new page (as numpy.save does): never copied
+    whole into memory, since it may be a slice of a memmap larger than memory; and never
+    stored through a mapping, which on a file system without fallocate could be SIGBUS.
+    On any error the page is discarded at once: its fd and file go, its bytes leave the
+    budget with the next removal."""
+    np = _numpy()
+    header = _c_order_header(np, array.dtype, array.shape)
+    builder = cache.allocate(len(header) + array.nbytes)
+    try:
+        offset = builder._write_at(header, 0)
+        for piece in _c_order_pieces(np, array, CHUNK):
+            offset += builder._write_at(piece.reshape(-1).view(np.uint8), offset)
+        return builder.seal()
+    except BaseException:
+        builder._discard()
+        raise
 
 
 def _shape(shape: Any) -> tuple[int, ...]:
@@ -120,8 +154,7 @@ def allocate_array(cache: PageCache, shape: Any, dtype: Any) -> PageBuilder:
     if dtype.subdtype is not None:  # as numpy.empty does: ("f8", (3,)) adds a dimension
         dtype, dims = dtype.base, dims + dtype.shape
     _refuse_objects(dtype)
-    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": dims}
-    header = _header(np, dtype, fields)
+    header = _c_order_header(np, dtype, dims)
     nbytes = math.prod(dims) * dtype.itemsize
     if len(header) + nbytes > 2**63 - 1:
         raise ValueError(f"an array of shape {dims} and dtype {dtype} is too large for a page")

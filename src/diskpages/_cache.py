@@ -93,10 +93,18 @@ def _shutdown_quietly(handle: Any, path: str, watched: weakref.WeakSet[Page] | N
 
 # Every open cache, for the gc callback below (weak: it keeps none alive).
 _caches: weakref.WeakSet[PageCache] = weakref.WeakSet()
-# Per thread: how many collections it has started, and whether one is under way in it.
-# Lets a thread tell whether gc.collect() collected, or returned at once because a
-# collection was already running (in another thread, or in this one's finalizers).
-_started = threading.local()
+
+
+class _Started(threading.local):
+    """Per thread: how many collections it has started, and whether one is under way in
+    it. Lets a thread tell whether gc.collect() collected, or returned at once because a
+    collection was already running (in another thread, or in this one's finalizers)."""
+
+    count = 0
+    running = False
+
+
+_started = _Started()
 
 
 def _on_collection(
@@ -106,14 +114,14 @@ def _on_collection(
     _take: Any = native.gc_take_releases,
     _kick: Any = native.kick,
     _caches: weakref.WeakSet[PageCache] = _caches,
-    _started: threading.local = _started,
+    _started: _Started = _started,
 ) -> None:
     """gc.callbacks hook: pages dropped during a collection count as released by the
     collector, and once it ends the reapers of caches with pending pages drain at once
     (in their own thread) instead of waiting for the next batch or max_delay. Captures what
     it needs as defaults: it runs at shutdown too."""
     if phase == "start":
-        _started.count = getattr(_started, "count", 0) + 1
+        _started.count += 1
         _started.running = True
         _phase(1)
         return
@@ -131,20 +139,22 @@ def _on_collection(
 gc.callbacks.append(_on_collection)
 
 
-def _collect_here(timeout: float = 2.0) -> None:
+# How long a thread waits for another thread's collection to end before running its own.
+COLLECT_WAIT = 2.0
+
+
+def _collect_here(deadline: float) -> None:
     """A full collection, run by this thread. While another thread collects (its
     finalizers let other threads run), gc.collect() returns at once and collects nothing,
-    not even the cycles this thread made meanwhile: then wait for that collection to end
-    and run one of our own (within ``timeout``)."""
-    if getattr(_started, "running", False):
-        return  # called from a finalizer of this thread's own collection: nothing to wait for
-    deadline = time.monotonic() + timeout
+    not even the cycles this thread made meanwhile: then wait for that collection to end,
+    until ``deadline`` (time.monotonic()), and run one of our own."""
     while True:
-        before = getattr(_started, "count", 0)
+        before = _started.count
         gc.collect()
-        ran = getattr(_started, "count", 0) != before
-        if ran or not native.gc_collecting() or time.monotonic() > deadline:
-            return  # (not collecting: ours ran, or someone took our hook out of gc.callbacks)
+        if _started.count != before or _started.running:
+            return  # ours ran, or this is a finalizer of our own collection: no one to wait for
+        if not native.gc_collecting() or time.monotonic() >= deadline:
+            return  # (not collecting: someone took our hook out of gc.callbacks)
         time.sleep(0.001)
 
 
@@ -343,10 +353,12 @@ class PageCache:
         collector (pages in unreachable cycles still hold their bytes), remove again and
         retry; then give up, having written nothing. With other threads about, they may
         make garbage or release pages meanwhile: so up to three collections (each run by
-        this thread: see _collect_here), and more removals while pages are pending."""
+        this thread, waiting up to COLLECT_WAIT seconds in all for another thread's
+        collection to end: see _collect_here), and more removals while pages are pending."""
+        deadline = time.monotonic() + COLLECT_WAIT  # for all three collections together
         for attempt in range(100):
             if 1 <= attempt <= 3:
-                _collect_here()  # pages in unreachable cycles hold their bytes until this
+                _collect_here(deadline)  # pages in unreachable cycles hold their bytes until this
             self.flush()
             try:
                 return write(*args)
@@ -355,8 +367,10 @@ class PageCache:
             if attempt >= 3 and self.stats().pending_bytes == 0:
                 break
         s = self.stats()
-        stuck = s.charged_bytes - s.live_bytes - s.pending_bytes  # (or writes under way)
-        held = f", {stuck} in files that could not be removed" if stuck > 0 and s.remove_errors else ""
+        stuck = s.charged_bytes - s.live_bytes - s.pending_bytes
+        held = ""
+        if stuck > 0 and s.remove_errors:
+            held = f", {stuck} in files that could not be removed (or writes under way)"
         raise CacheFullError(
             f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
             f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending{held} "
@@ -376,7 +390,7 @@ class PageCache:
     def collect(self) -> int:
         """Run the cycle collector, so pages kept alive only by unreachable cycles are
         released, then ``flush()``."""
-        _collect_here()
+        _collect_here(time.monotonic() + COLLECT_WAIT)
         return self.flush()
 
     def live(self) -> Iterator[LivePage]:
@@ -518,7 +532,9 @@ class _Readable(_Sized):
     def view(self) -> memoryview:
         """The page's bytes, zero-copy: a read-only memoryview over a read-only shared
         mapping. It holds no file descriptor, and stays valid after the page is released
-        and the cache closed (a mapping outlives its file's name)."""
+        and the cache closed (a mapping outlives its file's name). For a page of 2 MiB or
+        more, ``view.obj`` is longer than the page, which starts at its first 2 MiB
+        boundary: use the view, not its ``obj``."""
         fd = self._open()
         try:
             return _map_read_only(fd, self._nbytes, self.path)
@@ -741,9 +757,30 @@ class PageBuilder(_PageFile):
         return self
 
     def __del__(self) -> None:
-        if not self._sealed:
+        if not self._sealed and self._fd >= 0:
             self._close(self._fd)  # the mapping, if a view still holds it, dies with the view
             self._drop(self._rec)
+
+    def _discard(self) -> None:
+        """Give up an unsealed builder now rather than when it is collected (a traceback
+        may hold it a long time): its fd closes and its record is dropped, so its file and
+        its bytes in the budget go. The builder is unusable after."""
+        with self._lock:
+            if self._sealed or self._fd < 0:
+                return
+            fd, self._fd, self._mapping = self._fd, -1, None
+            self._close(fd)
+            self._drop(self._rec)
+
+    def _write_at(self, data: Any, offset: int) -> int:
+        """pwrite all of ``data`` at ``offset`` through the builder's fd; returns its length.
+        ENOSPC and the like are OSError here, where a store into the mapping would be
+        SIGBUS on a file without reserved blocks."""
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        return done
 
     @property
     def sealed(self) -> bool:
