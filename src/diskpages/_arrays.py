@@ -75,8 +75,8 @@ def as_array(data: Any) -> numpy.ndarray:
 
 
 def is_strided(array: numpy.ndarray) -> bool:
-    """Whether the array's data is neither C- nor Fortran-contiguous (nothing to write is
-    contiguous enough)."""
+    """Whether the array has bytes to write and they are neither C- nor Fortran-contiguous
+    (an array with no bytes counts as contiguous)."""
     flags = array.flags
     return bool(array.size and array.dtype.itemsize) and not (flags.c_contiguous or flags.f_contiguous)
 
