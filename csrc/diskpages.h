@@ -85,12 +85,16 @@ int dp_map_fixed(int fd, void *addr, size_t nbytes);
 void dp_release(dp_page *p);
 int dp_released(const dp_page *p);
 /* The owning object is gone: release if not yet released and let the record be freed.
- * Counted as released by the cycle collector while dp_gc_phase says one runs. */
+ * Counted as released by the cycle collector when dropped in the thread that dp_gc_phase
+ * says is collecting. */
 void dp_page_drop(dp_page *p);
 
-/* The cycle collector starts (1) or ends (0): called from a gc callback. */
+/* The cycle collector starts (1) or ends (0) in the calling thread: called from a gc
+ * callback. dp_gc_collecting: a collection runs, in any thread; dp_gc_collecting_here:
+ * in the calling thread. */
 void dp_gc_phase(int collecting);
 int dp_gc_collecting(void);
+int dp_gc_collecting_here(void);
 /* How many pages the collector released since the last call (for every cache). */
 uint64_t dp_gc_take_releases(void);
 /* Ask the reaper to drain now (after a collection released pages), without waiting. */

@@ -41,19 +41,29 @@ static void record_put(dp_page *p)
         free(p);
 }
 
-/* Set by the gc callback around each collection (the collector holds the GIL, so a page
- * dropped meanwhile was almost surely freed by it). Relaxed: a hint for accounting. */
+/* Set by the gc callback around each collection: `collecting` for every thread, and
+ * `collecting_here` in the thread that runs it. A page dropped in that thread meanwhile was
+ * freed by the collector (finalizers run in the collecting thread); one dropped in another
+ * thread, which runs whenever a C call of the collection lets go of the GIL, was freed by
+ * refcount. The release path reads the thread-local only while some collection runs. */
 static atomic_int collecting;
+static _Thread_local bool collecting_here;
 static atomic_uint_fast64_t gc_releases;
 
 void dp_gc_phase(int on)
 {
+    collecting_here = on;
     atomic_store_explicit(&collecting, on, memory_order_relaxed);
 }
 
 int dp_gc_collecting(void)
 {
     return atomic_load_explicit(&collecting, memory_order_relaxed);
+}
+
+int dp_gc_collecting_here(void)
+{
+    return atomic_load_explicit(&collecting, memory_order_relaxed) && collecting_here;
 }
 
 uint64_t dp_gc_take_releases(void)
@@ -122,7 +132,7 @@ int dp_released(const dp_page *p)
 
 void dp_page_drop(dp_page *p)
 {
-    release_as(p, atomic_load_explicit(&collecting, memory_order_relaxed) ? BY_GC : BY_REFCOUNT);
+    release_as(p, dp_gc_collecting_here() ? BY_GC : BY_REFCOUNT);
     record_put(p);
 }
 

@@ -255,6 +255,38 @@ def test_releases_are_counted_by_cause(root, no_gc):
     assert s.released_at_close == 4 and s.released == 11 and s.pending == 0
 
 
+def test_a_drop_in_another_thread_during_a_collection_counts_as_refcount(root, no_gc):
+    # The collection's finalizers run in its own thread; another thread runs meanwhile
+    # whenever the collection lets go of the GIL, and what it drops, refcount freed.
+    in_finalizer, dropped = threading.Event(), threading.Event()
+
+    class Slow:
+        def __del__(self):
+            in_finalizer.set()
+            dropped.wait(10)  # the collection stays under way until the other thread is done
+
+    def collect_slowly():
+        s = Slow()
+        s.me = s
+        del s
+        gc.collect()
+
+    with PageCache(root, warn_on_gc=True) as cache, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        page = cache.write(b"r")
+        other = threading.Thread(target=collect_slowly)
+        other.start()
+        try:
+            assert in_finalizer.wait(10)
+            del page  # by refcount, in this thread, while the other thread collects
+        finally:
+            dropped.set()
+            other.join()
+        s = cache.stats()
+        assert (s.released_by_refcount, s.released_by_gc) == (1, 0)
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
 # -- 4. warn_on_gc --------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ page_drop = lib.dp_page_drop
 # The gc callback's calls (it runs at shutdown too)
 gc_phase = lib.dp_gc_phase
 gc_collecting = lib.dp_gc_collecting
+gc_collecting_here = lib.dp_gc_collecting_here
 gc_take_releases = lib.dp_gc_take_releases
 kick = lib.dp_kick
 

@@ -649,7 +649,7 @@ class _WatchedPage(Page):
 
     __slots__ = ()
 
-    _collecting = native.gc_collecting
+    _collecting = native.gc_collecting_here  # this thread's collection, not another's
     _warn = warnings.warn
 
     @classmethod
