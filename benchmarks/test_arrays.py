@@ -35,8 +35,8 @@ WRITES_PER_ROUND = 2
 READS_PER_ROUND = 2 if QUICK else 4
 
 
-def make_array() -> np.ndarray:
-    return np.random.default_rng(0).random(NBYTES // 8)
+def make_array(times: int = 1) -> np.ndarray:
+    return np.random.default_rng(0).random(times * NBYTES // 8)
 
 
 class NumpyWrite:
@@ -111,13 +111,22 @@ WRITERS = {
 }
 
 
-@pytest.mark.parametrize("sync", ["none", "data"])
-def test_write_array(benchmark, bench_root, sync):
-    array = make_array()
-    runners = {name: cls(bench_root, name, array, sync) for name, cls in WRITERS.items()}
+STRIDED_WRITERS = {"np.save": NumpyWrite, "write_array": DiskpagesWrite, "copy + write_array": DiskpagesWrite}
+
+
+WRITE_CASES = [("contiguous", "none"), ("contiguous", "data"), ("strided", "none")]
+
+
+@pytest.mark.parametrize("layout, sync", WRITE_CASES)
+def test_write_array(benchmark, bench_root, layout, sync):
+    if layout == "strided":  # every other float of twice as many
+        array, writers, name = make_array(2)[::2], STRIDED_WRITERS, "strided "
+    else:
+        array, writers, name = make_array(), WRITERS, ""
+    runners = {kind: cls(bench_root, kind, array, sync) for kind, cls in writers.items()}
     record(
         benchmark,
-        f"array write 64MiB float64 sync={sync}",
+        f"array write 64MiB float64 {name}sync={sync}",
         runners,
         WRITES_PER_ROUND,
         "np.save",
@@ -125,24 +134,6 @@ def test_write_array(benchmark, bench_root, sync):
         unit="array",
         size=NBYTES,
         sync=sync,
-    )
-
-
-def test_write_strided_array(benchmark, bench_root):
-    array = np.random.default_rng(0).random(NBYTES // 4)[::2]
-    assert not array.flags.c_contiguous
-    writers = {"np.save": NumpyWrite, "write_array": DiskpagesWrite, "copy + write_array": DiskpagesWrite}
-    runners = {name: cls(bench_root, name, array, "none") for name, cls in writers.items()}
-    record(
-        benchmark,
-        "array write 64MiB float64 strided sync=none",
-        runners,
-        WRITES_PER_ROUND,
-        "np.save",
-        ROUNDS,
-        unit="array",
-        size=NBYTES,
-        sync="none",
     )
 
 
