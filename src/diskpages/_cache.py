@@ -116,8 +116,8 @@ def _on_collection(
     _caches: weakref.WeakSet[PageCache] = _caches,
     _started: _Started = _started,
 ) -> None:
-    """gc.callbacks hook: pages dropped during a collection count as released by the
-    collector, and once it ends the reapers of caches with pending pages drain at once
+    """gc.callbacks hook: pages dropped in the collecting thread during a collection count
+    as released by the collector, and once it ends the reapers of caches with pending pages drain at once
     (in their own thread) instead of waiting for the next batch or max_delay. Captures what
     it needs as defaults: it runs at shutdown too."""
     if phase == "start":
@@ -327,9 +327,9 @@ class PageCache:
         """Write a NumPy array (or anything ``numpy.asarray`` takes) as a ``.npy`` page:
         numpy's header, then the data, so ``numpy.load(page.path, mmap_mode="r")`` and
         ``page.array()`` open it. C- and Fortran-ordered arrays are written from their own
-        memory, others in C order, copied straight into the page's mapping. Arrays holding
-        Python objects raise TypeError: no pickle is ever written. Otherwise as
-        ``write()``. Needs NumPy."""
+        memory, others in C order, in pieces of at most 16 MiB (never copied whole into
+        memory). Arrays holding Python objects raise TypeError: no pickle is ever written.
+        Otherwise as ``write()``. Needs NumPy."""
         self._check_open()
         array = _arrays.as_array(array)
         if _arrays.is_strided(array):
