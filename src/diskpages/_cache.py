@@ -96,12 +96,11 @@ _caches: weakref.WeakSet[PageCache] = weakref.WeakSet()
 
 
 class _Started(threading.local):
-    """Per thread: how many collections it has started, and whether one is under way in
-    it. Lets a thread tell whether gc.collect() collected, or returned at once because a
-    collection was already running (in another thread, or in this one's finalizers)."""
+    """Per thread: how many collections it has started. Lets a thread tell whether
+    gc.collect() collected, or returned at once because a collection was already running
+    (in another thread, or in this one's finalizers: native.gc_collecting_here says which)."""
 
     count = 0
-    running = False
 
 
 _started = _Started()
@@ -122,10 +121,8 @@ def _on_collection(
     it needs as defaults: it runs at shutdown too."""
     if phase == "start":
         _started.count += 1
-        _started.running = True
         _phase(1)
         return
-    _started.running = False
     _phase(0)
     if _take():
         try:
@@ -151,7 +148,7 @@ def _collect_here(deadline: float) -> None:
     while True:
         before = _started.count
         gc.collect()
-        if _started.count != before or _started.running:
+        if _started.count != before or native.gc_collecting_here():
             return  # ours ran, or this is a finalizer of our own collection: no one to wait for
         if not native.gc_collecting() or time.monotonic() >= deadline:
             return  # (not collecting: someone took our hook out of gc.callbacks)
