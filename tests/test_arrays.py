@@ -329,6 +329,18 @@ def fill_bytes(out, value: int) -> None:
     assert out.tobytes() == bytes([value]) * out.nbytes
 
 
+def assert_filled_round_trip(builder, shape, dtype, fill: int) -> None:
+    """Fill the builder's array with one byte value, seal it, and read it back both ways."""
+    out = builder.array()
+    assert out.shape == shape and out.dtype == dtype
+    fill_bytes(out, fill)
+    snapshot = out.copy()
+    del out
+    page = builder.seal()
+    assert same(np.load(page.path, mmap_mode="r"), snapshot)
+    assert same(page.array(), snapshot)
+
+
 def test_allocate_array_fill_and_seal(cache):
     builder = cache.allocate_array((3, 4), np.float32)
     out = builder.array()
@@ -360,16 +372,8 @@ def test_allocate_array_fill_and_seal(cache):
     ],
 )
 def test_allocate_array_shapes_and_dtypes(cache, shape, dtype):
-    builder = cache.allocate_array(shape, dtype)
-    out = builder.array()
     expected_shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
-    assert out.shape == expected_shape and out.dtype == np.dtype(dtype)
-    fill_bytes(out, 0xAB)
-    snapshot = out.copy()
-    del out
-    page = builder.seal()
-    assert same(np.load(page.path, mmap_mode="r"), snapshot)
-    assert same(page.array(), snapshot)
+    assert_filled_round_trip(cache.allocate_array(shape, dtype), expected_shape, np.dtype(dtype), 0xAB)
 
 
 def test_allocate_array_subarray_dtype_adds_dimensions(cache):
@@ -460,15 +464,7 @@ def test_any_array_round_trips(tmp_path_factory, data):
 @given(dtype=dtypes, shape=shapes, fill=st.integers(0, 255))
 def test_any_allocated_array_round_trips(tmp_path_factory, dtype, shape, fill):
     with PageCache(tmp_path_factory.getbasetemp() / "prop-arrays") as cache:
-        builder = cache.allocate_array(shape, dtype)
-        out = builder.array()
-        assert out.shape == shape and out.dtype == dtype
-        fill_bytes(out, fill)
-        snapshot = out.copy()
-        del out
-        page = builder.seal()
-        assert same(np.load(page.path, mmap_mode="r"), snapshot)
-        assert same(page.array(), snapshot)
+        assert_filled_round_trip(cache.allocate_array(shape, dtype), shape, dtype, fill)
 
 
 # -- the C gather write and its failures ----------------------------------------------------
