@@ -168,6 +168,42 @@ def test_over_budget_write_waits_out_another_threads_collection(root, no_gc):
         assert cache.stats().released_by_gc >= 16
 
 
+def test_over_budget_write_gives_up_when_another_collection_outlasts_the_wait(root, no_gc, monkeypatch):
+    # The other thread's collection is stuck in a finalizer past COLLECT_WAIT: the write
+    # must raise CacheFullError then, not wait for as long as that collection lasts.
+    from diskpages import _cache
+
+    monkeypatch.setattr(_cache, "COLLECT_WAIT", 0.2)
+    in_finalizer, finished = threading.Event(), threading.Event()
+
+    class Stuck:
+        def __del__(self):
+            in_finalizer.set()
+            finished.wait(30)
+
+    def collect_stuck():
+        s = Stuck()
+        s.me = s
+        del s
+        gc.collect()
+
+    with PageCache(root, max_bytes=64 * 1024, max_delay=3600, batch=2**31 - 1) as cache:
+        other = threading.Thread(target=collect_stuck)
+        other.start()
+        try:
+            assert in_finalizer.wait(10)
+            for _ in range(16):
+                cyclic(cache, b"c" * 4096)  # freed only by a collection that starts later
+            with pytest.raises(CacheFullError):
+                cache.write(b"n" * 4096)
+            gave_up_while_stuck = not finished.is_set() and other.is_alive()
+        finally:
+            finished.set()
+            other.join()
+        assert gave_up_while_stuck
+        assert cache.write(b"n" * 4096).read() == b"n" * 4096  # and works once it has ended
+
+
 def test_over_budget_write_in_a_finalizer_of_its_own_collection_does_not_wait(root, no_gc, monkeypatch):
     # A __del__ that writes during this thread's collection: there is no other collection
     # to wait out, so the write gives up at once rather than poll until a timeout.
