@@ -41,8 +41,8 @@ static bool tmpfile_links(int dirfd)
     int fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
     if (fd < 0)
         return false;
-    char proc[40];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    char proc[48];
+    snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", fd);
     const char *probe = ".probe";
     bool ok = linkat(AT_FDCWD, proc, dirfd, probe, AT_SYMLINK_FOLLOW) == 0 ||
               linkat(fd, "", dirfd, probe, AT_EMPTY_PATH) == 0;
@@ -53,7 +53,7 @@ static bool tmpfile_links(int dirfd)
 }
 
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
-                  uint64_t max_bytes, dp_cache **out)
+                  uint64_t max_bytes, dp_hold *out)
 {
     if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
         (remover != DP_REMOVE_AUTO && remover != DP_REMOVE_LOOP))
@@ -62,6 +62,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     if (!c)
         return -ENOMEM;
     int err = 0;
+    atomic_init(&c->refs, 1); /* the hold's */
     c->dirfd = dirfd;
     c->owner = dp_pid();
     c->sync = sync;
@@ -74,11 +75,17 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     const char *tmpfile = getenv("DISKPAGES_TMPFILE");
     atomic_init(&c->tmpfile, !(tmpfile && strcmp(tmpfile, "0") == 0) && tmpfile_links(dirfd));
 
-    c->remover = dp_remover_new(remover);
-    if (!c->remover) {
+    c->scratch = malloc(sizeof *c->scratch);
+    if (!c->scratch) {
         err = -ENOMEM;
         goto fail_alloc;
     }
+    c->remover = dp_remover_new(remover);
+    if (!c->remover) {
+        err = -ENOMEM;
+        goto fail_scratch;
+    }
+    atomic_init(&c->remover_kind, dp_remover_kind(c->remover));
     pthread_rwlockattr_t rwattr;
     pthread_rwlockattr_init(&rwattr);
     pthread_rwlockattr_setkind_np(&rwattr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -102,7 +109,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     if ((err = -pthread_create(&c->reaper, NULL, dp_reaper_main, c)))
         goto fail_cond;
     c->reaper_started = true;
-    *out = c;
+    out->ptr = c;
     return 0;
 
 fail_cond:
@@ -115,13 +122,19 @@ fail_rwlock:
     pthread_rwlock_destroy(&c->closing);
 fail_remover:
     dp_remover_free(c->remover);
+fail_scratch:
+    free(c->scratch);
 fail_alloc:
     free(c);
     return err; /* dirfd stays the caller's on failure */
 }
 
-void dp_cache_stats(dp_cache *c, dp_stats *out)
+void dp_cache_stats(dp_hold *h, dp_stats *out)
 {
+    memset(out, 0, sizeof *out);
+    dp_cache *c = dp_hold_enter(h, dp_cache_let_go);
+    if (!c)
+        return; /* let go of: closed, nothing live */
     bool closed = atomic_load(&c->closed);
     /* pending_bytes before live_bytes: a release takes a page's bytes off live before it
      * adds them to pending, so a page being released is never counted twice. (The loads
@@ -148,7 +161,8 @@ void dp_cache_stats(dp_cache *c, dp_stats *out)
         out->live_pages = out->live_bytes = out->pending = out->pending_bytes = 0;
         out->charged_bytes = 0;
     }
-    out->remover = dp_remover_kind(c->remover);
+    out->remover = c->remover_kind;
+    dp_hold_leave(h, dp_cache_let_go);
 }
 
 static void stop_reaper(dp_cache *c)
@@ -177,10 +191,20 @@ int64_t dp_empty_dir(dp_remover *r, int dirfd)
         close(fd);
         return err;
     }
+    /* On the heap: 256 names of up to 256 bytes would not fit a small thread's stack. */
     enum { CHUNK = 256 };
-    char names[CHUNK][256];
-    char *ptrs[CHUNK];
-    int results[CHUNK];
+    struct {
+        char names[CHUNK][NAME_MAX + 1];
+        char *ptrs[CHUNK];
+        int results[CHUNK];
+    } *buf = malloc(sizeof *buf);
+    if (!buf) {
+        closedir(dir);
+        return -ENOMEM;
+    }
+    char(*names)[NAME_MAX + 1] = buf->names;
+    char **ptrs = buf->ptrs;
+    int *results = buf->results;
     int first_error = 0;
     int64_t total = 0;
     for (;;) {
@@ -218,6 +242,7 @@ int64_t dp_empty_dir(dp_remover *r, int dirfd)
         first_error = 0; /* a pass that removed something may have cleared the error */
     }
     closedir(dir);
+    free(buf);
     return first_error ? first_error : total;
 }
 
@@ -231,42 +256,99 @@ int64_t dp_empty_folder(int dirfd)
     return n;
 }
 
-int dp_cache_close(dp_cache *c)
+int dp_close_locked(dp_cache *c)
 {
     if (dp_pid() != c->owner) {
         /* a forked child: the locks may be held by a thread that did not come along */
         atomic_store(&c->closed, true);
         return -DP_EFORKED;
     }
-    /* Mark closed first, so new writers turn back at once; then wait for the ones in
-     * flight (the lock prefers writers, so a stream of new writers cannot starve us). */
+    /* Mark closed first, so new writers and readers turn back at once; then wait for the
+     * ones in flight (the lock prefers writers, so a stream of them cannot starve us). */
     if (!atomic_exchange(&c->closed, true)) {
         pthread_rwlock_wrlock(&c->closing);
         pthread_rwlock_unlock(&c->closing);
-        stop_reaper(c); /* the caller serialises close() calls */
+        stop_reaper(c);
     }
     /* Every call empties the folder again, so a close that failed (a file that could not
-     * be removed) can be retried once the cause is fixed. */
+     * be removed) can be retried once the cause is fixed. Once it is empty, the fds go:
+     * no reader or writer can use them any more (they check `closed` under the lock). */
     pthread_mutex_lock(&c->drain_lock);
-    dp_drain_locked(c);
-    int64_t n = dp_empty_dir(c->remover, c->dirfd);
+    int64_t n = 0;
+    if (c->dirfd >= 0) {
+        dp_drain_locked(c);
+        n = dp_empty_dir(c->remover, c->dirfd);
+        if (n >= 0) {
+            close(c->dirfd);
+            c->dirfd = -1;
+            dp_remover_free(c->remover);
+            c->remover = NULL;
+        }
+    }
     pthread_mutex_unlock(&c->drain_lock);
     return n < 0 ? (int)n : 0;
 }
 
-void dp_cache_free(dp_cache *c)
+int dp_cache_close(dp_hold *h)
+{
+    dp_cache *c = dp_hold_enter(h, dp_cache_let_go);
+    if (!c)
+        return 0; /* let go of: it was closed then */
+    int err = dp_close_locked(c);
+    dp_hold_leave(h, dp_cache_let_go);
+    return err;
+}
+
+int dp_cache_closed(dp_hold *h)
+{
+    dp_cache *c = dp_hold_enter(h, dp_cache_let_go);
+    if (!c)
+        return 1;
+    int closed = atomic_load(&c->closed);
+    dp_hold_leave(h, dp_cache_let_go);
+    return closed;
+}
+
+void dp_cache_get(dp_cache *c)
+{
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+}
+
+/* The last reference: every record is gone (each held one), and the hold let go after
+ * closing, so the reaper is stopped and the queue empty. */
+static void cache_free(dp_cache *c)
 {
     if (dp_pid() == c->owner) {
-        dp_cache_close(c);
         pthread_cond_destroy(&c->wake);
         pthread_mutex_destroy(&c->lock);
         pthread_mutex_destroy(&c->drain_lock);
         pthread_rwlock_destroy(&c->closing);
     }
-    /* In a forked child the reaper does not exist and the locks may be held by a thread
-     * that is gone: touch neither, just free our copies of the memory. */
-    dp_free_queue(c);
-    dp_remover_free(c->remover);
-    close(c->dirfd);
+    /* In a forked child the locks may be held by a thread that is gone: touch none, and
+     * close our copies of the fds, which close() left alone. */
+    if (c->remover)
+        dp_remover_free(c->remover);
+    if (c->dirfd >= 0)
+        close(c->dirfd);
+    free(c->scratch);
     free(c);
+}
+
+void dp_cache_put(dp_cache *c)
+{
+    /* acq_rel: whoever frees sees every write the other owners made. */
+    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
+        cache_free(c);
+}
+
+void dp_cache_let_go(void *ptr)
+{
+    dp_cache *c = ptr;
+    dp_close_locked(c); /* errors: close() reports them; a finalizer has no one to tell */
+    dp_cache_put(c);
+}
+
+void dp_cache_drop(dp_hold *h)
+{
+    dp_hold_drop(h, dp_cache_let_go);
 }

@@ -13,20 +13,35 @@
 
 struct dp_page {
     struct dp_page *next; /* link in the release stack; written before the publishing CAS */
-    dp_cache *cache;
+    dp_cache *cache;      /* a counted reference: the cache outlives its records */
     uint64_t id;
     uint64_t nbytes;
-    /* Two owners: the Python object and the removal. The record is freed when both are done,
-     * so a release() racing the object's death never touches freed memory. */
+    /* Two owners: the hold (the Python object) and the removal. The record is freed when
+     * both are done, so a release() racing the object's death never touches freed memory. */
     atomic_int refs;
     atomic_bool released;
     bool part; /* made as "<id>.part" (no O_TMPFILE here), renamed when whole */
+    int fd;    /* a page being written in place: its open file, until sealed or dropped */
 };
 
 typedef struct dp_remover dp_remover;
 
+/* Scratch for one drain (names, results, records): the drainer holds drain_lock, so one
+ * buffer per cache serves, off every caller's stack (threads may have 32 KiB stacks). */
+#define DRAIN_CHUNK 256
+#define DP_NAME_MAX 32
+struct dp_drain_scratch {
+    char names[DRAIN_CHUNK][DP_NAME_MAX];
+    char *ptrs[DRAIN_CHUNK];
+    int results[DRAIN_CHUNK];
+    dp_page *chunk[DRAIN_CHUNK];
+};
+
 struct dp_cache {
-    int dirfd;
+    /* Who keeps this memory: the hold of the Python PageCache, and every record. The last
+     * one out frees it (dp_cache_put); the hold closes it before it lets go. */
+    atomic_uint_fast64_t refs;
+    int dirfd; /* -1 once close() has emptied the folder */
     pid_t owner; /* a forked child borrows the cache: it never removes, joins or drains */
     int sync;
     unsigned batch;
@@ -55,7 +70,9 @@ struct dp_cache {
     /* One user of the remover at a time (reaper, flush, close); the holder never needs
      * the GIL and never waits on anything that does. */
     pthread_mutex_t drain_lock;
-    dp_remover *remover;
+    dp_remover *remover; /* NULL once closed */
+    atomic_int remover_kind; /* what it is, for stats without the lock (a ring can fail) */
+    struct dp_drain_scratch *scratch;
 
     /* The reaper sleeps on `wake` under `lock`; writes wake it when the first page appears
      * and close wakes it to stop. Releases never touch either: the reaper polls. */
@@ -78,18 +95,39 @@ int64_t dp_empty_dir(dp_remover *r, int dirfd);
 
 enum release_cause { BY_REFCOUNT = 0, BY_GC = 1, BY_CALL = 2 };
 
+/* hold.c: a call through a hold enters it (NULL: nothing held any more) and leaves it; a
+ * finalizer drops it. Whoever finds the hold dropped and unused last (the dropper, or the
+ * last call to leave) calls let_go on what it held, exactly once. */
+void *dp_hold_enter(dp_hold *h, void (*let_go)(void *));
+void dp_hold_leave(dp_hold *h, void (*let_go)(void *));
+void dp_hold_drop(dp_hold *h, void (*let_go)(void *));
+void dp_hold_empty(dp_hold *h);      /* what it held was handed on (a sealed builder) */
+void dp_hold_mark_gc(dp_hold *h);    /* its page was reclaimed by the cycle collector */
+bool dp_hold_marked_gc(dp_hold *h);
+bool dp_hold_let_go(dp_hold *h);     /* dropped or emptied: nothing to enter */
+
+/* cache.c: the cache's counted references, and what its hold does on letting go (close,
+ * then put the hold's reference) */
+void dp_cache_get(dp_cache *c);
+void dp_cache_put(dp_cache *c);
+void dp_cache_let_go(void *c);
+int dp_close_locked(dp_cache *c); /* the caller has entered the cache's hold */
+/* queue.c: what a page's hold does on letting go (dp_drop_record) */
+void dp_page_let_go(void *p);
+
 /* queue.c */
 int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */
 void dp_uncharge(dp_cache *c, uint64_t nbytes);
 int64_t dp_drain_locked(dp_cache *c);
-void dp_free_queue(dp_cache *c);
+void dp_release_page(dp_page *p, int cause);
+void dp_drop_record(dp_page *p); /* the hold lets go: release, close a builder's fd, put */
+void dp_record_put(dp_page *p);
 void *dp_reaper_main(void *arg);
 void dp_wake_reaper(dp_cache *c);
 
 uint64_t dp_now_ns(void);
 pid_t dp_pid(void); /* getpid() without the system call; right in forked children */
 
-#define DP_NAME_MAX 32
 void dp_part_name(uint64_t id, char *buf); /* "<id>.part": a page not yet whole */
 
 #endif

@@ -13,7 +13,6 @@
 
 #include "internal.h"
 
-#define DRAIN_CHUNK 256
 #define MIN_TICK_NS 1000000ull  /* 1 ms: the reaper never polls faster than this */
 #define MAX_TICK_NS 10000000ull /* 10 ms: how late a full batch may be noticed */
 
@@ -34,11 +33,14 @@ void dp_part_name(uint64_t id, char *buf)
     snprintf(buf, DP_NAME_MAX, "%llu.part", (unsigned long long)id);
 }
 
-static void record_put(dp_page *p)
+void dp_record_put(dp_page *p)
 {
     /* acq_rel: the last owner must see every write the other owner made before freeing. */
-    if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1)
+    if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1) {
+        dp_cache *c = p->cache;
         free(p);
+        dp_cache_put(c); /* the record's reference: the cache may go with its last record */
+    }
 }
 
 /* Set by the gc callback around each collection: `collecting` for every thread, and
@@ -92,7 +94,21 @@ void dp_uncharge(dp_cache *c, uint64_t nbytes)
     atomic_fetch_sub_explicit(&c->charged, nbytes, memory_order_release);
 }
 
-static void release_as(dp_page *p, int cause)
+/* Records released after close are nobody's to drain: take back their removal's share
+ * (close empties the whole folder, so their files go with it). */
+static void reclaim_after_close(dp_cache *c)
+{
+    dp_page *p = atomic_exchange(&c->released, NULL);
+    while (p) {
+        dp_page *next = p->next;
+        atomic_fetch_sub(&c->pending_bytes, p->nbytes);
+        atomic_fetch_sub(&c->pending, 1);
+        dp_record_put(p);
+        p = next;
+    }
+}
+
+void dp_release_page(dp_page *p, int cause)
 {
     if (atomic_exchange_explicit(&p->released, true, memory_order_acq_rel))
         return;
@@ -113,43 +129,98 @@ static void release_as(dp_page *p, int cause)
     dp_page *head = atomic_load_explicit(&c->released, memory_order_relaxed);
     do {
         p->next = head;
-        /* release: the drain that takes this node sees its id, size and link. */
-    } while (!atomic_compare_exchange_weak_explicit(&c->released, &head, p,
-                                                    memory_order_release,
-                                                    memory_order_relaxed));
+        /* seq_cst (a locked instruction either way on x86): with close's store of `closed`
+         * before its drain, either that drain takes this node or the load below sees
+         * closed, so no node is left in a queue that nobody drains any more. Release
+         * alone would also do for the drain that takes it: it sees id, size and link. */
+    } while (!atomic_compare_exchange_weak(&c->released, &head, p));
     atomic_fetch_sub(&c->live_pages, 1);
+    if (atomic_load(&c->closed))
+        reclaim_after_close(c);
 }
 
-void dp_release(dp_page *p)
+void dp_drop_record(dp_page *p)
 {
-    release_as(p, BY_CALL);
+    dp_release_page(p, dp_gc_collecting_here() ? BY_GC : BY_REFCOUNT);
+    if (p->fd >= 0) { /* a builder never sealed: its file goes with its last fd */
+        close(p->fd);
+        p->fd = -1;
+    }
+    dp_record_put(p);
 }
 
-int dp_released(const dp_page *p)
+void dp_page_let_go(void *p)
 {
-    return atomic_load_explicit(&p->released, memory_order_acquire);
+    dp_drop_record(p);
 }
 
-void dp_page_drop(dp_page *p)
+void dp_page_release(dp_hold *h)
 {
-    release_as(p, dp_gc_collecting_here() ? BY_GC : BY_REFCOUNT);
-    record_put(p);
+    dp_page *p = dp_hold_enter(h, dp_page_let_go);
+    if (!p)
+        return;
+    dp_release_page(p, BY_CALL);
+    dp_hold_leave(h, dp_page_let_go);
+}
+
+int dp_page_released(dp_hold *h)
+{
+    dp_page *p = dp_hold_enter(h, dp_page_let_go);
+    if (!p)
+        return 1;
+    int released = atomic_load_explicit(&p->released, memory_order_acquire) ||
+                   atomic_load(&p->cache->closed);
+    dp_hold_leave(h, dp_page_let_go);
+    return released;
+}
+
+void dp_page_drop(dp_hold *h)
+{
+    if (dp_gc_collecting_here()) {
+        /* Remember that the collector reclaimed it, for a warn_on_gc page's __del__, which
+         * may run before or after this in the same collection. */
+        dp_page *p = dp_hold_enter(h, dp_page_let_go);
+        if (p) {
+            if (!atomic_load(&p->released) && !atomic_load(&p->cache->closed))
+                dp_hold_mark_gc(h);
+            dp_hold_leave(h, dp_page_let_go);
+        }
+    }
+    dp_hold_drop(h, dp_page_let_go);
+}
+
+int dp_page_reclaimed_by_gc(dp_hold *h)
+{
+    if (dp_hold_marked_gc(h))
+        return 1;
+    if (!dp_gc_collecting_here())
+        return 0;
+    return !dp_page_released(h);
+}
+
+int dp_builder_fd(dp_hold *h)
+{
+    dp_page *p = dp_hold_enter(h, dp_page_let_go);
+    if (!p)
+        return -DP_ERELEASED;
+    int fd = p->fd >= 0 ? p->fd : -DP_ERELEASED;
+    dp_hold_leave(h, dp_page_let_go);
+    return fd;
 }
 
 /* Remove one chunk of records' files and retire the records; returns how many files
  * went (or were gone already). */
 static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
 {
+    struct dp_drain_scratch *s = c->scratch;
     int64_t removed = 0;
-    char names[DRAIN_CHUNK][DP_NAME_MAX];
-    char *ptrs[DRAIN_CHUNK] = {0};
-    int results[DRAIN_CHUNK];
     for (size_t i = 0; i < n; i++) {
         /* an unsealed builder's file, where there is no O_TMPFILE, has its .part name */
-        (recs[i]->part ? dp_part_name : dp_page_name)(recs[i]->id, names[i]);
-        ptrs[i] = names[i];
+        (recs[i]->part ? dp_part_name : dp_page_name)(recs[i]->id, s->names[i]);
+        s->ptrs[i] = s->names[i];
     }
-    dp_remove_names(c->remover, c->dirfd, ptrs, n, results);
+    dp_remove_names(c->remover, c->dirfd, s->ptrs, n, s->results);
+    atomic_store_explicit(&c->remover_kind, dp_remover_kind(c->remover), memory_order_relaxed);
     for (size_t i = 0; i < n; i++) {
         /* ENOENT: someone removed it under us; the file is gone either way. */
         /* Out of pending before the room is given back (the uncharge is a release, the
@@ -157,7 +228,7 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
          * publishes its page only after they have left pending, so live + pending never
          * passes charged, nor charged max_bytes. */
         atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
-        if (results[i] == 0 || results[i] == -ENOENT) {
+        if (s->results[i] == 0 || s->results[i] == -ENOENT) {
             removed++;
             atomic_fetch_add(&c->removed, 1);
             dp_uncharge(c, recs[i]->nbytes); /* the file is gone: room again */
@@ -165,7 +236,7 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
             atomic_fetch_add(&c->remove_errors, 1); /* its bytes stay charged until close */
         }
         atomic_fetch_sub(&c->pending, 1);
-        record_put(recs[i]);
+        dp_record_put(recs[i]); /* never the cache's last reference: its hold has one */
     }
     return removed;
 }
@@ -176,9 +247,9 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
 int64_t dp_drain_locked(dp_cache *c)
 {
     /* acquire: pairs with the release CAS of every push we take. */
-    dp_page *list = atomic_exchange_explicit(&c->released, NULL, memory_order_acquire);
+    dp_page *list = atomic_exchange(&c->released, NULL);
     int64_t count = 0;
-    dp_page *chunk[DRAIN_CHUNK];
+    dp_page **chunk = c->scratch->chunk;
     size_t n = 0;
     for (dp_page *p = list; p != NULL;) {
         dp_page *next = p->next; /* read before remove_chunk may free p */
@@ -194,35 +265,36 @@ int64_t dp_drain_locked(dp_cache *c)
     return count;
 }
 
-int64_t dp_flush(dp_cache *c)
+int64_t dp_flush(dp_hold *h)
 {
-    if (dp_pid() != c->owner)
-        return 0; /* a forked child: drain_lock may be held by a thread that did not fork */
-    pthread_mutex_lock(&c->drain_lock);
-    /* checked under the lock: once close() has taken it, no flush touches the folder */
-    int64_t count = atomic_load(&c->closed) ? 0 : dp_drain_locked(c);
-    pthread_mutex_unlock(&c->drain_lock);
+    dp_cache *c = dp_hold_enter(h, dp_cache_let_go);
+    if (!c)
+        return 0;
+    int64_t count = 0;
+    /* not in a forked child: drain_lock may be held by a thread that did not fork */
+    if (dp_pid() == c->owner) {
+        pthread_mutex_lock(&c->drain_lock);
+        /* checked under the lock: once close() has taken it, no flush touches the folder */
+        count = atomic_load(&c->closed) ? 0 : dp_drain_locked(c);
+        pthread_mutex_unlock(&c->drain_lock);
+    }
+    dp_hold_leave(h, dp_cache_let_go);
     return count;
 }
 
-void dp_free_queue(dp_cache *c)
+void dp_kick(dp_hold *h)
 {
-    dp_page *p = atomic_exchange_explicit(&c->released, NULL, memory_order_acquire);
-    while (p) {
-        dp_page *next = p->next;
-        record_put(p);
-        p = next;
+    dp_cache *c = dp_hold_enter(h, dp_cache_let_go);
+    if (!c)
+        return;
+    /* not in a forked child: it has no reaper, and the lock may be held by a lost thread */
+    if (dp_pid() == c->owner && !atomic_load(&c->closed)) {
+        pthread_mutex_lock(&c->lock);
+        c->kick = true;
+        pthread_cond_signal(&c->wake);
+        pthread_mutex_unlock(&c->lock);
     }
-}
-
-void dp_kick(dp_cache *c)
-{
-    if (dp_pid() != c->owner)
-        return; /* a forked child has no reaper, and the lock may be held by a lost thread */
-    pthread_mutex_lock(&c->lock);
-    c->kick = true;
-    pthread_cond_signal(&c->wake);
-    pthread_mutex_unlock(&c->lock);
+    dp_hold_leave(h, dp_cache_let_go);
 }
 
 void dp_wake_reaper(dp_cache *c)

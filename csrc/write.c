@@ -27,7 +27,10 @@ static void discard_page(dp_cache *c, dp_page *rec)
         dp_part_name(rec->id, name);
         unlinkat(c->dirfd, name, 0);
     }
+    if (rec->fd >= 0)
+        close(rec->fd);
     free(rec);
+    dp_cache_put(c);
 }
 
 /* A new record and its new, still nameless file: the fd, or -errno with nothing left
@@ -45,6 +48,7 @@ static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
     p->id = atomic_fetch_add(&c->next_id, 1);
     p->nbytes = nbytes;
     p->part = false;
+    p->fd = -1;
     atomic_init(&p->refs, 2);
     atomic_init(&p->released, false);
 
@@ -74,6 +78,7 @@ static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
         free(p);
         return err;
     }
+    dp_cache_get(c); /* the record's reference, put when the record is freed */
     *out = p;
     return fd;
 }
@@ -91,10 +96,12 @@ static int link_page(dp_cache *c, dp_page *p, int fd)
         p->part = false; /* its name is the page's now, for the removal too */
         return 0;
     }
-    /* linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on most kernels; the
-     * /proc/self/fd link is the documented way for everyone else (open(2), O_TMPFILE). */
-    char proc[40];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    /* linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on most kernels; the /proc
+     * link is the documented way for everyone else (open(2), O_TMPFILE). thread-self, not
+     * self: /proc/self is the thread-group leader's fd table, which a thread that has its
+     * own (unshare(CLONE_FILES)) does not share, so fd N there is another file. */
+    char proc[48];
+    snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", fd);
     if (linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) == 0)
         return 0;
     int err = -errno;
@@ -235,45 +242,75 @@ static int enter_write(dp_cache *c)
     return 0;
 }
 
-int dp_write(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **page,
+int dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp_hold *page,
              uint64_t *id)
 {
     size_t failed_at;
-    return dp_write_many(c, &data, &nbytes, 1, method, page, id, &failed_at);
+    return dp_write_many(cache, &data, &nbytes, 1, method, page, id, &failed_at);
 }
 
-int dp_write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
-                  int method, dp_page **pages, uint64_t *ids, size_t *failed_at)
+/* The sum of sizes, or -EOVERFLOW: a sum that wrapped would charge a few bytes for a write
+ * that fills the disk. (SSIZE_MAX: a file offset must hold it.) */
+static int sum_sizes(const size_t *sizes, size_t count, size_t *total)
+{
+    *total = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (sizes[i] > (size_t)SSIZE_MAX - *total)
+            return -EOVERFLOW;
+        *total += sizes[i];
+    }
+    return 0;
+}
+
+static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
+                      int method, dp_hold *holds, uint64_t *ids, size_t *failed_at)
 {
     *failed_at = count; /* a failure before any buffer is nobody's fault */
-    int err = enter_write(c);
-    if (err)
+    size_t total;
+    int err = sum_sizes(nbytes, count, &total);
+    if (err || (err = enter_write(c)))
         return err;
-    uint64_t total = 0;
-    for (size_t i = 0; i < count; i++)
-        total += nbytes[i];
     if ((err = dp_charge(c, total))) {
         pthread_rwlock_unlock(&c->closing);
         return err;
     }
+    /* the records wait in the holds' pointers, published only once all are written */
     size_t made = 0;
-    for (; made < count; made++)
-        if ((err = create_page(c, data[made], nbytes[made], method, &pages[made])))
+    dp_page *rec = NULL;
+    for (; made < count; made++) {
+        if ((err = create_page(c, data[made], nbytes[made], method, &rec)))
             break;
+        holds[made].ptr = rec;
+    }
     *failed_at = made;
     if (!err && count && (err = sync_folder(c)))
         *failed_at = count;
     if (err) {
-        while (made)
-            discard_page(c, pages[--made]);
+        while (made) {
+            discard_page(c, holds[--made].ptr);
+            holds[made].ptr = NULL;
+        }
         dp_uncharge(c, total);
     } else {
         for (size_t i = 0; i < count; i++) {
-            publish(c, pages[i]);
-            ids[i] = pages[i]->id;
+            publish(c, holds[i].ptr);
+            ids[i] = ((dp_page *)holds[i].ptr)->id;
         }
     }
     pthread_rwlock_unlock(&c->closing);
+    return err;
+}
+
+int dp_write_many(dp_hold *cache, const void *const *data, const size_t *nbytes, size_t count,
+                  int method, dp_hold *pages, uint64_t *ids, size_t *failed_at)
+{
+    dp_cache *c = dp_hold_enter(cache, dp_cache_let_go);
+    if (!c) {
+        *failed_at = count;
+        return -DP_ECLOSED;
+    }
+    int err = write_many(c, data, nbytes, count, method, pages, ids, failed_at);
+    dp_hold_leave(cache, dp_cache_let_go);
     return err;
 }
 
@@ -308,15 +345,13 @@ static void end_page(dp_cache *c, dp_page *rec, int err)
     pthread_rwlock_unlock(&c->closing);
 }
 
-int dp_write_parts(dp_cache *c, const void *const *parts, const size_t *sizes, size_t count,
-                   dp_page **page, uint64_t *id)
+static int write_parts(dp_cache *c, const void *const *parts, const size_t *sizes,
+                       size_t count, dp_hold *page, uint64_t *id)
 {
-    size_t total = 0;
-    for (size_t i = 0; i < count; i++) {
-        if (sizes[i] > (size_t)SSIZE_MAX - total)
-            return -EOVERFLOW;
-        total += sizes[i];
-    }
+    size_t total;
+    int err = sum_sizes(sizes, count, &total);
+    if (err)
+        return err;
     struct iovec *iov = malloc((count ? count : 1) * sizeof *iov);
     if (!iov)
         return -ENOMEM;
@@ -325,7 +360,7 @@ int dp_write_parts(dp_cache *c, const void *const *parts, const size_t *sizes, s
 
     dp_page *rec;
     int fd = begin_page(c, total, O_WRONLY, &rec);
-    int err = fd < 0 ? fd : 0;
+    err = fd < 0 ? fd : 0;
     if (fd >= 0) {
         /* Reserve the blocks first, as numpy's tofile does: on ext4 here a 64 MiB write
          * took 0.97x np.save's time with it and 1.38x without. Without fallocate, write. */
@@ -342,7 +377,7 @@ int dp_write_parts(dp_cache *c, const void *const *parts, const size_t *sizes, s
         if (!err)
             err = sync_folder(c);
         if (!err) {
-            *page = rec;
+            page->ptr = rec;
             *id = rec->id;
         }
         end_page(c, rec, err);
@@ -351,8 +386,21 @@ int dp_write_parts(dp_cache *c, const void *const *parts, const size_t *sizes, s
     return err;
 }
 
-int dp_allocate(dp_cache *c, size_t nbytes, dp_page **page, uint64_t *id)
+int dp_write_parts(dp_hold *cache, const void *const *parts, const size_t *sizes, size_t count,
+                   dp_hold *page, uint64_t *id)
 {
+    dp_cache *c = dp_hold_enter(cache, dp_cache_let_go);
+    if (!c)
+        return -DP_ECLOSED;
+    int err = write_parts(c, parts, sizes, count, page, id);
+    dp_hold_leave(cache, dp_cache_let_go);
+    return err;
+}
+
+static int allocate(dp_cache *c, size_t nbytes, dp_hold *builder, uint64_t *id)
+{
+    if (nbytes > (size_t)SSIZE_MAX)
+        return -EOVERFLOW;
     dp_page *rec;
     int fd = begin_page(c, nbytes, O_RDWR, &rec);
     if (fd < 0)
@@ -363,20 +411,31 @@ int dp_allocate(dp_cache *c, size_t nbytes, dp_page **page, uint64_t *id)
     if (err) {
         close(fd);
     } else {
-        *page = rec;
+        rec->fd = fd; /* the record owns it now: closed by dp_seal or when it is dropped */
+        builder->ptr = rec;
         *id = rec->id;
     }
     end_page(c, rec, err);
     return err ? err : fd;
 }
 
-int dp_seal(dp_cache *c, dp_page *p, int fd)
+int dp_allocate(dp_hold *cache, size_t nbytes, dp_hold *builder, uint64_t *id)
+{
+    dp_cache *c = dp_hold_enter(cache, dp_cache_let_go);
+    if (!c)
+        return -DP_ECLOSED;
+    int fd = allocate(c, nbytes, builder, id);
+    dp_hold_leave(cache, dp_cache_let_go);
+    return fd;
+}
+
+static int seal(dp_cache *c, dp_page *p)
 {
     int err = enter_write(c); /* not after close has emptied the folder, not in a fork */
     if (err)
         return err;
     bool part = p->part;
-    if (!(err = link_page(c, p, fd)) && (err = sync_folder(c))) {
+    if (!(err = link_page(c, p, p->fd)) && (err = sync_folder(c))) {
         /* back to nameless (the fd keeps the bytes), so that seal() can be tried again */
         char name[DP_NAME_MAX];
         dp_page_name(p->id, name);
@@ -393,10 +452,26 @@ int dp_seal(dp_cache *c, dp_page *p, int fd)
     return err;
 }
 
-int dp_open_page(dp_cache *c, uint64_t id, uint64_t nbytes)
+int dp_seal(dp_hold *builder, dp_hold *page)
+{
+    dp_page *p = dp_hold_enter(builder, dp_page_let_go);
+    if (!p)
+        return -DP_ERELEASED;
+    int err = p->fd < 0 ? -DP_ERELEASED : seal(p->cache, p);
+    if (!err) {
+        close(p->fd); /* named: the mapping (the caller's) and the name keep the bytes */
+        p->fd = -1;
+        page->ptr = p;           /* the page's hold takes the record over */
+        dp_hold_empty(builder); /* and the builder's has nothing left to let go of */
+    }
+    dp_hold_leave(builder, dp_page_let_go);
+    return err;
+}
+
+static int open_page(dp_cache *c, dp_page *p)
 {
     char name[DP_NAME_MAX];
-    dp_page_name(id, name);
+    dp_page_name(p->id, name);
     int fd;
     do
         fd = openat(c->dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
@@ -410,10 +485,34 @@ int dp_open_page(dp_cache *c, uint64_t id, uint64_t nbytes)
         return err;
     }
     /* A mapping past the end of a file faults with SIGBUS: refuse a file of the wrong size. */
-    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != nbytes) {
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != p->nbytes) {
         close(fd);
         return -DP_ESIZE;
     }
+    return fd;
+}
+
+int dp_page_open(dp_hold *page)
+{
+    dp_page *p = dp_hold_enter(page, dp_page_let_go);
+    if (!p)
+        return -DP_ERELEASED;
+    dp_cache *c = p->cache;
+    int fd = -DP_ERELEASED;
+    /* Under the closing lock, shared: close() closes the folder's fd only after every
+     * reader that saw it open has left. A forked child takes no lock (a parent thread may
+     * have held it at fork time); it never closes its copy of the fd before the end. */
+    bool forked = dp_pid() != c->owner;
+    if (!forked)
+        pthread_rwlock_rdlock(&c->closing);
+    if (!atomic_load(&p->released) && !atomic_load(&c->closed))
+        fd = open_page(c, p);
+    if (!forked)
+        pthread_rwlock_unlock(&c->closing);
+    /* released while we opened: the caller says released, not lost */
+    if (fd < 0 && atomic_load(&p->released))
+        fd = -DP_ERELEASED;
+    dp_hold_leave(page, dp_page_let_go);
     return fd;
 }
 

@@ -474,14 +474,14 @@ def test_write_parts_with_many_and_empty_parts(cache):
     rng = np.random.default_rng(5)
     parts = [rng.bytes(int(n)) for n in rng.integers(0, 40, size=1500)]  # over IOV_MAX (1024)
     parts[0] = parts[-1] = b""
-    rec, page_id, nbytes = _bindings.write_parts(cache._handle, parts, str(cache.path))
+    made = _bindings.write_parts(cache._handle, parts, str(cache.path))
     from diskpages import Page
 
-    page = Page._new(cache, rec, page_id, nbytes)
-    assert nbytes == sum(map(len, parts))
+    page = Page._new(cache, *made)
+    assert page.nbytes == sum(map(len, parts))
     assert page.read() == b"".join(parts)
-    rec, page_id, nbytes = _bindings.write_parts(cache._handle, [], str(cache.path))
-    assert nbytes == 0 and Page._new(cache, rec, page_id, nbytes).read() == b""
+    made = _bindings.write_parts(cache._handle, [], str(cache.path))
+    assert made[3] == 0 and Page._new(cache, *made).read() == b""
 
 
 def test_write_array_that_fails_midway_leaves_no_file(root):

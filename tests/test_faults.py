@@ -253,7 +253,7 @@ def test_cache_that_fails_to_open_leaves_no_folder(root, monkeypatch):
 def test_c_layer_refuses_bad_arguments(tmp_path):
     from diskpages._native import ffi, lib
 
-    out = ffi.new("dp_cache **")
+    out = ffi.new("dp_hold *")
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         bad = [
@@ -265,6 +265,7 @@ def test_c_layer_refuses_bad_arguments(tmp_path):
         ]
         for sync, batch, delay, remover in bad:
             assert lib.dp_cache_open(fd, sync, batch, delay, remover, 0, out) == -errno.EINVAL
+            assert out.ptr == ffi.NULL  # nothing handed over
     finally:
         os.close(fd)  # on failure the fd stays the caller's
 

@@ -9,27 +9,46 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._native import ffi, lib
-from .errors import CacheClosedError, CacheFullError
+from .errors import CacheClosedError, CacheFullError, PageReleasedError
 
 SYNC_MODES = {"none": lib.DP_SYNC_NONE, "data": lib.DP_SYNC_DATA, "full": lib.DP_SYNC_FULL}
 REMOVERS = {"auto": lib.DP_REMOVE_AUTO, "loop": lib.DP_REMOVE_LOOP}
 REMOVER_NAMES = {lib.DP_REMOVE_LOOP: "loop", lib.DP_REMOVE_URING: "io_uring"}
 WRITE_METHODS = {"pwrite": lib.DP_WRITE_PWRITE, "mmap": lib.DP_WRITE_MMAP}
 
-# The release path: plain references to the C functions, so that a finalizer running at
-# interpreter shutdown (module globals already None) can still reach them.
-release = lib.dp_release
-released = lib.dp_released
+# Plain references to the C functions that finalizers and the gc callback call, so that
+# they still reach them at interpreter shutdown, when module globals are already None.
+page_release = lib.dp_page_release
 page_drop = lib.dp_page_drop
-# The gc callback's calls (it runs at shutdown too)
+page_released = lib.dp_page_released
+page_reclaimed_by_gc = lib.dp_page_reclaimed_by_gc
 gc_phase = lib.dp_gc_phase
 gc_collecting = lib.dp_gc_collecting
 gc_collecting_here = lib.dp_gc_collecting_here
 gc_take_releases = lib.dp_gc_take_releases
 kick = lib.dp_kick
 
-Handle = Any  # a cdata 'dp_cache *' owned through ffi.gc
-Record = Any  # a cdata 'dp_page *'
+Hold = Any  # a cdata 'dp_hold *' whose finalizer lets go of what C put in it (ffi.gc)
+Memory = Any  # the cdata that owns a hold's memory (ffi.new), kept beside it
+
+
+def _holds(count: int, drop: Any) -> tuple[Memory, list[Hold]]:
+    """``count`` empty holds, each already owned by its finalizer (``drop``) before any C
+    call fills it: an exception at any bytecode after the call (KeyboardInterrupt, or one
+    raised by a signal handler) drops what C handed over, instead of orphaning it. The
+    memory is returned too: whoever keeps a hold keeps its memory, which outlives the
+    finalizer (it may run before the object dies: resurrection, gc.garbage)."""
+    memory = ffi.new("dp_hold[]", max(count, 1))
+    return memory, [ffi.gc(memory + i, drop) for i in range(count)]
+
+
+def page_holds(count: int) -> tuple[Memory, list[Hold]]:
+    return _holds(count, lib.dp_page_drop)
+
+
+def page_hold() -> tuple[Memory, Hold]:
+    memory, (hold,) = _holds(1, lib.dp_page_drop)
+    return memory, hold
 
 
 def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
@@ -37,6 +56,8 @@ def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
     code = -code
     if code == lib.DP_ECLOSED:
         return CacheClosedError("the cache is closed")
+    if code == lib.DP_ERELEASED:
+        return PageReleasedError("the page was released")
     if code == lib.DP_EFULL:
         return CacheFullError("the write would take the cache past its max_bytes")
     if code == lib.DP_EFORKED:
@@ -56,18 +77,18 @@ def page_name(page_id: int) -> str:
 
 def cache_open(
     dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: int, max_bytes: int, path: str
-) -> Handle:
-    out = ffi.new("dp_cache **")
-    rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, out)
+) -> tuple[Memory, Hold]:
+    memory, (hold,) = _holds(1, lib.dp_cache_drop)
+    rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, hold)
     if rc:
         raise error(rc, path)
-    return ffi.gc(out[0], lib.dp_cache_free)
+    return memory, hold
 
 
-def cache_close(handle: Handle, path: str) -> bool:
-    """Empty the cache's folder; False (and nothing removed) in a forked child, where the
-    folder is the parent's."""
-    rc = lib.dp_cache_close(handle)
+def cache_close(cache: Hold, path: str) -> bool:
+    """Empty the cache's folder and close its fds; False (and nothing removed) in a forked
+    child, where the folder is the parent's."""
+    rc = lib.dp_cache_close(cache)
     if rc == -lib.DP_EFORKED:
         return False
     if rc:
@@ -75,9 +96,13 @@ def cache_close(handle: Handle, path: str) -> bool:
     return True
 
 
-def cache_stats(handle: Handle) -> dict[str, int]:
+def cache_closed(cache: Hold) -> bool:
+    return bool(lib.dp_cache_closed(cache))
+
+
+def cache_stats(cache: Hold) -> dict[str, int]:
     out = ffi.new("dp_stats *")
-    lib.dp_cache_stats(handle, out)
+    lib.dp_cache_stats(cache, out)
     return {name: getattr(out, name) for name, _ in ffi.typeof("dp_stats").fields}
 
 
@@ -91,62 +116,75 @@ def as_buffer(data: Any) -> Any:
         raise BufferError(f"the {type(data).__name__} is not C-contiguous") from None
 
 
-def write(handle: Handle, data: Any, method: int, path: str) -> tuple[Record, int, int]:
+# Each write returns (memory, hold, id, nbytes) per page: see _holds.
+
+
+def write(cache: Hold, data: Any, method: int, path: str) -> tuple[Memory, Hold, int, int]:
     buf = as_buffer(data)
-    page = ffi.new("dp_page **")
+    memory, hold = page_hold()
     page_id = ffi.new("uint64_t *")
-    rc = lib.dp_write(handle, buf, len(buf), method, page, page_id)
+    rc = lib.dp_write(cache, buf, len(buf), method, hold, page_id)
     if rc:
         raise error(rc, path)
-    return page[0], page_id[0], len(buf)
+    return memory, hold, page_id[0], len(buf)
 
 
 def write_many(
-    handle: Handle, buffers: Sequence[Any], method: int, path: str
-) -> list[tuple[Record, int, int]]:
+    cache: Hold, buffers: Sequence[Any], method: int, path: str
+) -> list[tuple[Memory, Hold, int, int]]:
     count = len(buffers)
     bufs = [as_buffer(b) for b in buffers]  # every check happens before any file is made
     data = ffi.new("void *[]", bufs) if count else ffi.NULL
     sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
-    pages = ffi.new("dp_page *[]", max(count, 1))
+    memory, holds = page_holds(count)
     ids = ffi.new("uint64_t[]", max(count, 1))
     failed_at = ffi.new("size_t *")
-    rc = lib.dp_write_many(handle, data, sizes, count, method, pages, ids, failed_at)
+    rc = lib.dp_write_many(cache, data, sizes, count, method, memory, ids, failed_at)
     if rc:
         exc = error(rc, path)
         if failed_at[0] < count:
             exc.add_note(f"writing buffer {failed_at[0]} of {count}; no page of this call was kept")
         raise exc
-    return [(pages[i], ids[i], len(bufs[i])) for i in range(count)]
+    return [(memory, holds[i], ids[i], len(bufs[i])) for i in range(count)]
 
 
-def write_parts(handle: Handle, parts: Sequence[Any], path: str) -> tuple[Record, int, int]:
+def write_parts(cache: Hold, parts: Sequence[Any], path: str) -> tuple[Memory, Hold, int, int]:
     """One page whose bytes are the parts laid end to end, written without joining them."""
     bufs = [as_buffer(p) for p in parts]
     count = len(bufs)
     data = ffi.new("void *[]", bufs) if count else ffi.NULL
     sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
-    page = ffi.new("dp_page **")
+    memory, hold = page_hold()
     page_id = ffi.new("uint64_t *")
-    rc = lib.dp_write_parts(handle, data, sizes, count, page, page_id)
+    rc = lib.dp_write_parts(cache, data, sizes, count, hold, page_id)
     if rc:
         raise error(rc, path)
-    return page[0], page_id[0], sum(len(b) for b in bufs)
+    return memory, hold, page_id[0], sum(len(b) for b in bufs)
 
 
-def allocate(handle: Handle, nbytes: int, path: str) -> tuple[Record, int, int]:
-    page = ffi.new("dp_page **")
+def allocate(cache: Hold, nbytes: int, path: str) -> tuple[Memory, Hold, int, int]:
+    """A builder's page: (memory, hold, id, fd); the fd is the record's, valid until the
+    page is sealed or the hold lets go (see builder_fd)."""
+    memory, hold = page_hold()
     page_id = ffi.new("uint64_t *")
-    fd = lib.dp_allocate(handle, nbytes, page, page_id)
+    fd = lib.dp_allocate(cache, nbytes, hold, page_id)
     if fd < 0:
         raise error(fd, path)
-    return page[0], page_id[0], fd
+    return memory, hold, page_id[0], fd
 
 
-def seal(handle: Handle, record: Record, fd: int, path: str) -> None:
-    rc = lib.dp_seal(handle, record, fd)
+def builder_fd(builder: Hold) -> int:
+    """The fd of a builder's page, or -ERELEASED once it was sealed or let go of."""
+    return int(lib.dp_builder_fd(builder))
+
+
+def seal(builder: Hold, path: str) -> tuple[Memory, Hold]:
+    """Seal a builder's page; the record moves into a new hold, returned."""
+    memory, hold = page_hold()
+    rc = lib.dp_seal(builder, hold)
     if rc:
         raise error(rc, path)
+    return memory, hold
 
 
 def empty_folder(dirfd: int, path: str) -> int:
@@ -157,10 +195,10 @@ def empty_folder(dirfd: int, path: str) -> int:
     return int(n)
 
 
-def open_page(handle: Handle, page_id: int, nbytes: int) -> int:
-    """An fd, or a negative C error for the caller to interpret (it knows if the page was
-    released, which decides between PageReleasedError and PageLostError)."""
-    return lib.dp_open_page(handle, page_id, nbytes)
+def open_page(page: Hold) -> int:
+    """An fd, or a negative C error for the caller to interpret (DP_ERELEASED: released,
+    let go of, or its cache closed; -ENOENT or DP_ESIZE: the file is not the page's)."""
+    return int(lib.dp_page_open(page))
 
 
 def map_fixed(fd: int, target: Any, nbytes: int, path: str, align: int = 1) -> int:
@@ -175,9 +213,10 @@ def map_fixed(fd: int, target: Any, nbytes: int, path: str, align: int = 1) -> i
     return skip
 
 
-def flush(handle: Handle) -> int:
-    return int(lib.dp_flush(handle))
+def flush(cache: Hold) -> int:
+    return int(lib.dp_flush(cache))
 
 
 ENOENT = _errno.ENOENT
 ESIZE = lib.DP_ESIZE
+ERELEASED = lib.DP_ERELEASED

@@ -1,13 +1,18 @@
 """PageCache, Page and PageBuilder: the public API and every lifetime rule.
 
-A Page owns one record in C. When the last reference to the Page goes, ``Page.__del__``
-hands the record to the C release queue (one CAS, no system call, no lock); the cache's
-reaper thread removes the files in batches. See README.md, "Lifetimes", for why
-``__del__`` rather than ``weakref.finalize``.
+Ownership is by reference. A Page (or PageBuilder) holds its C record through a hold
+(csrc/hold.c): memory the Page owns, with a finalizer (ffi.gc) that lets go of the record
+when the Page's last reference goes or the cycle collector frees it: one CAS onto the C
+release queue, no system call, no lock. The cache's reaper thread removes the files in
+batches. A record holds its C cache; the cache lives until its PageCache and its last
+record are gone. A Page whose finalizer has run (it may live on: resurrection,
+gc.garbage) finds its hold empty and raises PageReleasedError. See README.md,
+"Lifetimes".
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import mmap
@@ -62,7 +67,7 @@ class CacheStats:
         return self.released_by_refcount + self.released_by_gc + by_call
 
 
-def _shutdown(handle: Any, path: str, watched: weakref.WeakSet[Page] | None = None) -> None:
+def _shutdown(handle: native.Hold, path: str, watched: weakref.WeakSet[Page] | None = None) -> None:
     """Close a cache: every file and the folder go. The finalizer of PageCache, so it must
     not reference the cache object, and it runs at exit through weakref.finalize's atexit
     hook, before module globals are torn down. ``watched``: the live pages of a
@@ -127,8 +132,7 @@ def _on_collection(
     if _take():
         try:
             for cache in list(_caches):
-                if not cache._closed:
-                    _kick(cache._handle)
+                _kick(cache._handle)  # nothing, once closed
         except Exception:
             pass  # interpreter teardown: nothing left to kick
 
@@ -206,7 +210,7 @@ class PageCache:
             name, dirfd = _folders.make_folder(root_fd)  # 0700, locked for our whole life
             path = str(root_path / name)
             try:
-                handle = native.cache_open(
+                memory, handle = native.cache_open(
                     dirfd,
                     native.SYNC_MODES[sync],
                     batch,
@@ -223,13 +227,15 @@ class PageCache:
             os.close(root_fd)
 
         self._path = Path(path)
-        self._handle = handle
+        self._handle = handle  # the C cache's hold: its finalizer closes the cache too
+        self._handle_memory = memory
         self._sync = sync
         self._batch = batch
         self._max_delay = float(max_delay)
         self._closed = False
         self._write_method = native.WRITE_METHODS["pwrite"]  # measured faster; see README
-        self._close_lock = threading.Lock()
+        self._close_lock = threading.RLock()
+        self._closing = False  # close() runs in this thread (see close())
         self._pid = os.getpid()
         self._max_bytes = max_bytes
         self._page_class = _WatchedPage if warn_on_gc else Page
@@ -251,7 +257,9 @@ class PageCache:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True after close(), and after the finalizer closed the cache (at exit, or when it
+        was collected: a resurrected cache stays closed)."""
+        return self._closed or not self._finalizer.alive
 
     @property
     def sync(self) -> str:
@@ -272,7 +280,7 @@ class PageCache:
     # -- writing ----------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self.closed:
             raise CacheClosedError(f"the cache at {self._path} is closed")
 
     def write(self, data: Any) -> Page:
@@ -281,10 +289,10 @@ class PageCache:
         self._check_open()
         args = (self._handle, data, self._write_method, str(self._path))
         try:
-            rec, page_id, nbytes = native.write(*args)
+            made = native.write(*args)
         except CacheFullError:
-            rec, page_id, nbytes = self._make_room(native.write, args, len(native.as_buffer(data)))
-        return self._page_class._new(self, rec, page_id, nbytes)
+            made = self._make_room(native.write, args, len(native.as_buffer(data)))
+        return self._page_class._new(self, *made)
 
     def write_many(self, buffers: Iterable[Any]) -> list[Page]:
         """Write many pages in one call into C, all or nothing: if any write fails, no
@@ -297,7 +305,7 @@ class PageCache:
         except CacheFullError:
             made = self._make_room(native.write_many, args, sum(len(native.as_buffer(b)) for b in items))
         new = self._page_class._new
-        return [new(self, rec, page_id, nbytes) for rec, page_id, nbytes in made]
+        return [new(self, *page) for page in made]
 
     def allocate(self, nbytes: int) -> PageBuilder:
         """A page of ``nbytes`` to fill in place through a writable shared mapping; its
@@ -309,16 +317,17 @@ class PageCache:
         self._check_open()
         args = (self._handle, nbytes, str(self._path))
         try:
-            rec, page_id, fd = native.allocate(*args)
+            memory, hold, page_id, fd = native.allocate(*args)
         except CacheFullError:
-            rec, page_id, fd = self._make_room(native.allocate, args, nbytes)
+            memory, hold, page_id, fd = self._make_room(native.allocate, args, nbytes)
+        # The hold owns the fd; an error from here on drops it, and the page, at once (its
+        # finalizer would too, but only once a kept traceback lets go of it).
         try:
             mapping = _map_shared(fd, nbytes)
         except BaseException:
-            os.close(fd)
-            native.page_drop(rec)
+            native.page_drop(hold)
             raise
-        return PageBuilder._building(self, rec, page_id, nbytes, fd, mapping)
+        return PageBuilder._building(self, memory, hold, page_id, nbytes, mapping)
 
     def write_array(self, array: Any) -> Page:
         """Write a NumPy array (or anything ``numpy.asarray`` takes) as a ``.npy`` page:
@@ -334,10 +343,10 @@ class PageCache:
         header, data = _arrays.npy_parts(array)
         args = (self._handle, (header, data), str(self._path))
         try:
-            rec, page_id, nbytes = native.write_parts(*args)
+            made = native.write_parts(*args)
         except CacheFullError:
-            rec, page_id, nbytes = self._make_room(native.write_parts, args, len(header) + data.nbytes)
-        return self._page_class._new(self, rec, page_id, nbytes)
+            made = self._make_room(native.write_parts, args, len(header) + data.nbytes)
+        return self._page_class._new(self, *made)
 
     def allocate_array(self, shape: int | Iterable[int], dtype: Any) -> PageBuilder:
         """A ``.npy`` page to fill in place: the header is written, ``builder.array()`` is
@@ -348,21 +357,28 @@ class PageCache:
     def _make_room(self, write: Any, args: tuple[Any, ...], requested: int) -> Any:
         """A write met the budget: remove the released pages and retry; then run the cycle
         collector (pages in unreachable cycles still hold their bytes), remove again and
-        retry; then give up, having written nothing. With other threads about, they may
-        make garbage or release pages meanwhile: so up to three collections (each run by
-        this thread, waiting up to COLLECT_WAIT seconds in all for another thread's
-        collection to end: see _collect_here), and more removals while pages are pending."""
-        deadline = time.monotonic() + COLLECT_WAIT  # for all three collections together
-        for attempt in range(100):
-            if 1 <= attempt <= 3:
-                _collect_here(deadline)  # pages in unreachable cycles hold their bytes until this
+        retry, as long as that frees something. Other threads may take the room a
+        collection frees, or make new garbage meanwhile: so it goes on until two
+        collections in a row change nothing (no page written, released or removed by
+        anyone: the bytes are held by reachable pages) or COLLECT_WAIT seconds have passed
+        in all, and only then raises CacheFullError, having written nothing. Each
+        collection is run by this thread (see _collect_here)."""
+        deadline = time.monotonic() + COLLECT_WAIT
+        self.flush()
+        try:
+            return write(*args)
+        except CacheFullError:
+            pass
+        unchanged = 0
+        while unchanged < 2 and time.monotonic() < deadline:
+            before = self._progress()
+            _collect_here(deadline)  # pages in unreachable cycles hold their bytes until this
             self.flush()
             try:
                 return write(*args)
             except CacheFullError:
                 pass
-            if attempt >= 3 and self.stats().pending_bytes == 0:
-                break
+            unchanged = unchanged + 1 if self._progress() == before else 0
         s = self.stats()
         stuck = s.charged_bytes - s.live_bytes - s.pending_bytes
         held = ""
@@ -374,15 +390,18 @@ class PageCache:
             "even after flush() and a full collection; nothing was written"
         ) from None
 
+    def _progress(self) -> tuple[int, int, int]:
+        """What changes when anyone writes, releases or removes a page of this cache."""
+        s = self.stats()
+        return s.written, s.released, s.removed
+
     # -- removal ----------------------------------------------------------------------
 
     def flush(self) -> int:
         """Remove every released page's file now, in this thread; returns how many this
         call removed (the reaper may have removed others meanwhile). A removal that fails
         counts in ``stats().remove_errors``, and its bytes stay charged until close."""
-        if self._closed:
-            return 0
-        return native.flush(self._handle)
+        return native.flush(self._handle)  # 0 once closed
 
     def collect(self) -> int:
         """Run the cycle collector, so pages kept alive only by unreachable cycles are
@@ -399,7 +418,7 @@ class PageCache:
         """What keeps ``page`` alive: the chains of references from a module's global or a
         frame's local variable down to it (shortest first), or that it is only in an
         unreachable reference cycle. A diagnostic: it walks the heap when called."""
-        if not isinstance(page, Page) or page._cache is not self:
+        if not isinstance(page, Page) or getattr(page, "_cache", None) is not self:
             raise ValueError(f"{page!r} is not a page of this cache")
         return _explain.explain(page, skip_frames=1)
 
@@ -409,23 +428,32 @@ class PageCache:
         return CacheStats(**raw)
 
     def close(self) -> None:
-        """Remove every page file (live ones too) and the cache's folder. Pages of a closed
-        cache raise PageReleasedError; a view already taken stays readable. Idempotent and
-        safe from several threads; if a file cannot be removed it raises OSError and a
-        later close() tries again."""
+        """Remove every page file (live ones too) and the cache's folder, and close its file
+        descriptors. Pages of a closed cache raise PageReleasedError; a view already taken
+        stays readable. Idempotent and safe from several threads; if a file cannot be
+        removed it raises OSError and a later close() tries again. Called again from a
+        finalizer that runs inside close() (a collection it triggered), it returns at once:
+        the outer call finishes the work."""
         if os.getpid() != self._pid:
             # A forked child borrows its parent's cache: it removes nothing, and must not
             # wait on a lock that a thread of the parent may have held at fork time.
             self._closed = True
+            native.cache_close(self._handle, str(self._path))
             return
         with self._close_lock:  # a second caller waits until the folder is really gone
-            info = self._finalizer.peek()
-            if info is None:
-                return
-            self._closed = True
-            handle, path, _ = info[2]
-            _shutdown(handle, path)  # on failure the finalizer stays: close() can be retried
-            self._finalizer.detach()
+            if self._closing:
+                return  # re-entered in this thread, from a finalizer: see above
+            self._closing = True
+            try:
+                info = self._finalizer.peek()
+                if info is None:
+                    return
+                self._closed = True
+                handle, path, _ = info[2]
+                _shutdown(handle, path)  # on failure the finalizer stays: close() can be retried
+                self._finalizer.detach()
+            finally:
+                self._closing = False
 
     def __enter__(self) -> PageCache:
         return self
@@ -434,7 +462,7 @@ class PageCache:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"sync={self._sync!r}"
+        state = "closed" if self.closed else f"sync={self._sync!r}"
         return f"<PageCache {str(self._path)!r} {state}>"
 
 
@@ -552,22 +580,23 @@ class _Readable(_Sized):
 
 
 class _PageFile(_Sized):
-    """What a Page and a PageBuilder share: the C record that owns one page file.
-    Made only by the cache (``_new``), never half-constructed, so ``__del__`` always finds
-    its record."""
+    """What a Page and a PageBuilder share: the hold on the C record that owns one page
+    file. Made only by the cache (``_new``), from a hold that already owns the record, so
+    no exception between the C call and here can orphan it."""
 
-    __slots__ = ("_cache", "_rec", "_id", "_nbytes")
-
-    # Captured at class creation, so __del__ needs no module global at shutdown.
-    _drop = native.page_drop
+    # _hold: a 'dp_hold *' whose finalizer (ffi.gc) lets go of the record when this object
+    # dies or the collector frees it; _memory: the hold's memory, kept here too, because it
+    # must outlive that finalizer (the object may live on: resurrection, gc.garbage).
+    __slots__ = ("_cache", "_hold", "_memory", "_id", "_nbytes")
 
     def __new__(cls, *args: object, **kwargs: object) -> _PageFile:
         raise TypeError("pages come from PageCache.write(), write_many() and allocate()")
 
     @classmethod
-    def _new(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int) -> Any:
+    def _new(cls, cache: PageCache, memory: Any, hold: Any, page_id: int, nbytes: int) -> Any:
         self = object.__new__(cls)
-        self._rec = rec
+        self._memory = memory
+        self._hold = hold
         self._cache = cache
         self._id = page_id
         self._nbytes = nbytes
@@ -585,15 +614,7 @@ class Page(_PageFile, _Readable):
 
     __slots__ = ("__weakref__",)
 
-    _release = native.release
-    _released = native.released
     borrowed = False
-
-    def __del__(self) -> None:
-        # Runs when the last reference goes (refcount) or when the cycle collector frees
-        # the page's cycle. Just an enqueue in C: safe in any thread, in a collection and at
-        # shutdown. A second release is a no-op in C.
-        self._drop(self._rec)
 
     @property
     def cache(self) -> PageCache:
@@ -601,22 +622,21 @@ class Page(_PageFile, _Readable):
 
     @property
     def released(self) -> bool:
-        """True once ``release()`` ran or the cache closed; the file is then gone or going."""
-        return self._cache._closed or bool(self._released(self._rec))
+        """True once ``release()`` ran, the cache closed, or the collector reclaimed this
+        page (an object can outlive that: resurrection, gc.garbage); its file is then gone
+        or going."""
+        return bool(native.page_released(self._hold))
 
     def release(self) -> None:
         """Give the page up now: reads fail from here on and the file goes with the next
         batch (or ``cache.flush()``). Idempotent; safe from any thread."""
-        self._release(self._rec)
+        native.page_release(self._hold)
 
     def _open(self) -> int:
-        cache = self._cache
-        if self.released:
-            raise PageReleasedError(f"page {self._id} was released")
-        fd = native.open_page(cache._handle, self._id, self._nbytes)
+        fd = native.open_page(self._hold)
         if fd >= 0:
             return fd
-        if self.released:  # released or closed while we looked
+        if fd == -native.ERELEASED:
             raise PageReleasedError(f"page {self._id} was released")
         if fd in (-native.ENOENT, -native.ESIZE):
             why = "is gone" if fd == -native.ENOENT else "changed size"
@@ -646,21 +666,20 @@ class _WatchedPage(Page):
 
     __slots__ = ()
 
-    _collecting = native.gc_collecting_here  # this thread's collection, not another's
+    _reclaimed_by_gc = native.page_reclaimed_by_gc  # for __del__ at shutdown
     _warn = warnings.warn
 
     @classmethod
-    def _new(cls, cache: PageCache, rec: Any, page_id: int, nbytes: int) -> Any:
-        self = super()._new(cache, rec, page_id, nbytes)
+    def _new(cls, cache: PageCache, memory: Any, hold: Any, page_id: int, nbytes: int) -> Any:
+        self = super()._new(cache, memory, hold, page_id, nbytes)
         cache._watched.add(self)  # type: ignore[union-attr]
         return self
 
     def __del__(self) -> None:
-        # No source=self: whoever records the warning would keep this object alive after
-        # its C record is gone. And the drop comes first, in case the warning raises.
-        warn = self._collecting() and not self._released(self._rec) and not self._cache._closed
-        self._drop(self._rec)
-        if warn:
+        # The hold's finalizer may run before or after this one in a collection: C
+        # remembers which pages the collector reclaimed. No source=self: whoever records
+        # the warning would keep this object alive.
+        if self._reclaimed_by_gc(self._hold):
             self._warn(
                 f"page {self._id} ({self._nbytes} bytes) was reclaimed by the cycle collector, "
                 "not by refcount or release(): it was in a reference cycle",
@@ -736,38 +755,51 @@ class PageBuilder(_PageFile):
     """A page being written in place. ``view()`` is a writable memoryview over the file's
     shared mapping; ``seal()`` syncs per the cache's mode, gives the file its name, unmaps
     and returns the Page. Until then the file has no name in the folder, so a builder
-    dropped unsealed, or a process killed while it fills one, leaves nothing."""
+    dropped unsealed, or a process killed while it fills one, leaves nothing. Its file
+    descriptor belongs to the C record: it closes at seal(), or when the builder goes."""
 
-    __slots__ = ("_fd", "_mapping", "_lock", "_sealed")
-
-    _close = os.close  # for __del__ at shutdown, when module globals may be gone
+    __slots__ = ("_mapping", "_lock", "_busy", "_sealed")
 
     @classmethod
     def _building(
-        cls, cache: PageCache, rec: Any, page_id: int, nbytes: int, fd: int, mapping: Any
+        cls, cache: PageCache, memory: Any, hold: Any, page_id: int, nbytes: int, mapping: Any
     ) -> PageBuilder:
-        self = cls._new(cache, rec, page_id, nbytes)
-        self._fd = fd
+        self = cls._new(cache, memory, hold, page_id, nbytes)
         self._sealed = False
         self._mapping = mapping
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._busy = False
         return self
 
-    def __del__(self) -> None:
-        if not self._sealed and self._fd >= 0:
-            self._close(self._fd)  # the mapping, if a view still holds it, dies with the view
-            self._drop(self._rec)
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[int]:
+        """One builder method at a time, with the builder's fd. A method called again from
+        a finalizer that runs inside one (the same thread) raises RuntimeError instead of
+        deadlocking or seeing the builder half changed; another thread waits."""
+        with self._lock:
+            if self._busy:
+                raise RuntimeError(
+                    f"page {self._id}: a builder method was called from a finalizer that ran "
+                    "inside another of its methods"
+                )
+            if self._sealed:
+                raise ValueError(f"page {self._id} is sealed; use the Page seal() returned")
+            fd = native.builder_fd(self._hold)
+            if fd < 0:  # discarded, or its finalizer ran (it may live on: resurrection)
+                raise PageReleasedError(f"page {self._id} was discarded")
+            self._busy = True
+            try:
+                yield fd
+            finally:
+                self._busy = False
 
     def _discard(self) -> None:
         """Give up an unsealed builder now rather than when it is collected (a traceback
         may hold it a long time): its fd closes and its record is dropped, so its file and
         its bytes in the budget go. The builder is unusable after."""
         with self._lock:
-            if self._sealed or self._fd < 0:
-                return
-            fd, self._fd, self._mapping = self._fd, -1, None
-            self._close(fd)
-            self._drop(self._rec)
+            self._mapping = None  # a view still holding the mapping keeps only the mapping
+            native.page_drop(self._hold)
 
     def _write_at(self, data: Any, offset: int) -> int:
         """pwrite all of ``data`` at ``offset`` through the builder's fd; returns its length.
@@ -775,8 +807,9 @@ class PageBuilder(_PageFile):
         SIGBUS on a file without reserved blocks."""
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        with self._using() as fd:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
         return done
 
     @property
@@ -790,10 +823,8 @@ class PageBuilder(_PageFile):
 
     def view(self) -> memoryview:
         """A writable view of the page's bytes (zero-filled at first)."""
-        with self._lock:
-            if self._sealed:
-                raise ValueError(f"page {self._id} is sealed; use the Page seal() returned")
-            if self._cache._closed:
+        with self._using():
+            if self._cache.closed:
                 raise CacheClosedError(f"the cache at {self._cache._path} is closed")
             return memoryview(self._mapping if self._mapping is not None else bytearray())
 
@@ -808,9 +839,7 @@ class PageBuilder(_PageFile):
         return the read-only Page. Raises BufferError while a view from ``view()`` is alive:
         a sealed page must never change through an old view. After any error the builder
         is as it was and ``seal()`` can be tried again."""
-        with self._lock:
-            if self._sealed:
-                raise ValueError(f"page {self._id} is already sealed")
+        with self._using() as fd:
             cache = self._cache
             cache._check_open()
             mapping = self._mapping
@@ -819,14 +848,19 @@ class PageBuilder(_PageFile):
                     mapping.flush()  # msync(MS_SYNC): the bytes, before the name
                 mapping.close()  # BufferError while a view is exported
             try:
-                native.seal(cache._handle, self._rec, self._fd, str(self.path))  # the name
+                # The record moves into a new hold, which owns it from the moment C
+                # returns: an interrupt after this line drops the page, orphans nothing.
+                memory, hold = native.seal(self._hold, str(self.path))
             except BaseException:
-                self._mapping = _map_shared(self._fd, self._nbytes)  # usable again
+                # Usable again, unless the seal went through and only the return was cut
+                # short (an interrupt): then the new hold dropped the page, and the
+                # builder's fd is closed, its record gone.
+                if native.builder_fd(self._hold) >= 0:
+                    self._mapping = _map_shared(fd, self._nbytes)
                 raise
             self._mapping = None
             self._sealed = True
-            os.close(self._fd)
-            return cache._page_class._new(cache, self._rec, self._id, self._nbytes)
+            return cache._page_class._new(cache, memory, hold, self._id, self._nbytes)
 
     def __reduce__(self) -> Any:
         raise TypeError("a PageBuilder cannot be pickled: seal() it and pickle the Page")

@@ -1,7 +1,9 @@
 /* A C-level stress test of csrc/: threads write, release (their own pages and each
- * other's), drop and flush at once while the reaper drains. Built and run under
- * ThreadSanitizer and AddressSanitizer+UBSan by tests/test_sanitizers.py; exits non-zero
- * on any inconsistency, and the sanitizers abort on any race or memory error. */
+ * other's), drop and flush at once while the reaper drains; calls through a hold race its
+ * drop; the cache is closed under load and let go of before its last pages, which must
+ * free it (the leak checker says so). Built and run under ThreadSanitizer and
+ * AddressSanitizer+UBSan by tests/test_sanitizers.py; exits non-zero on any inconsistency,
+ * and the sanitizers abort on any race, leak or memory error. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <fcntl.h>
@@ -20,8 +22,26 @@
 #define ROUNDS 400
 #define SHARED 64
 
-static dp_cache *cache;
-static _Atomic(dp_page *) shared[SHARED]; /* pages any thread may release */
+static dp_hold cache_hold, *cache = &cache_hold;
+static _Atomic(dp_hold *) shared[SHARED]; /* pages any thread may release */
+
+/* A page's hold, as Python's ffi.new gives it: zeroed memory its owner frees after the drop */
+static dp_hold *new_hold(void)
+{
+    dp_hold *h = calloc(1, sizeof *h);
+    if (!h) {
+        fprintf(stderr, "stress: out of memory\n");
+        exit(1);
+    }
+    return h;
+}
+
+static void drop(dp_hold *h)
+{
+    dp_page_drop(h);
+    dp_page_drop(h); /* a second drop does nothing */
+    free(h);
+}
 
 static void fail(const char *what, int err)
 {
@@ -35,37 +55,37 @@ static void *worker(void *arg)
     char data[5000];
     memset(data, 'x', sizeof data);
     for (int i = 0; i < ROUNDS; i++) {
-        dp_page *p;
+        dp_hold *p = new_hold();
         uint64_t id;
         size_t n = (size_t)rand_r(&seed) % sizeof data;
         int err = dp_write(cache, data, n, rand_r(&seed) % 4 == 0 ? DP_WRITE_MMAP : DP_WRITE_PWRITE,
-                           &p, &id);
+                           p, &id);
         if (err)
             fail("dp_write", err);
         switch (rand_r(&seed) % 4) {
         case 0: /* the owner drops it at once (refcount death) */
-            dp_page_drop(p);
+            drop(p);
             break;
         case 1: /* explicit release, then the owner's drop */
-            dp_release(p);
-            dp_release(p);
-            dp_page_drop(p);
+            dp_page_release(p);
+            dp_page_release(p);
+            drop(p);
             break;
         case 2: { /* hand ownership to the shared table; drop what was there */
-            dp_page *old = atomic_exchange(&shared[rand_r(&seed) % SHARED], p);
+            dp_hold *old = atomic_exchange(&shared[rand_r(&seed) % SHARED], p);
             if (old)
-                dp_page_drop(old);
+                drop(old);
             break;
         }
         default: { /* take a page another thread put in the table, release it twice
                     * (explicitly, then by dropping), racing that thread's own work */
             int slot = rand_r(&seed) % SHARED;
-            dp_page *q = atomic_exchange(&shared[slot], NULL);
+            dp_hold *q = atomic_exchange(&shared[slot], NULL);
             if (q) {
-                dp_release(q);
-                dp_page_drop(q);
+                dp_page_release(q);
+                drop(q);
             }
-            dp_page_drop(p);
+            drop(p);
         }
         }
         if (rand_r(&seed) % 50 == 0)
@@ -81,15 +101,63 @@ static void *write_until_closed(void *arg)
     (void)arg;
     char data[64] = {0};
     for (;;) {
-        dp_page *p;
+        dp_hold *p = new_hold();
         uint64_t id;
-        int err = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, &p, &id);
-        if (err == -DP_ECLOSED)
+        int err = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, p, &id);
+        if (err == -DP_ECLOSED) {
+            free(p);
             return NULL;
+        }
         if (err)
             fail("dp_write under close", err);
-        dp_page_drop(p);
+        drop(p);
     }
+}
+
+/* Calls through holds racing their drop: a zombie Python object used from another thread
+ * while its finalizer runs. The holds' memory stays (as the object would); what they held
+ * must be let go of exactly once, by whoever is last. */
+#define RACES 3000
+static dp_hold race_holds[RACES];
+static atomic_int race_next; /* holds [0, race_next) are written */
+
+static void *use_while_dropped(void *arg)
+{
+    (void)arg;
+    unsigned seed = 7;
+    while (atomic_load(&race_next) < RACES) {
+        int n = atomic_load(&race_next);
+        if (n == 0)
+            continue;
+        dp_hold *h = &race_holds[rand_r(&seed) % n];
+        int fd = dp_page_open(h);
+        if (fd >= 0)
+            close(fd);
+        else if (fd != -DP_ERELEASED)
+            fail("dp_page_open of a live or dropped page", fd);
+        dp_page_released(h);
+        if (rand_r(&seed) % 8 == 0)
+            dp_page_release(h);
+    }
+    return NULL;
+}
+
+static void race_drops(void)
+{
+    pthread_t user;
+    pthread_create(&user, NULL, use_while_dropped, NULL);
+    char data[100] = {0};
+    for (int i = 0; i < RACES; i++) {
+        uint64_t id;
+        int err = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, &race_holds[i], &id);
+        if (err)
+            fail("dp_write", err);
+        atomic_store(&race_next, i + 1);
+        dp_page_drop(&race_holds[i > 0 ? i - 1 : 0]);
+    }
+    dp_page_drop(&race_holds[RACES - 1]);
+    pthread_join(user, NULL);
+    dp_flush(cache);
 }
 
 static void *flush_until_closed(void *arg)
@@ -110,7 +178,7 @@ int main(int argc, char **argv)
     if (dirfd < 0)
         fail("open", -1);
     int remover = getenv("DP_LOOP") ? DP_REMOVE_LOOP : DP_REMOVE_AUTO;
-    int err = dp_cache_open(dirfd, DP_SYNC_NONE, 16, 1000000, remover, 1ull << 40, &cache);
+    int err = dp_cache_open(dirfd, DP_SYNC_NONE, 16, 1000000, remover, 1ull << 40, cache);
     if (err)
         fail("dp_cache_open", err);
     pthread_t t[THREADS];
@@ -145,15 +213,27 @@ int main(int argc, char **argv)
     }
     /* Phase 2, close under load: writers that never pause (close must not starve behind
      * them), flushers that race close for the remover, releases of the shared pages. */
+    race_drops();
+    dp_cache_stats(cache, &s);
+    if (s.live_pages != kept || s.pending != 0 || s.written != (uint64_t)THREADS * ROUNDS + RACES) {
+        fprintf(stderr, "stress: after the drop races: live %llu (kept %zu) pending %llu\n",
+                (unsigned long long)s.live_pages, kept, (unsigned long long)s.pending);
+        return 1;
+    }
+    /* A page kept past the cache's own end: its record keeps the cache's memory. */
+    dp_hold *survivor = new_hold();
+    uint64_t survivor_id;
+    if ((err = dp_write(cache, "last", 4, DP_WRITE_PWRITE, survivor, &survivor_id)))
+        fail("dp_write", err);
     pthread_t writers[4], flushers[2];
     for (int i = 0; i < 4; i++)
         pthread_create(&writers[i], NULL, write_until_closed, NULL);
     for (int i = 0; i < 2; i++)
         pthread_create(&flushers[i], NULL, flush_until_closed, NULL);
     for (int i = 0; i < SHARED; i++) {
-        dp_page *p = atomic_exchange(&shared[i], NULL);
+        dp_hold *p = atomic_exchange(&shared[i], NULL);
         if (p)
-            dp_page_drop(p);
+            drop(p);
     }
     usleep(50000);
     if ((err = dp_cache_close(cache)))
@@ -172,7 +252,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "stress: %zu files left after close\n", files);
         return 1;
     }
-    dp_cache_free(cache);
+    dp_cache_drop(cache);
+    dp_cache_drop(cache);
+    /* the cache is let go of; its last page still answers, as released */
+    if (dp_page_open(survivor) != -DP_ERELEASED || !dp_page_released(survivor))
+        fail("a page of a closed cache", -1);
+    dp_page_release(survivor);
+    drop(survivor); /* the cache's memory goes with it: the leak checker would see it */
     printf("ok: %llu pages written, %llu removed\n", (unsigned long long)s.written,
            (unsigned long long)s.removed);
     return 0;

@@ -1,0 +1,233 @@
+"""Asynchronous exceptions: a KeyboardInterrupt, or any exception a signal handler raises,
+can arrive at any bytecode. Whatever C hands back is owned before the next bytecode runs,
+so an interrupt anywhere in a write leaves no file, no live or charged bytes and no fd
+without a Page. Checked two ways: deterministically at every bytecode of diskpages' own
+Python code (a tracer raises at the k-th opcode, for every k), and with a real signal
+handler raising every 0.5 ms for seconds."""
+
+import gc
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import diskpages
+from diskpages import PageCache
+
+pytestmark = pytest.mark.lifetime
+
+PACKAGE = str(Path(diskpages.__file__).resolve().parent)
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def allocate_and_seal(cache):
+    builder = cache.allocate(3000)
+    with builder.view() as view:
+        view[:5] = b"hello"
+    return builder.seal()
+
+
+def allocate_array_and_seal(cache):
+    builder = cache.allocate_array((10, 3), "f4")
+    builder.array()[:] = 1.5
+    return builder.seal()
+
+
+def strided(cache):
+    return cache.write_array(np.arange(64, dtype="i8").reshape(8, 8)[:, ::2])
+
+
+OPERATIONS = {
+    "write": lambda c: c.write(b"x" * 5000),
+    "write_many": lambda c: c.write_many([b"a" * 100, b"b" * 2000, b""]),
+    "write_array": lambda c: c.write_array(np.arange(100, dtype="f8")),
+    "write_array strided": strided,
+    "allocate": lambda c: c.allocate(4096),
+    "allocate and seal": allocate_and_seal,
+    "allocate_array and seal": allocate_array_and_seal,
+}
+
+
+class Interrupt(BaseException):
+    """What the tracer raises: a BaseException, like KeyboardInterrupt."""
+
+
+def run_interrupted_at(op, cache, k: int):
+    """Run op(cache), raising Interrupt at the k-th opcode executed in diskpages' code.
+    Returns (result, interrupted)."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        # diskpages' code, but not its gc callback, which runs whenever a collection does
+        # (and cannot let an exception out in any case)
+        code = frame.f_code
+        if not code.co_filename.startswith(PACKAGE) or code.co_name == "_on_collection":
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+            if count == k:
+                raise Interrupt
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        return op(cache), False
+    except Interrupt:
+        return None, True
+    finally:
+        sys.settrace(None)
+
+
+@pytest.mark.parametrize("name", list(OPERATIONS))
+def test_an_interrupt_at_every_bytecode_orphans_nothing(root, name):
+    op = OPERATIONS[name]
+    with PageCache(root, max_delay=3600) as cache:
+        op(cache)  # warm up: first-use imports and caches
+        gc.collect()
+        cache.flush()
+        start_fds = fds()
+        start_live = cache.stats().live_pages
+        k, interrupted = 1, True
+        while interrupted:
+            result, interrupted = run_interrupted_at(op, cache, k)
+            if interrupted:
+                cache.flush()
+                s = cache.stats()
+                if s.live_pages != start_live or fds() != start_fds:
+                    gc.collect()  # (slow, so only if needed) a traceback may sit in a cycle
+                    cache.flush()
+                    s = cache.stats()
+                assert s.live_pages == start_live, f"{name}, interrupted at opcode {k}: {s}"
+                assert s.charged_bytes == s.live_bytes, f"{name}, opcode {k}: {s}"
+                assert fds() == start_fds, f"{name}, interrupted at opcode {k}: an fd leaked"
+                k += 1
+            assert k < 5000, "the operation never completed"
+        assert k > 5, f"{name}: only {k} opcodes: the tracer did not reach diskpages' code"
+        # the uninterrupted run made exactly one result, which works
+        assert result is not None
+        del result
+        gc.collect()
+        cache.flush()
+        assert cache.stats().live_pages == start_live
+        assert fds() == start_fds
+
+
+class Interrupter:
+    """A signal handler that raises KeyboardInterrupt every ``interval`` seconds, but only
+    while armed: inside ``run(op)``, from the call to its return, so that an interrupt can
+    land anywhere in the library, and the test's own loop never sees one. The handler
+    disarms before it raises: one interrupt per call at most."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.armed = False
+        self.interrupted = self.completed = 0
+
+    def _handler(self, signum, frame):
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGALRM, self._handler)
+        signal.setitimer(signal.ITIMER_REAL, self.interval, self.interval)
+        return self
+
+    def __exit__(self, *exc):
+        self.armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, self.old)
+
+    def run(self, op, *args):
+        try:
+            self.armed = True
+            op(*args)
+            self.armed = False
+            self.completed += 1
+        except KeyboardInterrupt:
+            self.interrupted += 1
+
+
+def test_a_signal_handler_raising_every_half_millisecond_orphans_nothing(root):
+    """Interrupts from a real signal handler, repeated every 0.5 ms for seconds, across all
+    the write paths: the live pages, the folder and the fd count end where they started."""
+    with PageCache(root, max_delay=3600, max_bytes=64 << 20) as cache:
+        for op in OPERATIONS.values():
+            op(cache)  # warm up
+        gc.collect()
+        cache.flush()
+        start_fds = fds()
+        assert cache.stats().live_pages == 0
+        with Interrupter(0.0005) as interrupter:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                for op in OPERATIONS.values():
+                    interrupter.run(op, cache)
+        assert interrupter.interrupted > 100 and interrupter.completed > 100, vars(interrupter)
+        gc.collect()
+        cache.flush()
+        s = cache.stats()
+        assert s.live_pages == 0 and s.charged_bytes == 0, s
+        assert os.listdir(cache.path) == []
+        assert fds() == start_fds
+
+
+def test_interrupts_never_fill_the_budget_for_good(root):
+    """Repeated interrupts used to leak records until max_bytes was full for good."""
+    with PageCache(root, max_delay=3600, max_bytes=1 << 20) as cache:
+        with Interrupter(0.0003) as interrupter:
+            for _ in range(400):
+                interrupter.run(cache.write_many, [b"z" * 4096] * 20)
+        assert interrupter.interrupted > 50, vars(interrupter)
+        gc.collect()
+        # the whole budget is there again
+        page = cache.write(b"y" * ((1 << 20) - 1))
+        assert page.read()[:1] == b"y"
+
+
+def test_interrupted_allocate_leaves_no_fd_after_close(root):
+    start = fds()
+    cache = PageCache(root, max_delay=3600)
+    for k in range(1, 200):
+        _, interrupted = run_interrupted_at(lambda c: c.allocate(4096), cache, k)
+        if not interrupted:
+            break
+    gc.collect()
+    cache.close()
+    assert fds() == start
+
+
+def test_interrupt_in_one_thread_while_another_writes(root):
+    """The main thread gets the interrupts; another thread keeps writing. Nothing leaks."""
+    with PageCache(root, max_delay=3600) as cache:
+        stop = threading.Event()
+
+        def writer():
+            while not stop.is_set():
+                cache.write(b"t" * 1000)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            with Interrupter(0.0005) as interrupter:
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline:
+                    interrupter.run(cache.write_many, [b"m" * 500] * 5)
+        finally:
+            stop.set()
+            t.join()
+        assert interrupter.interrupted > 10, vars(interrupter)
+        gc.collect()
+        cache.flush()
+        assert cache.stats().live_pages == 0
+        assert os.listdir(cache.path) == []
