@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,7 +107,15 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     pthread_condattr_destroy(&attr);
     if (err)
         goto fail_lock;
-    if ((err = -pthread_create(&c->reaper, NULL, dp_reaper_main, c)))
+    /* The reaper takes no signal: the process's handlers belong to its own threads, and a
+     * signal landing here would only cut short the reaper's unlinks. It inherits the mask
+     * of the thread that creates it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    err = -pthread_create(&c->reaper, NULL, dp_reaper_main, c);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err)
         goto fail_cond;
     c->reaper_started = true;
     out->ptr = c;

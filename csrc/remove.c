@@ -156,8 +156,13 @@ int dp_remover_kind(const dp_remover *r)
 
 static void remove_loop(int dirfd, char *const *names, size_t count, int *results)
 {
-    for (size_t i = 0; i < count; i++)
-        results[i] = unlinkat(dirfd, names[i], 0) == 0 ? 0 : -errno;
+    for (size_t i = 0; i < count; i++) {
+        int err;
+        do /* a signal can cut short an unlink that waits for the device (a TRIM) */
+            err = unlinkat(dirfd, names[i], 0) == 0 ? 0 : -errno;
+        while (err == -EINTR);
+        results[i] = err;
+    }
 }
 
 #if DP_HAVE_URING
@@ -225,9 +230,12 @@ void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count,
             n = r->sq_entries;
         int err = ring_round(r, dirfd, names + i, n, results + i);
         int unsupported = 0;
-        for (size_t k = 0; k < n; k++)
+        for (size_t k = 0; k < n; k++) {
             if (results[i + k] == -EINVAL)
                 unsupported = 1; /* a kernel without IORING_OP_UNLINKAT */
+            if (results[i + k] == -EINTR) /* cut short by a signal: do it again */
+                remove_loop(dirfd, names + i + k, 1, results + i + k);
+        }
         if (err || unsupported) {
             /* Give up on the ring for good; redo what did not complete in the loop. A
              * removal that did complete and is redone just finds ENOENT. */

@@ -154,9 +154,10 @@ def _collect_here(deadline: float) -> None:
         gc.collect()
         if _started.count != before or native.gc_collecting_here():
             return  # ours ran, or this is a finalizer of our own collection: no one to wait for
-        if not native.gc_collecting() or time.monotonic() >= deadline:
-            return  # (not collecting: someone took our hook out of gc.callbacks)
-        time.sleep(0.001)
+        if time.monotonic() >= deadline or _on_collection not in gc.callbacks:
+            return  # (without our hook we cannot tell whose collection ran)
+        if native.gc_collecting():
+            time.sleep(0.001)  # another thread's collection: wait for it to end, then ours
 
 
 class PageCache:
