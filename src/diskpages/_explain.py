@@ -39,17 +39,25 @@ def live_pages(cache: PageCache) -> Iterator[LivePage]:
     from ._cache import Page
 
     now = time.time()
-    # type(), not isinstance(): isinstance asks __class__, which a dead weakref.proxy raises
-    pages = [o for o in gc.get_objects() if issubclass(type(o), Page) and o._cache is cache]
-    out = []
-    for page in sorted(pages, key=lambda p: p.id):
-        if page.released:
+    found = []
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance asks __class__, which a dead weakref.proxy
+        # raises. getattr with a default, and the try: a Page another thread is still
+        # building (in Page._new, between object.__new__ and its last slot) lacks some slots.
+        if not issubclass(type(obj), Page) or getattr(obj, "_cache", None) is not cache:
             continue
         try:
-            written = os.stat(page.path).st_mtime
+            if not obj.released:
+                found.append((obj.id, obj.nbytes, obj.path, obj))
+        except AttributeError:
+            continue  # not built yet, so not live yet
+    out = []
+    for _, nbytes, path, page in sorted(found, key=lambda x: x[0]):
+        try:
+            written = os.stat(path).st_mtime
         except OSError:
             continue  # lost: not on disk, so not what the user is looking for
-        out.append(LivePage(page, page.nbytes, max(0.0, now - written)))
+        out.append(LivePage(page, nbytes, max(0.0, now - written)))
     return iter(out)  # built at once: a suspended generator would hold every page
 
 
