@@ -1,6 +1,8 @@
 """The "why is this page alive?" diagnostics: cache.explain(page) and cache.live()."""
 
 import gc
+import sys
+import threading
 import time
 
 import pytest
@@ -131,3 +133,89 @@ def test_live_skips_a_page_another_thread_is_still_building(cache):
         for half in (bare, partial):
             half.__class__ = Quiet  # same layout; Page.__del__ would raise on the missing _rec
         del bare, partial, half
+
+
+def _slow_tracer(frame, event, arg):
+    # Slow, as a real tracer (coverage, a debugger) may be: the GIL changes hands inside it,
+    # and whole explain() calls run while this thread is in it.
+    for _ in range(1000):
+        pass
+    time.sleep(0.02)
+    return _slow_tracer
+
+
+def _traced_loop(outcome, seconds):
+    # Module-level functions and arguments, not closures: a closure's cell is shared with
+    # the test's own frame, and an unbound cell would fail the test in the wrong thread.
+    value, turns = "mine", 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        turns += 1
+        if value != "mine":
+            outcome.append(f"value changed to {value!r}")
+    outcome.append(("done", turns))  # not reached if any of our variables came unbound
+
+
+def _traced_thread(outcome, seconds):
+    sys.settrace(_slow_tracer)  # a frame that is already running has no line events: so
+    try:  # the loop runs in a function called after this
+        _traced_loop(outcome, seconds)
+    except BaseException as e:  # UnboundLocalError: explain() unbound our variables
+        outcome.append(repr(e))
+    finally:
+        sys.settrace(None)
+
+
+def test_explain_leaves_a_traced_threads_locals_alone(cache):
+    # Under a Python-level tracer, CPython (before 3.13) copies a frame's variables into its
+    # f_locals dict before each trace call and back after it, unbinding every name missing
+    # from the dict. An explain() that read and cleared that dict while the thread was in
+    # its tracer unbound the thread's variables under it.
+    page = cache.write(b"p")
+    outcome = []
+    thread = threading.Thread(target=_traced_thread, args=(outcome, 1.0))
+    try:
+        thread.start()
+        calls = 0
+        while thread.is_alive():
+            text = cache.explain(page)
+            assert "local 'page' of test_explain_leaves_a_traced_threads_locals_alone()" in text
+            assert [x.page for x in cache.live()] == [page]  # live() reads no frame at all
+            calls += 1
+    finally:
+        thread.join()
+    assert len(outcome) == 1 and outcome[0][0] == "done", outcome
+    assert outcome[0][1] > 5 and calls > 1, (outcome, calls)
+
+
+def test_explain_counts_what_another_threads_function_holds(cache):
+    import weakref
+
+    held = threading.Event()
+    done = threading.Event()
+    box = []
+
+    def other():
+        mine = cache.write(b"t")
+        box.append(weakref.ref(mine))
+        held.set()
+        done.wait()
+        del mine
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        held.wait()
+        text = cache.explain(box[0]())  # (inside an assert, pytest would hold it in a local)
+        assert "kept alive by 1 reference(s) it cannot see: a variable of a function running in" in text
+        assert "mine" not in text and "other()" not in text  # explain() did not read its frame
+        page = box[0]()
+        text = cache.explain(page)
+        assert "local 'page' of test_explain_counts_what_another_threads_function_holds()" in text
+        assert text.splitlines()[-1].startswith("  and 1 reference(s) it cannot see")
+        del page
+    finally:
+        done.set()
+        thread.join()
+    page = cache.write(b"mine alone")
+    assert "cannot see" not in cache.explain(page)

@@ -1,6 +1,7 @@
 """Answers to "why is this file still here?": the chains of references that keep a page
 alive, and the live pages of a cache. Diagnostics only: they walk the heap through the gc
-module when called, and cost nothing on the write or release path."""
+module when called, and cost nothing on the write or release path. They change no other
+thread's state: explain() reads the variables of the calling thread's frames only."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 MAX_STEPS = 5_000  # objects whose referrers explain() looks up (each scans the heap)
 MAX_SECONDS = 2.0
 MAX_CHAINS = 3
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 @dataclass(frozen=True)
@@ -96,45 +98,70 @@ def _edge(holder: Any, target: Any) -> str:
     return f" (referred to by a {type(holder).__name__})"
 
 
-def _frame_locals(own: set[int]) -> tuple[dict[int, list[str]], list[dict[str, Any]]]:
-    """id(value) -> "local 'name' of f() at file:line", for the locals of every thread's
-    function frames except ours (module frames' locals are their globals: modules cover
-    them). Also the snapshot dicts, which the caller must clear: in CPython before 3.13
-    reading f_locals caches a dict on the frame that would keep the values (the page!)
-    alive after the function deletes or rebinds the variable."""
+def _frame_locals(page: Page, skip: int) -> tuple[dict[int, list[str]], list[dict[str, Any]], int]:
+    """id(value) -> "local 'name' of f() at file:line", for the locals of this thread's
+    function frames from explain()'s caller out, less the ``skip`` innermost (ours: they are
+    no root). Module frames' locals are their globals: modules cover them.
+
+    Also the snapshot dicts, which the caller must clear: in CPython before 3.13 reading
+    f_locals caches a dict on the frame that would keep the values (the page!) alive after
+    the function deletes or rebinds the variable. And how many of these frames' own
+    variables (not closure cells, which the gc sees) hold the page itself: the references
+    to it that the gc does not see.
+
+    Only this thread's frames. Before 3.13, reading another thread's f_locals writes that
+    frame's dict, and if the thread is inside a Python-level tracer (sys.settrace, a
+    debugger, coverage) CPython writes the dict back into its variables when the tracer
+    returns: clearing our snapshot would unbind them under it. A page another thread's
+    variable holds shows as a reference explain() cannot see instead."""
     roots: dict[int, list[str]] = {}
     snapshots: list[dict[str, Any]] = []
-    own = own | {id(sys._getframe(0))}
-    for top in list(sys._current_frames().values()):
-        f = top
-        while f is not None:
-            code = f.f_code
-            if id(f) not in own and code.co_flags & inspect.CO_OPTIMIZED:
-                f_locals = f.f_locals
-                if isinstance(f_locals, dict):  # before 3.13: the frame's own cached dict
-                    snapshots.append(f_locals)
-                else:  # 3.13+: a live proxy that caches nothing; read a copy
-                    f_locals = dict(f_locals)
-                where = f"{code.co_name}() at {os.path.basename(code.co_filename)}:{f.f_lineno}"
-                for name, value in f_locals.items():
+    page_refs = 0
+    f = sys._getframe(2)  # explain()'s caller (explain() counts its own variable)
+    depth = 0
+    while f is not None:
+        code = f.f_code
+        if code.co_flags & inspect.CO_OPTIMIZED:
+            f_locals = f.f_locals
+            if isinstance(f_locals, dict):  # before 3.13: the frame's own cached dict
+                snapshots.append(f_locals)
+            else:  # 3.13+: a live proxy that caches nothing; read a copy
+                f_locals = dict(f_locals)
+            # Variables the gc sees are no extra reference: closure cells, and the frame of
+            # a generator or coroutine (its object is the referrer)
+            cells = (*code.co_cellvars, *code.co_freevars)
+            own_refs = not code.co_flags & _SUSPENDABLE
+            where = f"{code.co_name}() at {os.path.basename(code.co_filename)}:{f.f_lineno}"
+            for name, value in f_locals.items():
+                page_refs += own_refs and value is page and name not in cells
+                if depth >= skip:
                     roots.setdefault(id(value), []).append(f"local {name!r} of {where}")
-            f = f.f_back
-    del top  # our own frame: kept, it would make a cycle that keeps the page alive
-    return roots, snapshots
+        f = f.f_back
+        depth += 1
+    return roots, snapshots, page_refs
+
+
+def _gc_refs(page: Page) -> int:
+    """How many references to the page the objects the gc tracks hold. Loops, not a
+    generator expression: that would hold the page in a closure cell, one more referrer."""
+    count = 0
+    for holder in gc.get_referrers(page):
+        for obj in gc.get_referents(holder):
+            count += obj is page
+    return count
 
 
 def explain(page: Page, skip_frames: int = 1) -> str:
-    """The chains of references from recognisable roots (a module's global, a function's
-    local variable) down to the page, breadth first, shortest first; or why there is none."""
-    frame = sys._getframe(0)
-    own = {id(frame)}
-    for _ in range(skip_frames):  # PageCache.explain's frame, too
-        frame = frame.f_back
-        own.add(id(frame))
-    del frame
+    """The chains of references from recognisable roots (a module's global, a local
+    variable of this thread) down to the page, breadth first, shortest first; or why there
+    is none."""
     modules = {id(vars(m)): name for name, m in list(sys.modules.items()) if m is not None}
-    local_roots, snapshots = _frame_locals(own)
+    local_roots, snapshots, local_refs = _frame_locals(page, skip_frames)
     try:
+        # Every reference to the page, less those we know of: ours (`page` here and
+        # getrefcount's argument), this thread's variables, and the gc's objects. The rest
+        # are another thread's variables (see _frame_locals), a call in progress, C code.
+        unseen = sys.getrefcount(page) - 2 - local_refs - _gc_refs(page)
         chains, examined = _search(page, modules, local_roots, snapshots)
     finally:
         for snapshot in snapshots:
@@ -149,13 +176,23 @@ def explain(page: Page, skip_frames: int = 1) -> str:
     head = f"page {page.id} ({page.nbytes} bytes, {page.path})"
     if page.released:
         return f"{head} is released: its file is gone or going."
+    cannot_see = (
+        f"{unseen} reference(s) it cannot see: a variable of a function running in another "
+        "thread, an argument of a call in progress, or C code"
+    )
     if chains:
-        return "\n".join([f"{head} is kept alive by:", *(f"  {chain}" for chain in chains)])
+        lines = [f"{head} is kept alive by:", *(f"  {chain}" for chain in chains)]
+        if unseen > 0:
+            lines.append(f"  and {cannot_see}")
+        return "\n".join(lines)
+    if unseen > 0:
+        return f"{head} is kept alive by {cannot_see}."
     if examined < 0:
         return f"{head}: no global or local found within {MAX_STEPS} objects or {MAX_SECONDS:g} s."
     return (
-        f"{head} is not reachable from any global or local: it is in a reference cycle, "
-        "and its file goes when the cycle collector runs (gc.collect() or cache.collect())."
+        f"{head} is not reachable from any global or any local of this thread: it is in a "
+        "reference cycle, and its file goes when the cycle collector runs (gc.collect() or "
+        "cache.collect()); unless another thread's variable or C code holds what holds it."
     )
 
 
