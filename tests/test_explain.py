@@ -219,3 +219,25 @@ def test_explain_counts_what_another_threads_function_holds(cache):
         thread.join()
     page = cache.write(b"mine alone")
     assert "cannot see" not in cache.explain(page)
+
+
+def test_explain_names_every_holder_shortest_first(cache):
+    p = cache.write(b"x")
+    d = {"k": p}
+    lines = cache.explain(p).splitlines()[1:]
+    assert (
+        lines[0]
+        == "  local 'p' of test_explain_names_every_holder_shortest_first() at " + lines[0].split(" at ")[1]
+    )
+    assert [line for line in lines if "local 'd'" in line][0].endswith("['k']")
+    del d
+
+    # More than MAX_CHAINS chains: the shortest of each holder of the page first, so the
+    # twelve names of one list do not hide the dict the page is in too
+    a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = [p]
+    deep = {"k": {"k2": p}}
+    lines = cache.explain(p).splitlines()[1:]
+    assert len(lines) == 11 and lines[-1] == "  ... and 4 more", lines
+    assert "local 'p'" in lines[0] and lines[-2].endswith("['k']['k2']")
+    assert all("[0]" in line for line in lines[1:-2])
+    del a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, deep

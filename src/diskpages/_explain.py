@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 MAX_STEPS = 5_000  # objects whose referrers explain() looks up (each scans the heap)
 MAX_SECONDS = 2.0
-MAX_CHAINS = 3
+MAX_CHAINS = 10  # chains explain() prints; it says how many more it found
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
@@ -162,7 +162,7 @@ def explain(page: Page, skip_frames: int = 1) -> str:
         # getrefcount's argument), this thread's variables, and the gc's objects. The rest
         # are another thread's variables (see _frame_locals), a call in progress, C code.
         unseen = sys.getrefcount(page) - 2 - local_refs - _gc_refs(page)
-        chains, examined = _search(page, modules, local_roots, snapshots)
+        chains, complete = _search(page, modules, local_roots, snapshots)
     finally:
         for snapshot in snapshots:
             # See _frame_locals: leave no reference behind. But a dict someone else holds
@@ -181,13 +181,18 @@ def explain(page: Page, skip_frames: int = 1) -> str:
         "thread, an argument of a call in progress, or C code"
     )
     if chains:
-        lines = [f"{head} is kept alive by:", *(f"  {chain}" for chain in chains)]
+        shown, more = _pick(chains)
+        lines = [f"{head} is kept alive by:", *(f"  {chain}" for chain in shown)]
+        if more:
+            lines.append(f"  ... and {more} more")
         if unseen > 0:
             lines.append(f"  and {cannot_see}")
+        if not complete:
+            lines.append(f"  (it stopped looking after {MAX_STEPS} objects or {MAX_SECONDS:g} s)")
         return "\n".join(lines)
     if unseen > 0:
         return f"{head} is kept alive by {cannot_see}."
-    if examined < 0:
+    if not complete:
         return f"{head}: no global or local found within {MAX_STEPS} objects or {MAX_SECONDS:g} s."
     return (
         f"{head} is not reachable from any global or any local of this thread: it is in a "
@@ -198,49 +203,75 @@ def explain(page: Page, skip_frames: int = 1) -> str:
 
 def _search(
     page: Page, modules: dict[int, str], local_roots: dict[int, list[str]], snapshots: list[Any]
-) -> tuple[list[str], int]:
-    queue: deque[tuple[Any, tuple[str, ...]]] = deque([(page, ())])
+) -> tuple[list[tuple[object, str]], bool]:
+    """Every chain from a root down to the page, breadth first so shortest first, each with
+    the page's holder it goes through (its first holder); and whether the search ended
+    within MAX_STEPS and MAX_SECONDS. Each object is visited once, by its shortest path."""
+    # (object, its path down to the page, the page's holder that path goes through)
+    queue: deque[tuple[Any, str, object]] = deque([(page, "", None)])
     seen = {id(page)}
-    ignore = {id(queue), id(seen), id(snapshots), id(local_roots), id(modules)}
+    kept: list[list[Any]] = []  # every referrers list, alive to the end so no id is reused
+    ignore = {id(queue), id(seen), id(kept), id(snapshots), id(local_roots), id(modules)}
     ignore.update(id(s) for s in snapshots)
-    chains: list[str] = []
-    examined = 0
+    chains: list[tuple[object, str]] = []
     deadline = time.monotonic() + MAX_SECONDS
     try:
-        while queue and not chains and examined < MAX_STEPS:
+        for _ in range(MAX_STEPS):
+            if not queue:
+                return chains, True
             if time.monotonic() > deadline:
-                return chains, -1
-            _step(queue, seen, ignore, modules, local_roots, chains)
-            examined += 1
-        if queue and not chains:
-            return chains, -1
-        return chains[:MAX_CHAINS], examined
+                break
+            _step(queue, seen, ignore, kept, modules, local_roots, chains)
+        return chains, not queue
     finally:
         queue.clear()  # on any exit, an error too: hold none of the heap
         seen.clear()
+        kept.clear()
 
 
 def _step(
     queue: deque[Any],
     seen: set[int],
     ignore: set[int],
+    kept: list[list[Any]],
     modules: dict[int, str],
     local_roots: dict[int, list[str]],
-    chains: list[str],
+    chains: list[tuple[object, str]],
 ) -> None:
-    """One breadth-first step: the referrers of the next object on the queue. A holder
-    that is a module's globals ends a chain; a local variable ends one at the object."""
-    obj, path = queue.popleft()
-    chains.extend(root + "".join(path) for root in local_roots.get(id(obj), ()))
+    """One breadth-first step: the referrers of the next object on the queue. A local
+    variable holding the object ends a chain, and so does a holder that is a module's
+    globals (never marked seen: one module may hold several objects of the search)."""
+    obj, path, first = queue.popleft()
+    for root in local_roots.get(id(obj), ()):
+        chains.append((root if first is None else first, root + path))
     referrers = gc.get_referrers(obj)
+    kept.append(referrers)
     ignore.add(id(referrers))
     for holder in referrers:
         if id(holder) in ignore or id(holder) in seen or isinstance(holder, types.FrameType):
             continue
-        seen.add(id(holder))
+        if type(holder) is obj:
+            # An instance refers to its class, but is not what keeps a class alive in any
+            # sense a user means; and a class with many instances would use up the budget.
+            continue
         step = _edge(holder, obj)
+        holds = id(holder) if first is None else first
         if id(holder) in modules:
             name = step[1:-1] if step.startswith("[") else step
-            chains.append(f"global {name} of module {modules[id(holder)]}" + "".join(path))
+            chains.append((holds, f"global {name} of module {modules[id(holder)]}" + path))
         else:
-            queue.append((holder, (step, *path)))
+            seen.add(id(holder))
+            queue.append((holder, step + path, holds))
+
+
+def _pick(chains: list[tuple[object, str]]) -> tuple[list[str], int]:
+    """At most MAX_CHAINS of the chains, shortest first, and how many are left out. The
+    shortest chain of every first holder goes before any second chain of one: a list that
+    twelve names hold must not hide the dict that holds the page too."""
+    firsts: set[object] = set()
+    shortest, others = [], []
+    for i, (first, _) in enumerate(chains):
+        (others if first in firsts else shortest).append(i)
+        firsts.add(first)
+    shown = sorted((shortest + others)[:MAX_CHAINS])
+    return [chains[i][1] for i in shown], len(chains) - len(shown)
