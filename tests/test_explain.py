@@ -1,6 +1,7 @@
 """The "why is this page alive?" diagnostics: cache.explain(page) and cache.live()."""
 
 import gc
+import re
 import sys
 import threading
 import time
@@ -32,19 +33,19 @@ class Holder:
 def test_explain_names_globals_attributes_locals_and_cycles(cache, no_gc):
     REGISTRY["cols"] = [None, cache.write(b"global")]
     text = cache.explain(REGISTRY["cols"][1])
-    assert f"global 'REGISTRY' of module {__name__}['cols'][1]" in text
+    assert f"module {__name__} -> REGISTRY['cols'][1]" in text
     del REGISTRY["cols"]
 
     holder = Holder(cache.write(b"attr"))
     text = cache.explain(holder.page)  # (inside an assert, pytest would hold it in a local)
-    assert "local 'holder' of test_explain_names_globals_attributes_locals_and_cycles() at" in text
-    assert text.rstrip().endswith(".page")
+    assert "  test_explain_names_globals_attributes_locals_and_cycles() at test_explain.py:" in text
+    assert text.rstrip().endswith(" -> holder.page")
 
     def inner():
         mine = cache.write(b"local")
         return cache.explain(mine)
 
-    assert "local 'mine' of inner()" in inner()
+    assert re.search(r"  inner\(\) at test_explain\.py:\d+ -> mine\n", inner() + "\n")
 
     a = [cache.write(b"cycle")]
     a.append(a)
@@ -96,7 +97,7 @@ def test_explain_survives_odd_referrers_and_live_survives_dead_proxies(cache):
     proxy = weakref.proxy(Thing())  # dead at once: isinstance(proxy, ...) would raise
     REGISTRY[BadKey()] = cache.write(b"odd")
     text = cache.explain([v for k, v in REGISTRY.items() if isinstance(k, BadKey)][0])
-    assert "global 'REGISTRY'" in text and "BadKey" in text  # its repr raised
+    assert f"module {__name__} -> REGISTRY[<BadKey " in text  # its repr raised
     assert [p.page for p in cache.live()] == list(REGISTRY.values())
     REGISTRY.clear()
     del proxy
@@ -179,7 +180,8 @@ def test_explain_leaves_a_traced_threads_locals_alone(cache):
         calls = 0
         while thread.is_alive():
             text = cache.explain(page)
-            assert "local 'page' of test_explain_leaves_a_traced_threads_locals_alone()" in text
+            assert "test_explain_leaves_a_traced_threads_locals_alone() at" in text
+            assert text.splitlines()[1].endswith(" -> page")
             assert [x.page for x in cache.live()] == [page]  # live() reads no frame at all
             calls += 1
     finally:
@@ -211,7 +213,8 @@ def test_explain_counts_what_another_threads_function_holds(cache):
         assert "mine" not in text and "other()" not in text  # explain() did not read its frame
         page = box[0]()
         text = cache.explain(page)
-        assert "local 'page' of test_explain_counts_what_another_threads_function_holds()" in text
+        assert "test_explain_counts_what_another_threads_function_holds() at" in text
+        assert text.splitlines()[1].endswith(" -> page")
         assert text.splitlines()[-1].startswith("  and 1 reference(s) it cannot see")
         del page
     finally:
@@ -225,11 +228,8 @@ def test_explain_names_every_holder_shortest_first(cache):
     p = cache.write(b"x")
     d = {"k": p}
     lines = cache.explain(p).splitlines()[1:]
-    assert (
-        lines[0]
-        == "  local 'p' of test_explain_names_every_holder_shortest_first() at " + lines[0].split(" at ")[1]
-    )
-    assert [line for line in lines if "local 'd'" in line][0].endswith("['k']")
+    here = r"  test_explain_names_every_holder_shortest_first\(\) at test_explain\.py:\d+ -> "
+    assert re.fullmatch(here + "p", lines[0]) and re.fullmatch(here + r"d\['k'\]", lines[1]), lines
     del d
 
     # More than MAX_CHAINS chains: the shortest of each holder of the page first, so the
@@ -238,6 +238,34 @@ def test_explain_names_every_holder_shortest_first(cache):
     deep = {"k": {"k2": p}}
     lines = cache.explain(p).splitlines()[1:]
     assert len(lines) == 11 and lines[-1] == "  ... and 4 more", lines
-    assert "local 'p'" in lines[0] and lines[-2].endswith("['k']['k2']")
-    assert all("[0]" in line for line in lines[1:-2])
+    assert re.fullmatch(here + "p", lines[0]) and re.fullmatch(here + r"deep\['k'\]\['k2'\]", lines[-2])
+    assert all(re.fullmatch(here + r"a\d+\[0\]", line) for line in lines[1:-2]), lines
     del a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, deep
+
+
+def test_explain_separates_the_root_from_the_path(cache):
+    cols = {"name": cache.write(b"x")}
+    text = cache.explain(cols["name"])  # (inside an assert, pytest would hold it in a local)
+    here = r"  test_explain_separates_the_root_from_the_path\(\) at test_explain\.py:\d+"
+    assert re.fullmatch(here + r" -> cols\['name'\]", text.splitlines()[1]), text
+    page = cols.pop("name")
+    text = cache.explain(page)
+    assert re.fullmatch(here + " -> page", text.splitlines()[1]), text
+    REGISTRY["cols"] = [None, page]
+    del page
+    text = cache.explain(REGISTRY["cols"][1])
+    assert f"  module {__name__} -> REGISTRY['cols'][1]" in text.splitlines(), text
+    del REGISTRY["cols"]
+
+
+def test_explain_says_when_it_stopped_looking(cache, monkeypatch):
+    from diskpages import _explain
+
+    p = cache.write(b"x")
+    held = [[p]]
+    monkeypatch.setattr(_explain, "MAX_STEPS", 1)  # the page's own referrers, no further
+    lines = cache.explain(p).splitlines()
+    assert lines[1].endswith(" -> p") and lines[-1].startswith("  (it stopped looking after 1 objects")
+    monkeypatch.setattr(_explain, "MAX_STEPS", 100)
+    assert cache.explain(p).splitlines()[-1].endswith(" -> held[0][0]")
+    del held

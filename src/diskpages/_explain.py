@@ -70,13 +70,22 @@ def _repr(obj: Any) -> str:
         return f"<{type(obj).__name__} object>"
 
 
+_NO_KEY = object()
+
+
+def _key(holder: dict[Any, Any], target: Any) -> Any:
+    """The key under which holder has target; _NO_KEY if none (target is a key)."""
+    for key, value in list(holder.items()):
+        if value is target:
+            return key
+    return _NO_KEY
+
+
 def _edge(holder: Any, target: Any) -> str:
-    """How holder refers to target, as a user would write it."""
+    """How holder refers to target, as a user would write it after a name."""
     if isinstance(holder, dict):
-        for key, value in list(holder.items()):
-            if value is target:
-                return f"[{_repr(key)}]"
-        return "[<a key>]"
+        key = _key(holder, target)
+        return "[<a key>]" if key is _NO_KEY else f"[{_repr(key)}]"
     if isinstance(holder, (list, tuple)):
         for i, value in enumerate(holder):
             if value is target:
@@ -87,6 +96,8 @@ def _edge(holder: Any, target: Any) -> str:
         return " (a closure's variable)"
     if isinstance(holder, types.MethodType):
         return ".__self__"
+    if isinstance(target, dict) and (isinstance(holder, type) or getattr(holder, "__dict__", None) is target):
+        return ".__dict__"  # a class's namespace (vars() gives a proxy of it), an object's
     names = list(getattr(holder, "__dict__", {}).items()) if hasattr(holder, "__dict__") else []
     for name, value in names:
         if value is target:
@@ -99,7 +110,7 @@ def _edge(holder: Any, target: Any) -> str:
 
 
 def _frame_locals(page: Page, skip: int) -> tuple[dict[int, list[str]], list[dict[str, Any]], int]:
-    """id(value) -> "local 'name' of f() at file:line", for the locals of this thread's
+    """id(value) -> "f() at file:line -> name", for the locals of this thread's
     function frames from explain()'s caller out, less the ``skip`` innermost (ours: they are
     no root). Module frames' locals are their globals: modules cover them.
 
@@ -135,7 +146,7 @@ def _frame_locals(page: Page, skip: int) -> tuple[dict[int, list[str]], list[dic
             for name, value in f_locals.items():
                 page_refs += own_refs and value is page and name not in cells
                 if depth >= skip:
-                    roots.setdefault(id(value), []).append(f"local {name!r} of {where}")
+                    roots.setdefault(id(value), []).append(f"{where} -> {name}")
         f = f.f_back
         depth += 1
     return roots, snapshots, page_refs
@@ -188,7 +199,9 @@ def explain(page: Page, skip_frames: int = 1) -> str:
         if unseen > 0:
             lines.append(f"  and {cannot_see}")
         if not complete:
-            lines.append(f"  (it stopped looking after {MAX_STEPS} objects or {MAX_SECONDS:g} s)")
+            lines.append(
+                f"  (it stopped looking after {MAX_STEPS} objects or {MAX_SECONDS:g} s: there may be more)"
+            )
         return "\n".join(lines)
     if unseen > 0:
         return f"{head} is kept alive by {cannot_see}."
@@ -254,14 +267,14 @@ def _step(
             # An instance refers to its class, but is not what keeps a class alive in any
             # sense a user means; and a class with many instances would use up the budget.
             continue
-        step = _edge(holder, obj)
         holds = id(holder) if first is None else first
         if id(holder) in modules:
-            name = step[1:-1] if step.startswith("[") else step
-            chains.append((holds, f"global {name} of module {modules[id(holder)]}" + path))
+            name = _key(holder, obj)
+            if isinstance(name, str):  # else obj is a key of the module's globals: no chain
+                chains.append((holds, f"module {modules[id(holder)]} -> {name}{path}"))
         else:
             seen.add(id(holder))
-            queue.append((holder, step + path, holds))
+            queue.append((holder, _edge(holder, obj) + path, holds))
 
 
 def _pick(chains: list[tuple[object, str]]) -> tuple[list[str], int]:
