@@ -168,10 +168,10 @@ def _traced_thread(outcome, seconds):
 
 
 def test_explain_leaves_a_traced_threads_locals_alone(cache):
-    # Under a Python-level tracer, CPython (before 3.13) copies a frame's variables into its
-    # f_locals dict before each trace call and back after it, unbinding every name missing
-    # from the dict. An explain() that read and cleared that dict while the thread was in
-    # its tracer unbound the thread's variables under it.
+    # Under a Python-level tracer, CPython before 3.13 writes a frame's f_locals dict back
+    # into its variables when a trace call returns, if f_locals was read meanwhile, and
+    # unbinds every name missing from the dict. An explain() that read and cleared that
+    # dict while the thread was in its tracer unbound the thread's variables under it.
     page = cache.write(b"p")
     outcome = []
     thread = threading.Thread(target=_traced_thread, args=(outcome, 1.0))
@@ -187,7 +187,7 @@ def test_explain_leaves_a_traced_threads_locals_alone(cache):
     finally:
         thread.join()
     assert len(outcome) == 1 and outcome[0][0] == "done", outcome
-    assert outcome[0][1] > 5 and calls > 1, (outcome, calls)
+    assert outcome[0][1] > 0 and calls > 1, (outcome, calls)
 
 
 def test_explain_counts_what_another_threads_function_holds(cache):
