@@ -589,3 +589,87 @@ def test_array_page_pickles_to_a_borrower_in_another_process(cache):
     assert proc.stdout.decode().split() == [">f8", "(3,", "4)", "66.0"]
     assert page.path.exists()  # the borrower's exit left the owner's file alone
     assert cache.stats().live_bytes == page.nbytes == os.path.getsize(page.path)
+
+
+# -- hostile .npy headers: ValueError, whatever numpy's header parser raises ------------------
+
+
+def npy_of(header: bytes, data: bytes = b"", version: int = 1) -> bytes:
+    """A .npy magic, the header's length as that format version writes it, header, data."""
+    return b"\x93NUMPY" + bytes([version, 0]) + len(header).to_bytes(2 * version, "little") + header + data
+
+
+def page_and_builder(cache, raw: bytes):
+    """The bytes as a sealed Page and as an unsealed PageBuilder: array() parses both alike."""
+    builder = cache.allocate(len(raw))
+    with builder.view() as view:
+        view[:] = raw
+    return cache.write(raw), builder
+
+
+def header_dict(descr: str, shape: str) -> bytes:
+    return f"{{'descr': {descr}, 'fortran_order': False, 'shape': {shape}, }}".encode()
+
+
+# Each once raised something other than ValueError from page.array() (numpy 2.4, CPython 3.11).
+HOSTILE_HEADERS = {
+    # tokenize.TokenError: numpy retries a header literal_eval refuses with tokenize (for
+    # Python 2's "1L"), which raises its own error on an unclosed bracket or string
+    "cut short": (b"{'descr': '<f8', 'fortran_order': False, 'shape': (", b""),
+    "unclosed bracket": (b"{", b""),
+    "unclosed triple quote": (b"'''", b""),
+    # IndentationError (a SyntaxError), from the same tokenize pass
+    "bad dedent": (b"\t{'descr': '<f8'}\n  x", b""),
+    # SyntaxError: numpy.dtype parses a descr like "(3,)f8" with literal_eval
+    "descr with an unclosed (": (header_dict("'(3,)f8,('", "(1,)"), b""),
+    # TypeError: literal_eval builds a dict or set with an unhashable key
+    "list as a key": (b"{[1]: 2}", b""),
+    "dict in a set": (b"{{}}", b""),
+    # IndexError: numpy.lib.format.descr_to_dtype indexes a tuple descr
+    "descr a 1-tuple": (header_dict("('<f8',)", "(1,)"), b""),
+    "descr an empty tuple": (header_dict("()", "(1,)"), b""),
+    # RecursionError: the AST of a 6 KB header is deeper than ast allows
+    "deep binary operators": (b"1+" * 3000 + b"1", b""),
+    # MemoryError: CPython 3.11's parser reports nesting deeper than its stack as one
+    "deep unary minus": (b"-" * 6000 + b"1", b""),
+    # TypeError: a bool is an int to numpy's header check, but not a size to reshape
+    "bool in shape": (header_dict("'<f8'", "(True,)"), b"\0" * 8),
+    # ValueError, but from reshape or numpy.empty, not naming the page
+    "negative sizes": (header_dict("'<f8'", "(-1, -1)"), b"\0" * 8),
+    "negative size, empty dtype": (header_dict("'|V0'", "(-1,)"), b""),
+    "size over intp": (header_dict("'<f8'", f"(0, {2**63})"), b""),
+    "over 64 dimensions": (header_dict("'<f8'", "(" + "1, " * 65 + ")"), b"\0" * 8),
+}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("name", list(HOSTILE_HEADERS))
+def test_array_of_hostile_header_is_a_value_error(cache, name, version):
+    header, data = HOSTILE_HEADERS[name]
+    for owner in page_and_builder(cache, npy_of(header, data, version)):
+        with pytest.raises(ValueError, match=f"^page {owner.id} is not a .npy array: "):
+            owner.array()
+
+
+# Pieces of headers, so that random ones are often nearly valid, not only noise.
+HEADER_PIECES = (
+    ["{", "}", "(", ")", "[", "]", ":", ",", " ", "\n", "\t", "\\", "'", '"', "'''", "\x00", "\xe9"]
+    + ["1", "-1", "0", "1L", "True", "False", "-", "+", "not ", "'descr'", "'fortran_order'", "'shape'"]
+    + ["'<f8'", "'|V0'", "'(3,)f8'", "('<f8',)", "[('a', '<f8')]", "{'descr': '<f8', 'fortran_order': False"]
+)
+random_headers = st.binary(max_size=120) | st.lists(st.sampled_from(HEADER_PIECES), max_size=30).map(
+    lambda pieces: "".join(pieces).encode("latin-1")
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=random_headers, data=st.binary(max_size=16), version=st.sampled_from([1, 2]))
+def test_array_of_random_header_is_an_array_or_a_value_error(tmp_path_factory, header, data, version):
+    with PageCache(tmp_path_factory.getbasetemp() / "prop-headers") as cache:
+        for owner in page_and_builder(cache, npy_of(header, data, version)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # numpy's "created on Python 2" for "1L"
+                    owner.array()
+            except ValueError as exc:
+                assert str(exc).startswith(f"page {owner.id} "), exc

@@ -93,3 +93,20 @@ def test_console_script_is_installed():
         pytest.skip(f"no console script next to {sys.executable} (not installed by pip here)")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "sweep" in proc.stdout
+
+
+def test_ls_and_sweep_pass_over_a_folder_only_named_like_a_cache_folder(root):
+    from test_processes import lookalikes_of
+
+    (dead,) = killed_caches(root, caches=1, n=1)
+    mine = lookalikes_of(dead)
+    ls = cli("ls", root=root)
+    assert ls.returncode == 0 and len(ls.stdout.splitlines()) == 1, ls.stdout
+    assert ls.stdout.startswith(Path(dead).name + " ")
+    dry = cli("sweep", "--dry-run", root=root)
+    assert dry.returncode == 0 and "would remove 1 orphaned folders" in dry.stdout, dry.stdout
+    real = cli("sweep", root=root)
+    assert real.returncode == 0 and "removed 1 orphaned folders" in real.stdout, real.stdout
+    assert not os.path.exists(dead)
+    for path in mine:
+        assert (path / "1.page").read_bytes() == b"mine", path

@@ -10,6 +10,10 @@ from diskpages import PageCache, PageReleasedError
 
 from conftest import files_in, run_python, wait_until
 
+# Also run under AddressSanitizer by .ci/run (-m lifetime): a page's C record must not be
+# touched after it is freed, here or in the child interpreters these tests start.
+pytestmark = pytest.mark.lifetime
+
 
 def test_del_releases_and_flush_removes(cache):
     page = cache.write(b"abc")

@@ -646,3 +646,40 @@ def test_a_folder_between_mkdir_and_its_lock_is_left_alone(root, probe):
     os.close(folder_fd)
     os.close(root_fd)
     os.rmdir(root / name)
+
+
+# -- 7. a user's folder only named like a cache folder -------------------------------------
+
+
+def lookalikes_of(dead: str) -> list[Path]:
+    """Folders of the user's own, each holding a file, named like the orphaned cache folder
+    ``dead`` but not quite: its name and a final newline (a regex's ``$`` matches before
+    one), and its name with the pid in Arabic-Indic digits (``\\d`` matches them, int()
+    reads them)."""
+    folder = Path(dead)
+    pid, rest = folder.name.split("-", 1)
+    arabic = pid.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+    made = []
+    for name in (folder.name + "\n", f"{arabic}-{rest}"):
+        path = folder.parent / name
+        path.mkdir()
+        (path / "1.page").write_bytes(b"mine")
+        made.append(path)
+    return made
+
+
+@pytest.mark.parametrize("how", ["sweep", "PageCache", "ls"])
+def test_a_folder_only_named_like_a_cache_folder_is_never_swept_or_listed(root, how):
+    from diskpages._folders import list_folders
+
+    dead = killed_cache(root, n=2)
+    mine = lookalikes_of(dead)
+    if how == "sweep":
+        assert [str(p) for p in diskpages.sweep(root)] == [dead]
+    elif how == "PageCache":  # sweeps the root as it opens
+        PageCache(root).close()
+        assert not os.path.exists(dead)
+    else:
+        assert [str(f.path) for f in list_folders(root)] == [dead]
+    for path in mine:
+        assert (path / "1.page").read_bytes() == b"mine", path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import operator
+import tokenize
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -179,39 +180,69 @@ class _Reader:
         return chunk
 
 
+# What numpy.lib.format's header reader raises, besides ValueError, for a header that is not
+# a valid one (each seen with a hostile page; see tests/test_arrays.py):
+# - tokenize.TokenError, SyntaxError (IndentationError too): numpy retries a header that
+#   literal_eval refuses with tokenize (for Python 2's "1L"), and numpy.dtype parses a descr
+#   such as "(3,)f8" with literal_eval;
+# - TypeError, IndexError: literal_eval makes a dict with a list for a key; descr_to_dtype
+#   indexes a tuple descr;
+# - RecursionError, MemoryError: a few KB of "1+1+..." or "---...1" nest deeper than ast, or
+#   CPython 3.11's parser stack, allows. The header is read from a page that is already
+#   mapped, so a MemoryError here is that limit far more likely than memory running out;
+#   it stays chained as the cause all the same.
+_BAD_HEADER = (SyntaxError, tokenize.TokenError, TypeError, IndexError, RecursionError, MemoryError)
+
+
+def _read_header(np: Any, reader: _Reader, nbytes: int) -> tuple[tuple[int, ...], bool, numpy.dtype]:
+    """(shape, fortran_order, dtype) from the .npy header at the reader; ValueError (or one of
+    _BAD_HEADER) if there is none."""
+    fmt = np.lib.format
+    version = fmt.read_magic(reader)
+    # The page is this process's own file, so a header of any size is read (numpy.load
+    # caps it at 10,000 characters against hostile files).
+    if version == (1, 0):
+        shape, fortran_order, dtype = fmt.read_array_header_1_0(reader, max_header_size=nbytes)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = fmt.read_array_header_2_0(reader, max_header_size=nbytes)
+    else:
+        raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are)")
+    # numpy checks only that each size is an int: a bool is one, and so is a negative int
+    if any(isinstance(n, bool) or n < 0 for n in shape):
+        raise ValueError(f"shape is not valid: {shape!r}")
+    return shape, fortran_order, dtype
+
+
 def array_of(owner: Page | PageBuilder) -> numpy.ndarray:
     """The array a .npy page holds, over ``owner.view()``: no copy, read-only for a Page,
     writable for a PageBuilder. The array holds an export of the view's mapping, so the
     mapping lives (and a builder cannot be sealed) while the array does."""
     np = _numpy()
     view = owner.view()
-    fmt = np.lib.format
     reader = _Reader(view)
+    not_npy = f"page {owner.id} is not a .npy array"
     try:
-        version = fmt.read_magic(reader)
-        # The page is this process's own file, so a header of any size is read (numpy.load
-        # caps it at 10,000 characters against hostile files).
-        if version == (1, 0):
-            shape, fortran_order, dtype = fmt.read_array_header_1_0(reader, max_header_size=len(view))
-        elif version == (2, 0):
-            shape, fortran_order, dtype = fmt.read_array_header_2_0(reader, max_header_size=len(view))
-        else:
-            raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are)")
+        shape, fortran_order, dtype = _read_header(np, reader, len(view))
     except ValueError as exc:
-        raise ValueError(f"page {owner.id} is not a .npy array: {exc}") from None
+        raise ValueError(f"{not_npy}: {exc}") from None
+    except _BAD_HEADER as exc:
+        raise ValueError(f"{not_npy}: its header does not parse ({type(exc).__name__}: {exc})") from exc
     if dtype.hasobject:
         raise ValueError(f"page {owner.id} holds a pickled object array, which diskpages never loads")
     count = math.prod(shape)
     if reader.pos + count * dtype.itemsize != len(view):
         raise ValueError(
-            f"page {owner.id} is not a .npy array: its header says {count * dtype.itemsize} bytes "
+            f"{not_npy}: its header says {count * dtype.itemsize} bytes "
             f"of data, the page has {len(view) - reader.pos}"
         )
     order = "F" if fortran_order else "C"
-    if dtype.itemsize == 0:  # nothing to map; numpy.frombuffer refuses such dtypes
-        array = np.empty(shape, dtype, order=order)
-        array.flags.writeable = not view.readonly
-        return array
-    # frombuffer, not ndarray(buffer=...): only frombuffer keeps an export of the mapping.
-    flat = np.frombuffer(view, dtype=dtype, count=count, offset=reader.pos)
-    return flat.reshape(shape, order=order)
+    try:
+        if dtype.itemsize == 0:  # nothing to map; numpy.frombuffer refuses such dtypes
+            array = np.empty(shape, dtype, order=order)
+            array.flags.writeable = not view.readonly
+            return array
+        # frombuffer, not ndarray(buffer=...): only frombuffer keeps an export of the mapping.
+        flat = np.frombuffer(view, dtype=dtype, count=count, offset=reader.pos)
+        return flat.reshape(shape, order=order)
+    except ValueError as exc:  # a shape numpy cannot hold: a size over intp, over 64 dimensions
+        raise ValueError(f"{not_npy}: {exc}") from None

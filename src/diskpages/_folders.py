@@ -33,7 +33,10 @@ from .errors import UnsafeRootError
 __all__ = ["default_root", "sweep", "FolderInfo", "list_folders"]
 
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-_FOLDER = re.compile(r"^(\d+)-([0-9a-f]{8})-[0-9a-f]{8}$")
+# Matched with fullmatch and ASCII classes only: a sweep deletes what matches, so a user's
+# folder must not pass for a cache's with a final newline ("$" matches before one) or a pid
+# in other scripts' digits ("\d" matches those, and int() reads them).
+_FOLDER = re.compile(r"([0-9]+)-([0-9a-f]{8})-[0-9a-f]{8}")
 
 
 def default_root() -> Path:
@@ -126,7 +129,7 @@ def _cache_folders(root_fd: int) -> Iterator[tuple[str, int, int]]:
     (never a symlink) whose name has our shape."""
     with os.scandir(root_fd) as entries:
         for entry in entries:
-            m = _FOLDER.match(entry.name)
+            m = _FOLDER.fullmatch(entry.name)
             if m and entry.is_dir(follow_symlinks=False):
                 yield entry.name, int(m.group(1)), int(m.group(2), 16)
 
