@@ -77,11 +77,11 @@ void dp_cache_stats(dp_hold *cache, dp_stats *out);
  * leaves no file and fills nothing. In a forked child: -DP_EFORKED. */
 int dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp_hold *page,
              uint64_t *id);
-/* `count` pages into pages[0..count), all or nothing: on failure every file this call made
+/* `count` pages into the holds *pages[0..count), all or nothing: on failure every file this call made
  * is removed, *failed_at tells which buffer failed, and with DP_SYNC_FULL the folder is
  * fsynced once. */
 int dp_write_many(dp_hold *cache, const void *const *data, const size_t *nbytes, size_t count,
-                  int method, dp_hold *pages, uint64_t *ids, size_t *failed_at);
+                  int method, dp_hold *const *pages, uint64_t *ids, size_t *failed_at);
 /* One page made of `count` buffers laid end to end, with pwritev (a header and its data
  * without joining them in memory); otherwise as dp_write with DP_WRITE_PWRITE. */
 int dp_write_parts(dp_hold *cache, const void *const *parts, const size_t *sizes, size_t count,

@@ -246,7 +246,7 @@ int dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp_hol
              uint64_t *id)
 {
     size_t failed_at;
-    return dp_write_many(cache, &data, &nbytes, 1, method, page, id, &failed_at);
+    return dp_write_many(cache, &data, &nbytes, 1, method, &page, id, &failed_at);
 }
 
 /* The sum of sizes, or -EOVERFLOW: a sum that wrapped would charge a few bytes for a write
@@ -263,7 +263,7 @@ static int sum_sizes(const size_t *sizes, size_t count, size_t *total)
 }
 
 static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
-                      int method, dp_hold *holds, uint64_t *ids, size_t *failed_at)
+                      int method, dp_hold *const *holds, uint64_t *ids, size_t *failed_at)
 {
     *failed_at = count; /* a failure before any buffer is nobody's fault */
     size_t total;
@@ -280,21 +280,21 @@ static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes
     for (; made < count; made++) {
         if ((err = create_page(c, data[made], nbytes[made], method, &rec)))
             break;
-        holds[made].ptr = rec;
+        holds[made]->ptr = rec;
     }
     *failed_at = made;
     if (!err && count && (err = sync_folder(c)))
         *failed_at = count;
     if (err) {
         while (made) {
-            discard_page(c, holds[--made].ptr);
-            holds[made].ptr = NULL;
+            discard_page(c, holds[--made]->ptr);
+            holds[made]->ptr = NULL;
         }
         dp_uncharge(c, total);
     } else {
         for (size_t i = 0; i < count; i++) {
-            publish(c, holds[i].ptr);
-            ids[i] = ((dp_page *)holds[i].ptr)->id;
+            publish(c, holds[i]->ptr);
+            ids[i] = ((dp_page *)holds[i]->ptr)->id;
         }
     }
     pthread_rwlock_unlock(&c->closing);
@@ -302,7 +302,7 @@ static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes
 }
 
 int dp_write_many(dp_hold *cache, const void *const *data, const size_t *nbytes, size_t count,
-                  int method, dp_hold *pages, uint64_t *ids, size_t *failed_at)
+                  int method, dp_hold *const *pages, uint64_t *ids, size_t *failed_at)
 {
     dp_cache *c = dp_hold_enter(cache, dp_cache_let_go);
     if (!c) {

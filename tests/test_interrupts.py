@@ -200,9 +200,11 @@ def test_interrupted_allocate_leaves_no_fd_after_close(root):
     start = fds()
     cache = PageCache(root, max_delay=3600)
     for k in range(1, 200):
-        _, interrupted = run_interrupted_at(lambda c: c.allocate(4096), cache, k)
+        builder, interrupted = run_interrupted_at(lambda c: c.allocate(4096), cache, k)
         if not interrupted:
             break
+    assert builder is not None and k > 5
+    del builder  # the one that was not interrupted
     gc.collect()
     cache.close()
     assert fds() == start

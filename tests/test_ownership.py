@@ -390,7 +390,8 @@ def test_write_many_refuses_sizes_whose_sum_wraps(cache):
     holds = ffi.new("dp_hold[]", 3)
     ids = ffi.new("uint64_t[]", 3)
     failed_at = ffi.new("size_t *")
-    rc = lib.dp_write_many(cache._handle, data, sizes, 3, 0, holds, ids, failed_at)
+    pointers = ffi.new("dp_hold *[]", [holds + i for i in range(3)])
+    rc = lib.dp_write_many(cache._handle, data, sizes, 3, 0, pointers, ids, failed_at)
     assert rc == -errno.EOVERFLOW
     assert all(holds[i].ptr == ffi.NULL for i in range(3))
     assert cache.stats().charged_bytes == 0 and files_in(cache.path) == []

@@ -32,23 +32,19 @@ Hold = Any  # a cdata 'dp_hold *' whose finalizer lets go of what C put in it (f
 Memory = Any  # the cdata that owns a hold's memory (ffi.new), kept beside it
 
 
-def _holds(count: int, drop: Any) -> tuple[Memory, list[Hold]]:
-    """``count`` empty holds, each already owned by its finalizer (``drop``) before any C
-    call fills it: an exception at any bytecode after the call (KeyboardInterrupt, or one
-    raised by a signal handler) drops what C handed over, instead of orphaning it. The
-    memory is returned too: whoever keeps a hold keeps its memory, which outlives the
-    finalizer (it may run before the object dies: resurrection, gc.garbage)."""
-    memory = ffi.new("dp_hold[]", max(count, 1))
-    return memory, [ffi.gc(memory + i, drop) for i in range(count)]
-
-
-def page_holds(count: int) -> tuple[Memory, list[Hold]]:
-    return _holds(count, lib.dp_page_drop)
+def _hold(drop: Any) -> tuple[Memory, Hold]:
+    """An empty hold, already owned by its finalizer (``drop``) before any C call fills it:
+    an exception at any bytecode after the call (KeyboardInterrupt, or one raised by a
+    signal handler) drops what C handed over, instead of orphaning it. The memory is
+    returned too, and whoever keeps the hold keeps it: the finalizer may run before the
+    object that keeps the hold dies (resurrection, gc.garbage), and the memory must stay.
+    (The finalizer keeps the memory alive until it has run: ffi.gc keeps its cdata.)"""
+    memory = ffi.new("dp_hold *")
+    return memory, ffi.gc(memory, drop)
 
 
 def page_hold() -> tuple[Memory, Hold]:
-    memory, (hold,) = _holds(1, lib.dp_page_drop)
-    return memory, hold
+    return _hold(lib.dp_page_drop)
 
 
 def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
@@ -78,7 +74,7 @@ def page_name(page_id: int) -> str:
 def cache_open(
     dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: int, max_bytes: int, path: str
 ) -> tuple[Memory, Hold]:
-    memory, (hold,) = _holds(1, lib.dp_cache_drop)
+    memory, hold = _hold(lib.dp_cache_drop)
     rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, hold)
     if rc:
         raise error(rc, path)
@@ -116,7 +112,7 @@ def as_buffer(data: Any) -> Any:
         raise BufferError(f"the {type(data).__name__} is not C-contiguous") from None
 
 
-# Each write returns (memory, hold, id, nbytes) per page: see _holds.
+# Each write returns (memory, hold, id, nbytes) per page: see _hold.
 
 
 def write(cache: Hold, data: Any, method: int, path: str) -> tuple[Memory, Hold, int, int]:
@@ -136,16 +132,17 @@ def write_many(
     bufs = [as_buffer(b) for b in buffers]  # every check happens before any file is made
     data = ffi.new("void *[]", bufs) if count else ffi.NULL
     sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
-    memory, holds = page_holds(count)
+    made = [page_hold() for _ in range(count)]
+    holds = ffi.new("dp_hold *[]", [hold for _, hold in made]) if count else ffi.NULL
     ids = ffi.new("uint64_t[]", max(count, 1))
     failed_at = ffi.new("size_t *")
-    rc = lib.dp_write_many(cache, data, sizes, count, method, memory, ids, failed_at)
+    rc = lib.dp_write_many(cache, data, sizes, count, method, holds, ids, failed_at)
     if rc:
         exc = error(rc, path)
         if failed_at[0] < count:
             exc.add_note(f"writing buffer {failed_at[0]} of {count}; no page of this call was kept")
         raise exc
-    return [(memory, holds[i], ids[i], len(bufs[i])) for i in range(count)]
+    return [(memory, hold, ids[i], len(bufs[i])) for i, (memory, hold) in enumerate(made)]
 
 
 def write_parts(cache: Hold, parts: Sequence[Any], path: str) -> tuple[Memory, Hold, int, int]:
