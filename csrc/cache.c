@@ -359,5 +359,6 @@ void dp_cache_let_go(void *ptr)
 
 void dp_cache_drop(dp_hold *h)
 {
-    dp_hold_drop(h, dp_cache_let_go);
+    if (dp_hold_drop(h))
+        dp_cache_let_go(h->ptr);
 }

@@ -11,10 +11,12 @@ typedef struct dp_page dp_page;   /* one page's record: id, size, link in the qu
 
 /* A Python object's hold on a C object (a cache or a page record). The memory is the Python
  * object's own (ffi.new), so it stays valid for as long as that object can be reached, even
- * after its finalizer has run (resurrection, gc.garbage). C fills `ptr` when it hands an
- * object over; the finalizer (dp_cache_drop, dp_page_drop) lets go of it; a call made through
- * the hold meanwhile keeps it from being let go under the call, and a call after it finds
- * nothing. Python never reads the fields: every call below takes the hold. */
+ * after its finalizer has run (resurrection, gc.garbage). Its finalizer (ffi.gc: C, so no
+ * exception can cut it short) exists before the call that fills the hold, so what C hands
+ * over is owned at once. C fills `ptr`; the finalizer (dp_cache_drop, dp_page_drop) lets go
+ * of it; a call made through the hold meanwhile keeps it from being let go under the call,
+ * and a call after it finds nothing. Python never reads the fields: every call below takes
+ * the hold. */
 typedef struct dp_hold {
     uint64_t state; /* users and flags, changed only atomically by C */
     void *ptr;      /* the dp_cache or dp_page held */

@@ -52,18 +52,17 @@ void dp_hold_leave(dp_hold *h, void (*let_go)(void *))
         let_go(h->ptr);
 }
 
-void dp_hold_drop(dp_hold *h, void (*let_go)(void *))
+bool dp_hold_drop(dp_hold *h)
 {
     uint64_t old = load(h), new;
     do {
         if (old & H_DROPPED)
-            return; /* a second drop: nothing to do */
+            return false; /* a second drop: nothing to do */
         new = old | H_DROPPED;
         if (old < H_USER && !(old & H_EMPTY))
             new |= H_EMPTY; /* no call inside: let go now */
     } while (!cas(h, &old, new));
-    if ((new & H_EMPTY) && !(old & H_EMPTY) && h->ptr)
-        let_go(h->ptr);
+    return (new & H_EMPTY) && !(old & H_EMPTY) && h->ptr;
 }
 
 void dp_hold_empty(dp_hold *h)

@@ -97,10 +97,10 @@ enum release_cause { BY_REFCOUNT = 0, BY_GC = 1, BY_CALL = 2 };
 
 /* hold.c: a call through a hold enters it (NULL: nothing held any more) and leaves it; a
  * finalizer drops it. Whoever finds the hold dropped and unused last (the dropper, or the
- * last call to leave) calls let_go on what it held, exactly once. */
+ * last call to leave) lets go of what it held, exactly once. */
 void *dp_hold_enter(dp_hold *h, void (*let_go)(void *));
 void dp_hold_leave(dp_hold *h, void (*let_go)(void *));
-void dp_hold_drop(dp_hold *h, void (*let_go)(void *));
+bool dp_hold_drop(dp_hold *h); /* true: letting go of h->ptr is the dropper's */
 void dp_hold_empty(dp_hold *h);      /* what it held was handed on (a sealed builder) */
 void dp_hold_mark_gc(dp_hold *h);    /* its page was reclaimed by the cycle collector */
 bool dp_hold_marked_gc(dp_hold *h);
@@ -119,8 +119,8 @@ void dp_page_let_go(void *p);
 int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */
 void dp_uncharge(dp_cache *c, uint64_t nbytes);
 int64_t dp_drain_locked(dp_cache *c);
-void dp_release_page(dp_page *p, int cause);
-void dp_drop_record(dp_page *p); /* the hold lets go: release, close a builder's fd, put */
+/* the hold lets go: release, close a builder's fd, put; true if the collector released it */
+bool dp_drop_record(dp_page *p);
 void dp_record_put(dp_page *p);
 void *dp_reaper_main(void *arg);
 void dp_wake_reaper(dp_cache *c);

@@ -108,10 +108,11 @@ static void reclaim_after_close(dp_cache *c)
     }
 }
 
-void dp_release_page(dp_page *p, int cause)
+/* Returns whether this call released it (false: it was released already). */
+static bool release_page(dp_page *p, int cause)
 {
     if (atomic_exchange_explicit(&p->released, true, memory_order_acq_rel))
-        return;
+        return false;
     dp_cache *c = p->cache;
     /* after close, the page counts as released at close (dp_cache_stats works it out) */
     if (!atomic_load_explicit(&c->closed, memory_order_relaxed)) {
@@ -137,16 +138,19 @@ void dp_release_page(dp_page *p, int cause)
     atomic_fetch_sub(&c->live_pages, 1);
     if (atomic_load(&c->closed))
         reclaim_after_close(c);
+    return true;
 }
 
-void dp_drop_record(dp_page *p)
+bool dp_drop_record(dp_page *p)
 {
-    dp_release_page(p, dp_gc_collecting_here() ? BY_GC : BY_REFCOUNT);
+    bool by_gc = dp_gc_collecting_here();
+    bool released = release_page(p, by_gc ? BY_GC : BY_REFCOUNT);
     if (p->fd >= 0) { /* a builder never sealed: its file goes with its last fd */
         close(p->fd);
         p->fd = -1;
     }
     dp_record_put(p);
+    return by_gc && released;
 }
 
 void dp_page_let_go(void *p)
@@ -159,7 +163,7 @@ void dp_page_release(dp_hold *h)
     dp_page *p = dp_hold_enter(h, dp_page_let_go);
     if (!p)
         return;
-    dp_release_page(p, BY_CALL);
+    release_page(p, BY_CALL);
     dp_hold_leave(h, dp_page_let_go);
 }
 
@@ -176,17 +180,12 @@ int dp_page_released(dp_hold *h)
 
 void dp_page_drop(dp_hold *h)
 {
-    if (dp_gc_collecting_here()) {
-        /* Remember that the collector reclaimed it, for a warn_on_gc page's __del__, which
-         * may run before or after this in the same collection. */
-        dp_page *p = dp_hold_enter(h, dp_page_let_go);
-        if (p) {
-            if (!atomic_load(&p->released) && !atomic_load(&p->cache->closed))
-                dp_hold_mark_gc(h);
-            dp_hold_leave(h, dp_page_let_go);
-        }
-    }
-    dp_hold_drop(h, dp_page_let_go);
+    if (!dp_hold_drop(h))
+        return; /* dropped before, or a call inside lets go when it leaves */
+    dp_page *p = h->ptr;
+    bool closed = atomic_load(&p->cache->closed); /* read while the record is ours */
+    if (dp_drop_record(p) && !closed)
+        dp_hold_mark_gc(h); /* for a warn_on_gc page's __del__, which may run before or after */
 }
 
 int dp_page_reclaimed_by_gc(dp_hold *h)

@@ -139,14 +139,25 @@ class Interrupter:
             raise KeyboardInterrupt
 
     def __enter__(self):
+        # An interrupt that lands in a finalizer or a gc callback is "ignored" and goes to
+        # sys.unraisablehook; pytest's hook keeps it, and its traceback's frames (a
+        # callback's frame links to the frame the collection ran in) would keep a view
+        # alive past the test's seal(). Count them instead.
+        self.unraisable = 0
+        self.old_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         self.old = signal.signal(signal.SIGALRM, self._handler)
         signal.setitimer(signal.ITIMER_REAL, self.interval, self.interval)
         return self
+
+    def _unraisable(self, info):
+        self.unraisable += 1
 
     def __exit__(self, *exc):
         self.armed = False
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGALRM, self.old)
+        sys.unraisablehook = self.old_hook
 
     def run(self, op, *args):
         try:

@@ -19,32 +19,28 @@ WRITE_METHODS = {"pwrite": lib.DP_WRITE_PWRITE, "mmap": lib.DP_WRITE_MMAP}
 # Plain references to the C functions that finalizers and the gc callback call, so that
 # they still reach them at interpreter shutdown, when module globals are already None.
 page_release = lib.dp_page_release
+page_reclaimed_by_gc = lib.dp_page_reclaimed_by_gc
 page_drop = lib.dp_page_drop
 page_released = lib.dp_page_released
-page_reclaimed_by_gc = lib.dp_page_reclaimed_by_gc
 gc_phase = lib.dp_gc_phase
 gc_collecting = lib.dp_gc_collecting
 gc_collecting_here = lib.dp_gc_collecting_here
 gc_take_releases = lib.dp_gc_take_releases
 kick = lib.dp_kick
 
-Hold = Any  # a cdata 'dp_hold *' whose finalizer lets go of what C put in it (ffi.gc)
-Memory = Any  # the cdata that owns a hold's memory (ffi.new), kept beside it
+Hold = Any  # a cdata 'dp_hold *' owned by its finalizer (ffi.gc): see new_hold()
+Memory = Any  # the cdata that owns a hold's memory (ffi.new)
 
 
-def _hold(drop: Any) -> tuple[Memory, Hold]:
-    """An empty hold, already owned by its finalizer (``drop``) before any C call fills it:
-    an exception at any bytecode after the call (KeyboardInterrupt, or one raised by a
-    signal handler) drops what C handed over, instead of orphaning it. The memory is
-    returned too, and whoever keeps the hold keeps it: the finalizer may run before the
-    object that keeps the hold dies (resurrection, gc.garbage), and the memory must stay.
-    (The finalizer keeps the memory alive until it has run: ffi.gc keeps its cdata.)"""
+def new_hold(drop: Any = lib.dp_page_drop) -> tuple[Memory, Hold]:
+    """An empty hold (csrc/diskpages.h), already owned by its finalizer before any C call
+    fills it. The finalizer is C (ffi.gc calls ``drop`` with no Python frame in between),
+    so no exception can cut it short or come between the call and the owner: whatever C
+    hands over is dropped when the hold's last reference goes. The memory comes back too:
+    whoever keeps the hold keeps its memory, which must outlive the finalizer (it runs in
+    a collection even when its object is then resurrected or kept in gc.garbage)."""
     memory = ffi.new("dp_hold *")
     return memory, ffi.gc(memory, drop)
-
-
-def page_hold() -> tuple[Memory, Hold]:
-    return _hold(lib.dp_page_drop)
 
 
 def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
@@ -73,12 +69,14 @@ def page_name(page_id: int) -> str:
 
 def cache_open(
     dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: int, max_bytes: int, path: str
-) -> tuple[Memory, Hold]:
-    memory, hold = _hold(lib.dp_cache_drop)
+) -> Hold:
+    """The cache's hold; its finalizer closes the cache and lets go of it. (The
+    PageCache's weakref.finalize keeps the hold until it has run, at exit at the latest.)"""
+    memory, hold = new_hold(lib.dp_cache_drop)  # ffi.gc keeps memory until it has run
     rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, hold)
     if rc:
         raise error(rc, path)
-    return memory, hold
+    return hold
 
 
 def cache_close(cache: Hold, path: str) -> bool:
@@ -112,28 +110,26 @@ def as_buffer(data: Any) -> Any:
         raise BufferError(f"the {type(data).__name__} is not C-contiguous") from None
 
 
-# Each write returns (memory, hold, id, nbytes) per page: see _hold.
+# Each write fills holds that the caller's new objects already own; it returns the ids.
 
 
-def write(cache: Hold, data: Any, method: int, path: str) -> tuple[Memory, Hold, int, int]:
+def write(cache: Hold, data: Any, method: int, path: str, page: Hold) -> tuple[int, int]:
     buf = as_buffer(data)
-    memory, hold = page_hold()
     page_id = ffi.new("uint64_t *")
-    rc = lib.dp_write(cache, buf, len(buf), method, hold, page_id)
+    rc = lib.dp_write(cache, buf, len(buf), method, page, page_id)
     if rc:
         raise error(rc, path)
-    return memory, hold, page_id[0], len(buf)
+    return page_id[0], len(buf)
 
 
 def write_many(
-    cache: Hold, buffers: Sequence[Any], method: int, path: str
-) -> list[tuple[Memory, Hold, int, int]]:
+    cache: Hold, buffers: Sequence[Any], method: int, path: str, pages: Sequence[Hold]
+) -> list[tuple[int, int]]:
     count = len(buffers)
     bufs = [as_buffer(b) for b in buffers]  # every check happens before any file is made
     data = ffi.new("void *[]", bufs) if count else ffi.NULL
     sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
-    made = [page_hold() for _ in range(count)]
-    holds = ffi.new("dp_hold *[]", [hold for _, hold in made]) if count else ffi.NULL
+    holds = ffi.new("dp_hold *[]", list(pages)) if count else ffi.NULL
     ids = ffi.new("uint64_t[]", max(count, 1))
     failed_at = ffi.new("size_t *")
     rc = lib.dp_write_many(cache, data, sizes, count, method, holds, ids, failed_at)
@@ -142,46 +138,42 @@ def write_many(
         if failed_at[0] < count:
             exc.add_note(f"writing buffer {failed_at[0]} of {count}; no page of this call was kept")
         raise exc
-    return [(memory, hold, ids[i], len(bufs[i])) for i, (memory, hold) in enumerate(made)]
+    return [(ids[i], len(bufs[i])) for i in range(count)]
 
 
-def write_parts(cache: Hold, parts: Sequence[Any], path: str) -> tuple[Memory, Hold, int, int]:
+def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold) -> tuple[int, int]:
     """One page whose bytes are the parts laid end to end, written without joining them."""
     bufs = [as_buffer(p) for p in parts]
     count = len(bufs)
     data = ffi.new("void *[]", bufs) if count else ffi.NULL
     sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
-    memory, hold = page_hold()
     page_id = ffi.new("uint64_t *")
-    rc = lib.dp_write_parts(cache, data, sizes, count, hold, page_id)
+    rc = lib.dp_write_parts(cache, data, sizes, count, page, page_id)
     if rc:
         raise error(rc, path)
-    return memory, hold, page_id[0], sum(len(b) for b in bufs)
+    return page_id[0], sum(len(b) for b in bufs)
 
 
-def allocate(cache: Hold, nbytes: int, path: str) -> tuple[Memory, Hold, int, int]:
-    """A builder's page: (memory, hold, id, fd); the fd is the record's, valid until the
-    page is sealed or the hold lets go (see builder_fd)."""
-    memory, hold = page_hold()
+def allocate(cache: Hold, nbytes: int, path: str, builder: Hold) -> tuple[int, int]:
+    """A builder's page: (id, fd); the fd is the record's, valid until the page is sealed
+    or the hold lets go (see builder_fd)."""
     page_id = ffi.new("uint64_t *")
-    fd = lib.dp_allocate(cache, nbytes, hold, page_id)
+    fd = lib.dp_allocate(cache, nbytes, builder, page_id)
     if fd < 0:
         raise error(fd, path)
-    return memory, hold, page_id[0], fd
+    return page_id[0], fd
 
 
 def builder_fd(builder: Hold) -> int:
-    """The fd of a builder's page, or -ERELEASED once it was sealed or let go of."""
+    """The fd of a builder's page, or -ERELEASED once it was sealed or let go."""
     return int(lib.dp_builder_fd(builder))
 
 
-def seal(builder: Hold, path: str) -> tuple[Memory, Hold]:
-    """Seal a builder's page; the record moves into a new hold, returned."""
-    memory, hold = page_hold()
-    rc = lib.dp_seal(builder, hold)
+def seal(builder: Hold, page: Hold, path: str) -> None:
+    """Seal a builder's page; its record moves into ``page``."""
+    rc = lib.dp_seal(builder, page)
     if rc:
         raise error(rc, path)
-    return memory, hold
 
 
 def empty_folder(dirfd: int, path: str) -> int:

@@ -1,13 +1,14 @@
 """PageCache, Page and PageBuilder: the public API and every lifetime rule.
 
 Ownership is by reference. A Page (or PageBuilder) holds its C record through a hold
-(csrc/hold.c): memory the Page owns, with a finalizer (ffi.gc) that lets go of the record
-when the Page's last reference goes or the cycle collector frees it: one CAS onto the C
-release queue, no system call, no lock. The cache's reaper thread removes the files in
-batches. A record holds its C cache; the cache lives until its PageCache and its last
-record are gone. A Page whose finalizer has run (it may live on: resurrection,
-gc.garbage) finds its hold empty and raises PageReleasedError. See README.md,
-"Lifetimes".
+(csrc/hold.c): memory the Page owns, with a C finalizer (ffi.gc), both made with the Page
+before the C call that fills the hold. When the Page's last reference goes or the
+collector frees it, the finalizer lets go of the record: one CAS onto the C release queue,
+no system call, no lock, and no Python frame, so no KeyboardInterrupt can cut it short. The cache's reaper
+thread removes the files in batches. A record holds its C cache; the cache lives until its
+PageCache and its last record are gone. A Page whose finalizer has run (it may live on:
+resurrection, gc.garbage) finds its hold empty and raises PageReleasedError. See
+README.md, "Lifetimes".
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ class PageCache:
             name, dirfd = _folders.make_folder(root_fd)  # 0700, locked for our whole life
             path = str(root_path / name)
             try:
-                memory, handle = native.cache_open(
+                handle = native.cache_open(
                     dirfd,
                     native.SYNC_MODES[sync],
                     batch,
@@ -229,7 +230,6 @@ class PageCache:
 
         self._path = Path(path)
         self._handle = handle  # the C cache's hold: its finalizer closes the cache too
-        self._handle_memory = memory
         self._sync = sync
         self._batch = batch
         self._max_delay = float(max_delay)
@@ -288,25 +288,29 @@ class PageCache:
         """Write one page. When this returns the bytes are in a file under ``self.path``
         (and on stable storage as far as ``sync`` asks). On failure no file is left."""
         self._check_open()
-        args = (self._handle, data, self._write_method, str(self._path))
+        page = self._page_class._empty(self)  # owns what C hands over, whatever comes next
+        args = (self._handle, data, self._write_method, str(self._path), page._hold)
         try:
-            made = native.write(*args)
+            page._id, page._nbytes = native.write(*args)
         except CacheFullError:
-            made = self._make_room(native.write, args, len(native.as_buffer(data)))
-        return self._page_class._new(self, *made)
+            page._id, page._nbytes = self._make_room(native.write, args, len(native.as_buffer(data)))
+        return page
 
     def write_many(self, buffers: Iterable[Any]) -> list[Page]:
         """Write many pages in one call into C, all or nothing: if any write fails, no
         page of this call is kept. Under ``sync="full"`` the folder is fsynced once."""
         self._check_open()
         items = list(buffers)
-        args = (self._handle, items, self._write_method, str(self._path))
+        empty = self._page_class._empty
+        pages = [empty(self) for _ in items]
+        args = (self._handle, items, self._write_method, str(self._path), [p._hold for p in pages])
         try:
             made = native.write_many(*args)
         except CacheFullError:
             made = self._make_room(native.write_many, args, sum(len(native.as_buffer(b)) for b in items))
-        new = self._page_class._new
-        return [new(self, *page) for page in made]
+        for page, (page_id, nbytes) in zip(pages, made, strict=True):
+            page._id, page._nbytes = page_id, nbytes
+        return pages
 
     def allocate(self, nbytes: int) -> PageBuilder:
         """A page of ``nbytes`` to fill in place through a writable shared mapping; its
@@ -316,19 +320,20 @@ class PageCache:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
         self._check_open()
-        args = (self._handle, nbytes, str(self._path))
+        builder = PageBuilder._empty(self)  # owns the page and its fd once C hands them over
+        args = (self._handle, nbytes, str(self._path), builder._hold)
         try:
-            memory, hold, page_id, fd = native.allocate(*args)
+            page_id, fd = native.allocate(*args)
         except CacheFullError:
-            memory, hold, page_id, fd = self._make_room(native.allocate, args, nbytes)
-        # The hold owns the fd; an error from here on drops it, and the page, at once (its
+            page_id, fd = self._make_room(native.allocate, args, nbytes)
+        # An error from here on drops the page and closes its fd at once (the builder's
         # finalizer would too, but only once a kept traceback lets go of it).
         try:
-            mapping = _map_shared(fd, nbytes)
+            builder._building(page_id, nbytes, _map_shared(fd, nbytes))
         except BaseException:
-            native.page_drop(hold)
+            builder._discard()
             raise
-        return PageBuilder._building(self, memory, hold, page_id, nbytes, mapping)
+        return builder
 
     def write_array(self, array: Any) -> Page:
         """Write a NumPy array (or anything ``numpy.asarray`` takes) as a ``.npy`` page:
@@ -342,12 +347,13 @@ class PageCache:
         if _arrays.is_strided(array):
             return _arrays.write_strided(self, array)
         header, data = _arrays.npy_parts(array)
-        args = (self._handle, (header, data), str(self._path))
+        page = self._page_class._empty(self)
+        args = (self._handle, (header, data), str(self._path), page._hold)
         try:
-            made = native.write_parts(*args)
+            page._id, page._nbytes = native.write_parts(*args)
         except CacheFullError:
-            made = self._make_room(native.write_parts, args, len(header) + data.nbytes)
-        return self._page_class._new(self, *made)
+            page._id, page._nbytes = self._make_room(native.write_parts, args, len(header) + data.nbytes)
+        return page
 
     def allocate_array(self, shape: int | Iterable[int], dtype: Any) -> PageBuilder:
         """A ``.npy`` page to fill in place: the header is written, ``builder.array()`` is
@@ -582,25 +588,24 @@ class _Readable(_Sized):
 
 class _PageFile(_Sized):
     """What a Page and a PageBuilder share: the hold on the C record that owns one page
-    file. Made only by the cache (``_new``), from a hold that already owns the record, so
-    no exception between the C call and here can orphan it."""
+    file. Made only by the cache (``_empty``), before the C call that fills the hold, so
+    nothing between that call and the caller can orphan the record: whatever happens, the
+    hold's finalizer lets go of it when this object goes."""
 
-    # _hold: a 'dp_hold *' whose finalizer (ffi.gc) lets go of the record when this object
-    # dies or the collector frees it; _memory: the hold's memory, kept here too, because it
-    # must outlive that finalizer (the object may live on: resurrection, gc.garbage).
+    # _hold: a 'dp_hold *' with a C finalizer (ffi.gc), used in every call; _memory: the
+    # hold's memory, kept here too because it must outlive that finalizer, which can run
+    # before this object dies (resurrection, gc.garbage): the hold is empty then.
     __slots__ = ("_cache", "_hold", "_memory", "_id", "_nbytes")
 
     def __new__(cls, *args: object, **kwargs: object) -> _PageFile:
         raise TypeError("pages come from PageCache.write(), write_many() and allocate()")
 
     @classmethod
-    def _new(cls, cache: PageCache, memory: Any, hold: Any, page_id: int, nbytes: int) -> Any:
+    def _empty(cls, cache: PageCache) -> Any:
         self = object.__new__(cls)
-        self._memory = memory
-        self._hold = hold
+        self._memory, self._hold = native.new_hold()
+        self._id = self._nbytes = 0  # until C fills the hold
         self._cache = cache
-        self._id = page_id
-        self._nbytes = nbytes
         return self
 
     @property
@@ -615,6 +620,8 @@ class Page(_PageFile, _Readable):
 
     __slots__ = ("__weakref__",)
 
+    _release = native.page_release
+    _released = native.page_released
     borrowed = False
 
     @property
@@ -626,12 +633,12 @@ class Page(_PageFile, _Readable):
         """True once ``release()`` ran, the cache closed, or the collector reclaimed this
         page (an object can outlive that: resurrection, gc.garbage); its file is then gone
         or going."""
-        return bool(native.page_released(self._hold))
+        return bool(self._released(self._hold))
 
     def release(self) -> None:
         """Give the page up now: reads fail from here on and the file goes with the next
         batch (or ``cache.flush()``). Idempotent; safe from any thread."""
-        native.page_release(self._hold)
+        self._release(self._hold)
 
     def _open(self) -> int:
         fd = native.open_page(self._hold)
@@ -671,8 +678,8 @@ class _WatchedPage(Page):
     _warn = warnings.warn
 
     @classmethod
-    def _new(cls, cache: PageCache, memory: Any, hold: Any, page_id: int, nbytes: int) -> Any:
-        self = super()._new(cache, memory, hold, page_id, nbytes)
+    def _empty(cls, cache: PageCache) -> Any:
+        self = super()._empty(cache)
         cache._watched.add(self)  # type: ignore[union-attr]
         return self
 
@@ -762,15 +769,16 @@ class PageBuilder(_PageFile):
     __slots__ = ("_mapping", "_lock", "_busy", "_sealed")
 
     @classmethod
-    def _building(
-        cls, cache: PageCache, memory: Any, hold: Any, page_id: int, nbytes: int, mapping: Any
-    ) -> PageBuilder:
-        self = cls._new(cache, memory, hold, page_id, nbytes)
+    def _empty(cls, cache: PageCache) -> Any:
+        self = super()._empty(cache)
         self._sealed = False
-        self._mapping = mapping
+        self._mapping = None
         self._lock = threading.RLock()
         self._busy = False
         return self
+
+    def _building(self, page_id: int, nbytes: int, mapping: Any) -> None:
+        self._id, self._nbytes, self._mapping = page_id, nbytes, mapping
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[int]:
@@ -848,10 +856,11 @@ class PageBuilder(_PageFile):
                 if cache._sync != "none":
                     mapping.flush()  # msync(MS_SYNC): the bytes, before the name
                 mapping.close()  # BufferError while a view is exported
+            # The record moves into the new page's hold: from the moment C returns the page
+            # owns it, so an interrupt after this line drops the page and orphans nothing.
+            page = cache._page_class._empty(cache)
             try:
-                # The record moves into a new hold, which owns it from the moment C
-                # returns: an interrupt after this line drops the page, orphans nothing.
-                memory, hold = native.seal(self._hold, str(self.path))
+                native.seal(self._hold, page._hold, str(self.path))
             except BaseException:
                 # Usable again, unless the seal went through and only the return was cut
                 # short (an interrupt): then the new hold dropped the page, and the
@@ -859,9 +868,10 @@ class PageBuilder(_PageFile):
                 if native.builder_fd(self._hold) >= 0:
                     self._mapping = _map_shared(fd, self._nbytes)
                 raise
+            page._id, page._nbytes = self._id, self._nbytes
             self._mapping = None
             self._sealed = True
-            return cache._page_class._new(cache, memory, hold, self._id, self._nbytes)
+            return page
 
     def __reduce__(self) -> Any:
         raise TypeError("a PageBuilder cannot be pickled: seal() it and pickle the Page")
