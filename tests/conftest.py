@@ -1,3 +1,4 @@
+import gc
 import os
 import subprocess
 import sys
@@ -20,6 +21,20 @@ def cache(root: Path):
     # a long max_delay: tests that look at pending pages must not race the reaper
     with PageCache(root, max_delay=30.0) as c:
         yield c
+
+
+@pytest.fixture
+def no_gc():
+    """Automatic collections off for the test (from a clean heap), so that cycles are
+    collected exactly where the test says."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def run_python(

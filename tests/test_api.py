@@ -9,7 +9,6 @@ import stat
 import pytest
 
 import diskpages
-from diskpages import _bindings
 from diskpages import (
     CacheClosedError,
     Page,
@@ -18,6 +17,7 @@ from diskpages import (
     PageCacheError,
     PageLostError,
     PageReleasedError,
+    _bindings,
 )
 
 

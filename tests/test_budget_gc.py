@@ -16,17 +16,6 @@ from conftest import files_in, run_python, wait_until
 MiB = 1 << 20
 
 
-@pytest.fixture
-def no_gc():
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def folder_bytes(cache):
     return sum(os.path.getsize(cache.path / n) for n in files_in(cache.path))
 

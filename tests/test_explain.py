@@ -1,6 +1,5 @@
 """The "why is this page alive?" diagnostics: cache.explain(page) and cache.live()."""
 
-import gc
 import re
 import sys
 import threading
@@ -9,18 +8,6 @@ import time
 import pytest
 
 from diskpages import PageCache
-
-
-@pytest.fixture
-def no_gc():
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
 
 REGISTRY = {}
 

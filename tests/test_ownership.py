@@ -35,15 +35,6 @@ def bystander(tmp_path):
         assert len(files_in(cache.path)) == len(pages)
 
 
-@pytest.fixture
-def no_gc():
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
-    gc.collect()
-
-
 def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -79,7 +70,7 @@ def make_cache_and_cyclic_pages(root, order: str):
 
 @pytest.mark.parametrize("order", ["cache first", "pages first"])
 def test_a_cache_and_its_pages_die_in_one_collection(tmp_path, bystander, no_gc, order):
-    for i in range(30):
+    for _i in range(30):
         make_cache_and_cyclic_pages(tmp_path / "root", order)
         gc.collect()
         # freed records of dead caches, if reused, would land in the bystander's memory
