@@ -79,8 +79,3 @@ bool dp_hold_marked_gc(dp_hold *h)
 {
     return __atomic_load_n(&h->state, __ATOMIC_RELAXED) & H_GC;
 }
-
-bool dp_hold_let_go(dp_hold *h)
-{
-    return (load(h) & (H_DROPPED | H_EMPTY)) || !h->ptr;
-}

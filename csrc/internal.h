@@ -104,7 +104,6 @@ bool dp_hold_drop(dp_hold *h); /* true: letting go of h->ptr is the dropper's */
 void dp_hold_empty(dp_hold *h);      /* what it held was handed on (a sealed builder) */
 void dp_hold_mark_gc(dp_hold *h);    /* its page was reclaimed by the cycle collector */
 bool dp_hold_marked_gc(dp_hold *h);
-bool dp_hold_let_go(dp_hold *h);     /* dropped or emptied: nothing to enter */
 
 /* cache.c: the cache's counted references, and what its hold does on letting go (close,
  * then put the hold's reference) */
