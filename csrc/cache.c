@@ -94,8 +94,10 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     pthread_rwlockattr_destroy(&rwattr);
     if (err)
         goto fail_remover;
-    if ((err = -pthread_mutex_init(&c->drain_lock, NULL)))
+    if ((err = -pthread_mutex_init(&c->close_lock, NULL)))
         goto fail_rwlock;
+    if ((err = -pthread_mutex_init(&c->drain_lock, NULL)))
+        goto fail_close_lock;
     if ((err = -pthread_mutex_init(&c->lock, NULL)))
         goto fail_drain_lock;
     pthread_condattr_t attr;
@@ -127,6 +129,8 @@ fail_lock:
     pthread_mutex_destroy(&c->lock);
 fail_drain_lock:
     pthread_mutex_destroy(&c->drain_lock);
+fail_close_lock:
+    pthread_mutex_destroy(&c->close_lock);
 fail_rwlock:
     pthread_rwlock_destroy(&c->closing);
 fail_remover:
@@ -272,6 +276,7 @@ int dp_close_locked(dp_cache *c)
         atomic_store(&c->closed, true);
         return -DP_EFORKED;
     }
+    pthread_mutex_lock(&c->close_lock); /* a second close waits for the first */
     /* Mark closed first, so new writers and readers turn back at once; then wait for the
      * ones in flight (the lock prefers writers, so a stream of them cannot starve us). */
     if (!atomic_exchange(&c->closed, true)) {
@@ -295,6 +300,7 @@ int dp_close_locked(dp_cache *c)
         }
     }
     pthread_mutex_unlock(&c->drain_lock);
+    pthread_mutex_unlock(&c->close_lock);
     return n < 0 ? (int)n : 0;
 }
 
@@ -331,6 +337,7 @@ static void cache_free(dp_cache *c)
         pthread_cond_destroy(&c->wake);
         pthread_mutex_destroy(&c->lock);
         pthread_mutex_destroy(&c->drain_lock);
+        pthread_mutex_destroy(&c->close_lock);
         pthread_rwlock_destroy(&c->closing);
     }
     /* In a forked child the locks may be held by a thread that is gone: touch none, and

@@ -65,6 +65,9 @@ struct dp_cache {
      * has emptied the folder. Never taken on the release path. */
     pthread_rwlock_t closing;
     atomic_bool closed;
+    /* One close at a time: close() and the finalizer (at exit) may race, and the second
+     * must not empty the folder while the first still waits for writers. */
+    pthread_mutex_t close_lock;
     atomic_bool tmpfile; /* O_TMPFILE works in this folder (until it is refused once) */
 
     /* One user of the remover at a time (reaper, flush, close); the holder never needs

@@ -268,36 +268,42 @@ static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes
     *failed_at = count; /* a failure before any buffer is nobody's fault */
     size_t total;
     int err = sum_sizes(nbytes, count, &total);
-    if (err || (err = enter_write(c)))
+    if (err)
         return err;
+    /* The records stay here until every page is written and published: a hold is
+     * reachable (gc.get_objects() finds its Page), so it gets only a finished page. */
+    dp_page **recs = malloc((count ? count : 1) * sizeof *recs);
+    if (!recs)
+        return -ENOMEM;
+    if ((err = enter_write(c))) {
+        free(recs);
+        return err;
+    }
     if ((err = dp_charge(c, total))) {
         pthread_rwlock_unlock(&c->closing);
+        free(recs);
         return err;
     }
-    /* the records wait in the holds' pointers, published only once all are written */
     size_t made = 0;
-    dp_page *rec = NULL;
-    for (; made < count; made++) {
-        if ((err = create_page(c, data[made], nbytes[made], method, &rec)))
+    for (; made < count; made++)
+        if ((err = create_page(c, data[made], nbytes[made], method, &recs[made])))
             break;
-        holds[made]->ptr = rec;
-    }
     *failed_at = made;
     if (!err && count && (err = sync_folder(c)))
         *failed_at = count;
     if (err) {
-        while (made) {
-            discard_page(c, holds[--made]->ptr);
-            holds[made]->ptr = NULL;
-        }
+        while (made)
+            discard_page(c, recs[--made]);
         dp_uncharge(c, total);
     } else {
         for (size_t i = 0; i < count; i++) {
-            publish(c, holds[i]->ptr);
-            ids[i] = ((dp_page *)holds[i]->ptr)->id;
+            publish(c, recs[i]);
+            ids[i] = recs[i]->id;
+            holds[i]->ptr = recs[i];
         }
     }
     pthread_rwlock_unlock(&c->closing);
+    free(recs);
     return err;
 }
 
@@ -376,11 +382,10 @@ static int write_parts(dp_cache *c, const void *const *parts, const size_t *size
             err = -errno;
         if (!err)
             err = sync_folder(c);
-        if (!err) {
-            page->ptr = rec;
-            *id = rec->id;
-        }
+        *id = rec->id;
         end_page(c, rec, err);
+        if (!err)
+            page->ptr = rec; /* published first: a hold gets only a finished page */
     }
     free(iov);
     return err;
@@ -408,14 +413,14 @@ static int allocate(dp_cache *c, size_t nbytes, dp_hold *builder, uint64_t *id)
     int err = reserve(fd, nbytes);
     if (err == -EOPNOTSUPP) /* no fallocate here: a sparse file, as good as it gets */
         err = ftruncate(fd, (off_t)nbytes) == 0 ? 0 : -errno;
-    if (err) {
+    if (err)
         close(fd);
-    } else {
+    else
         rec->fd = fd; /* the record owns it now: closed by dp_seal or when it is dropped */
-        builder->ptr = rec;
-        *id = rec->id;
-    }
+    *id = rec->id;
     end_page(c, rec, err);
+    if (!err)
+        builder->ptr = rec; /* published first: a hold gets only a finished page */
     return err ? err : fd;
 }
 

@@ -514,3 +514,78 @@ def test_budget_is_met_under_threads_whose_pages_die_in_cycles(root):
             t.join()
         assert not errors, f"{len(errors)} writes failed: {errors[0]}"
         assert cache.stats().charged_bytes <= 8 << 20
+
+
+def test_a_failing_write_many_never_hands_out_a_record_it_takes_back(root):
+    """A heap walker (gc.get_objects(), as live() does) can reach the pages of a
+    write_many still under way. If the call then fails, a record one of them was given
+    and released would be freed while queued: the holds get records only once all are
+    written."""
+    proc = run_python(f"""
+        import gc, resource, threading
+        from diskpages import Page, PageCache
+        cache = PageCache({str(root)!r}, max_delay=3600)
+        limit = 1 << 20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        big = b"B" * (limit + 4096)  # written up to the limit, then EFBIG
+        stop = threading.Event()
+
+        def walker():
+            while not stop.is_set():
+                for o in gc.get_objects():
+                    if type(o) is Page and getattr(o, "_cache", None) is cache:
+                        o.release()
+
+        t = threading.Thread(target=walker)
+        t.start()
+        failed = 0
+        for _ in range(150):
+            try:
+                cache.write_many([b"a" * 10, b"b" * 10, big])
+            except OSError:
+                failed += 1
+        stop.set()
+        t.join()
+        gc.collect()
+        cache.flush()
+        s = cache.stats()
+        assert failed == 150, failed
+        assert s.live_pages == 0 and s.pending == 0 and s.charged_bytes == 0, s
+        print("ok")
+    """, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    assert files_in(root) == []
+
+
+def test_close_and_the_exit_finalizer_racing_wait_for_each_other(root):
+    """close() in one thread, the cache's finalizer (what the atexit hook runs) in
+    another, with writes in flight: the second must wait for the first, not empty the
+    folder and close its fd under the writers."""
+    for _ in range(5):
+        cache = PageCache(root, sync="data")
+        big = b"w" * (8 << 20)
+        outcomes = []
+        go = threading.Barrier(4)
+
+        def writer():
+            go.wait()
+            try:
+                outcomes.append(cache.write(big))
+            except diskpages.CacheClosedError:
+                outcomes.append("closed")
+            except BaseException as e:
+                outcomes.append(e)
+
+        writers = [threading.Thread(target=writer) for _ in range(3)]
+        for w in writers:
+            w.start()
+        go.wait()
+        closer = threading.Thread(target=cache.close)
+        closer.start()
+        cache._finalizer()  # what weakref.finalize's atexit hook calls
+        for t in [*writers, closer]:
+            t.join()
+        odd = [o for o in outcomes if not (o == "closed" or isinstance(o, diskpages.Page))]
+        assert not odd, odd
+        assert not cache.path.exists()
+        assert all(o.released for o in outcomes if isinstance(o, diskpages.Page))
