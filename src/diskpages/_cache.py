@@ -422,9 +422,11 @@ class PageCache:
         return _explain.live_pages(self)
 
     def explain(self, page: Page) -> str:
-        """What keeps ``page`` alive: the chains of references from a module's global or a
-        frame's local variable down to it (shortest first), or that it is only in an
-        unreachable reference cycle. A diagnostic: it walks the heap when called."""
+        """What keeps ``page`` alive: every chain of references from a module's global or a
+        local variable of the calling thread down to it (shortest first), how many
+        references it cannot see (another thread's variables, C code: it never reads or
+        changes another thread's frames), or that it is only in an unreachable reference
+        cycle. A diagnostic: it walks the heap when called."""
         if not isinstance(page, Page) or getattr(page, "_cache", None) is not self:
             raise ValueError(f"{page!r} is not a page of this cache")
         return _explain.explain(page, skip_frames=1)
