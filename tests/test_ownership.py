@@ -557,35 +557,42 @@ def test_a_failing_write_many_never_hands_out_a_record_it_takes_back(root):
     assert files_in(root) == []
 
 
+def close_while_the_exit_finalizer_runs(root):
+    """One round: three writes in flight, close() in a thread and the cache's finalizer
+    here; what the writers got."""
+    cache = PageCache(root, sync="data")
+    big = b"w" * (8 << 20)
+    outcomes = []
+    go = threading.Barrier(4)
+
+    def writer():
+        go.wait()
+        try:
+            outcomes.append(cache.write(big))
+        except diskpages.CacheClosedError:
+            outcomes.append("closed")
+        except BaseException as e:
+            outcomes.append(e)
+
+    writers = [threading.Thread(target=writer) for _ in range(3)]
+    for w in writers:
+        w.start()
+    go.wait()
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    cache._finalizer()  # what weakref.finalize's atexit hook calls
+    for t in [*writers, closer]:
+        t.join()
+    assert not cache.path.exists()
+    return outcomes
+
+
 def test_close_and_the_exit_finalizer_racing_wait_for_each_other(root):
     """close() in one thread, the cache's finalizer (what the atexit hook runs) in
     another, with writes in flight: the second must wait for the first, not empty the
     folder and close its fd under the writers."""
     for _ in range(5):
-        cache = PageCache(root, sync="data")
-        big = b"w" * (8 << 20)
-        outcomes = []
-        go = threading.Barrier(4)
-
-        def writer():
-            go.wait()
-            try:
-                outcomes.append(cache.write(big))
-            except diskpages.CacheClosedError:
-                outcomes.append("closed")
-            except BaseException as e:
-                outcomes.append(e)
-
-        writers = [threading.Thread(target=writer) for _ in range(3)]
-        for w in writers:
-            w.start()
-        go.wait()
-        closer = threading.Thread(target=cache.close)
-        closer.start()
-        cache._finalizer()  # what weakref.finalize's atexit hook calls
-        for t in [*writers, closer]:
-            t.join()
+        outcomes = close_while_the_exit_finalizer_runs(root)
         odd = [o for o in outcomes if not (o == "closed" or isinstance(o, diskpages.Page))]
         assert not odd, odd
-        assert not cache.path.exists()
         assert all(o.released for o in outcomes if isinstance(o, diskpages.Page))
