@@ -521,7 +521,8 @@ def test_a_failing_write_many_never_hands_out_a_record_it_takes_back(root):
     write_many still under way. If the call then fails, a record one of them was given
     and released would be freed while queued: the holds get records only once all are
     written."""
-    proc = run_python(f"""
+    proc = run_python(
+        f"""
         import gc, resource, threading
         from diskpages import Page, PageCache
         cache = PageCache({str(root)!r}, max_delay=3600)
@@ -552,7 +553,9 @@ def test_a_failing_write_many_never_hands_out_a_record_it_takes_back(root):
         assert failed == 150, failed
         assert s.live_pages == 0 and s.pending == 0 and s.charged_bytes == 0, s
         print("ok")
-    """, timeout=120)
+    """,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
     assert files_in(root) == []
 
