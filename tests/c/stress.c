@@ -254,6 +254,7 @@ int main(int argc, char **argv)
     }
     dp_cache_drop(cache);
     dp_cache_drop(cache);
+    cache_hold.ptr = NULL; /* as when Python frees the hold's memory: only records reach it now */
     /* the cache is let go of; its last page still answers, as released */
     if (dp_page_open(survivor) != -DP_ERELEASED || !dp_page_released(survivor))
         fail("a page of a closed cache", -1);
