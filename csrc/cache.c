@@ -314,16 +314,6 @@ int dp_cache_close(dp_hold *h)
     return err;
 }
 
-int dp_cache_closed(dp_hold *h)
-{
-    dp_cache *c = dp_hold_enter(h, dp_cache_let_go);
-    if (!c)
-        return 1;
-    int closed = atomic_load(&c->closed);
-    dp_hold_leave(h, dp_cache_let_go);
-    return closed;
-}
-
 void dp_cache_get(dp_cache *c)
 {
     atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);

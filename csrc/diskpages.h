@@ -72,7 +72,6 @@ int dp_cache_close(dp_hold *cache);
 /* The hold's finalizer: close the cache (errors are dropped: close() reports them) and let
  * go of it. Idempotent. */
 void dp_cache_drop(dp_hold *cache);
-int dp_cache_closed(dp_hold *cache);
 void dp_cache_stats(dp_hold *cache, dp_stats *out);
 
 /* The writes. Each fills empty holds with the new pages (and their ids), or on failure

@@ -245,7 +245,8 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
  * producer, so the reaper, flush() and close() take turns. */
 int64_t dp_drain_locked(dp_cache *c)
 {
-    /* acquire: pairs with the release CAS of every push we take. */
+    /* seq_cst, like the pushes: it pairs with each push we take (we see its id, size and
+     * link), and with close's store of `closed` (see release_page). */
     dp_page *list = atomic_exchange(&c->released, NULL);
     int64_t count = 0;
     dp_page **chunk = c->scratch->chunk;

@@ -90,10 +90,6 @@ def cache_close(cache: Hold, path: str) -> bool:
     return True
 
 
-def cache_closed(cache: Hold) -> bool:
-    return bool(lib.dp_cache_closed(cache))
-
-
 def cache_stats(cache: Hold) -> dict[str, int]:
     out = ffi.new("dp_stats *")
     lib.dp_cache_stats(cache, out)

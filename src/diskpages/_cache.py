@@ -4,11 +4,11 @@ Ownership is by reference. A Page (or PageBuilder) holds its C record through a 
 (csrc/hold.c): memory the Page owns, with a C finalizer (ffi.gc), both made with the Page
 before the C call that fills the hold. When the Page's last reference goes or the
 collector frees it, the finalizer lets go of the record: one CAS onto the C release queue,
-no system call, no lock, and no Python frame, so no KeyboardInterrupt can cut it short. The cache's reaper
-thread removes the files in batches. A record holds its C cache; the cache lives until its
-PageCache and its last record are gone. A Page whose finalizer has run (it may live on:
-resurrection, gc.garbage) finds its hold empty and raises PageReleasedError. See
-README.md, "Lifetimes".
+no system call, no lock, and no Python frame, so no KeyboardInterrupt can cut it short.
+The cache's reaper thread removes the files in batches. A record holds its C cache; the
+cache lives until its PageCache and its last record are gone. A Page whose finalizer has
+run (it may live on: resurrection, gc.garbage) finds its hold empty and raises
+PageReleasedError. See README.md, "Lifetimes".
 """
 
 from __future__ import annotations
