@@ -127,6 +127,9 @@ int dp_page_pin(dp_hold *page, dp_hold *pin, uint64_t *offset);
  * owns (MAP_FIXED), and close the pin's fd: the mapping keeps the bytes, the pin keeps
  * them from being reused. */
 int dp_pin_map(dp_hold *pin, void *addr, size_t nbytes);
+/* Read the whole page (nbytes, its size) into buf, under a pin for the length of the call:
+ * 0, or as dp_page_pin. */
+int dp_page_read(dp_hold *page, void *buf, size_t nbytes);
 void dp_pin_drop(dp_hold *pin);
 /* Where a page is: 1 and its slot (size, index) if packed, 0 if a file of its own, or
  * -DP_ERELEASED. */

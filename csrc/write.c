@@ -617,6 +617,57 @@ int dp_page_pin(dp_hold *page, dp_hold *pin, uint64_t *offset)
     return fd;
 }
 
+static int pread_exactly(int fd, void *buf, size_t nbytes, uint64_t offset)
+{
+    for (size_t done = 0; done < nbytes;) {
+        ssize_t n = pread(fd, (char *)buf + done, nbytes - done, (off_t)(offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -DP_ESIZE; /* shorter than the page */
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static int page_read(dp_page *p, void *buf, size_t nbytes)
+{
+    dp_cache *c = p->cache;
+    if (nbytes != p->nbytes)
+        return -EINVAL;
+    int err = -DP_ERELEASED;
+    bool forked = dp_pid() != c->owner;
+    if (!forked) /* as page_pin; held across the read, so the segment's fd stays open */
+        pthread_rwlock_rdlock(&c->closing);
+    if (!atomic_load(&p->released) && !atomic_load(&c->closed) && pin_take(p)) {
+        if (p->cls >= 0) {
+            struct dp_segment *s = &c->segs[p->cls];
+            err = pread_exactly(s->fd, buf, nbytes, DP_TAGS_BYTES + (uint64_t)p->slot * s->slot_size);
+        } else {
+            int fd = open_page(c, p);
+            err = fd < 0 ? fd : pread_exactly(fd, buf, nbytes, 0);
+            if (fd >= 0)
+                close(fd);
+        }
+        dp_unpin(p, false);
+    }
+    if (!forked)
+        pthread_rwlock_unlock(&c->closing);
+    return err < 0 && atomic_load(&p->released) ? -DP_ERELEASED : err;
+}
+
+int dp_page_read(dp_hold *page, void *buf, size_t nbytes)
+{
+    dp_page *p = dp_hold_enter(page, dp_page_let_go);
+    if (!p)
+        return -DP_ERELEASED;
+    int err = page_read(p, buf, nbytes);
+    dp_hold_leave(page, dp_page_let_go);
+    return err;
+}
+
 int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
 {
     dp_pin *pin = dp_hold_enter(hold, pin_let_go);

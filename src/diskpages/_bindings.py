@@ -207,6 +207,14 @@ def page_pin(page: Hold, pin: Hold) -> tuple[int, int]:
     return int(fd), int(offset[0])
 
 
+def page_read(page: Hold, nbytes: int) -> bytes | int:
+    """The page's bytes, read in one C call under a pin; or a negative C error, as
+    page_pin. For pages small enough to read through a bytearray (one copy more)."""
+    buf = bytearray(nbytes)
+    rc = lib.dp_page_read(page, ffi.from_buffer(buf), nbytes)
+    return bytes(buf) if rc == 0 else int(rc)
+
+
 def pin_map(pin: Hold, target: Any, nbytes: int, path: str, align: int = 1) -> int:
     """As map_fixed, for pinned bytes (and the pin's fd is closed after)."""
     with ffi.from_buffer(target) as addr:

@@ -544,6 +544,11 @@ def _map_read_only(fd: int, nbytes: int, path: Path) -> memoryview:
     return _view_of(mapping, skip, nbytes)
 
 
+# Pages up to this size are read in one C call (into a bytearray, then copied once more);
+# bigger ones by os.pread into the bytes object itself, through a pin.
+_READ_IN_ONE_CALL = 1 << 20
+
+
 class _PinnedMapping(mmap.mmap):
     """A placeholder mapping that holds a pin (dp_page_pin): the page's bytes, file or slot,
     are not freed or reused, and stay charged, until the last view of the mapping dies."""
@@ -735,15 +740,23 @@ class Page(_PageFile, _Readable):
         fd, offset = native.page_pin(self._hold, pin)
         if fd >= 0:
             return (memory, pin), fd, offset
-        if fd == -native.ERELEASED:
-            raise PageReleasedError(f"page {self._id} was released")
-        if fd in (-native.ENOENT, -native.ESIZE):
-            why = "is gone" if fd == -native.ENOENT else "changed size"
-            raise PageLostError(f"page {self._id}: its file {super().path} {why}")
-        raise native.error(fd, self._where())
+        raise self._error(fd)
+
+    def _error(self, code: int) -> Exception:
+        if code == -native.ERELEASED:
+            return PageReleasedError(f"page {self._id} was released")
+        if code in (-native.ENOENT, -native.ESIZE):
+            why = "is gone" if code == -native.ENOENT else "changed size"
+            return PageLostError(f"page {self._id}: {self._where()} {why}")
+        return native.error(code, self._where())
 
     def read(self) -> bytes:
         """A copy of the page's bytes."""
+        if self._nbytes <= _READ_IN_ONE_CALL:
+            got = native.page_read(self._hold, self._nbytes)
+            if isinstance(got, bytes):
+                return got
+            raise self._error(got)
         pin, fd, offset = self._pin()
         try:
             return _pread_exactly(fd, self._nbytes, offset, f"page {self._id}")
