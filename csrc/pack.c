@@ -31,7 +31,6 @@
 #define GROW_BYTES (1024 * KIB) /* a segment grows by this much (at least one slot) */
 #define BLOCK 4096u             /* slots are multiples of it: a view maps a slot alone */
 #define WORD_BITS 64u
-#define WORDS (DP_MAX_SLOTS / WORD_BITS)
 
 /* Slot sizes: 4 KiB steps up to 32 KiB, then four classes per doubling, so a page wastes
  * less than a 4 KiB block below 32 KiB and less than a quarter of its size above. */
@@ -99,10 +98,6 @@ static int segment_create(dp_cache *c, struct dp_segment *s)
     if (fd < 0)
         return -errno;
     int err = 0;
-    s->taken = calloc(WORDS, sizeof *s->taken);
-    s->hold_blocks = calloc(WORDS, sizeof *s->hold_blocks);
-    if (!s->taken || !s->hold_blocks)
-        err = -ENOMEM;
     /* The tags are sparse until the slots they describe exist (segment_grow reserves
      * their blocks, so a store into the mapping never meets ENOSPC: that would be SIGBUS) */
     if (!err && ftruncate(fd, DP_TAGS_BYTES) != 0)
@@ -118,9 +113,6 @@ static int segment_create(dp_cache *c, struct dp_segment *s)
     if (err) {
         if (tags != MAP_FAILED)
             munmap(tags, DP_TAGS_BYTES);
-        free(s->taken);
-        free(s->hold_blocks);
-        s->taken = s->hold_blocks = NULL;
         close(fd);
         unlinkat(c->dirfd, name, 0);
         return err;
@@ -154,6 +146,27 @@ static int reserve_range(int fd, uint64_t off, uint64_t len, bool zero_fill)
     return 0;
 }
 
+/* Bitmaps for n slots: they grow with the segment. Lock held. */
+static int bitmaps_for(struct dp_segment *s, uint32_t n)
+{
+    size_t had = (s->nslots + WORD_BITS - 1) / WORD_BITS, want = (n + WORD_BITS - 1) / WORD_BITS;
+    if (want <= had)
+        return 0;
+    uint64_t *maps[2] = {s->taken, s->hold_blocks};
+    for (int k = 0; k < 2; k++) {
+        uint64_t *more = realloc(maps[k], want * sizeof *more);
+        if (!more)
+            return -ENOMEM; /* what was reallocated stays, larger: harmless */
+        memset(more + had, 0, (want - had) * sizeof *more);
+        maps[k] = more;
+        if (k == 0)
+            s->taken = more;
+        else
+            s->hold_blocks = more;
+    }
+    return 0;
+}
+
 /* Room for one more chunk of slots. Lock held. */
 static int segment_grow(struct dp_segment *s)
 {
@@ -161,9 +174,11 @@ static int segment_grow(struct dp_segment *s)
     uint32_t n = s->nslots + chunk < DP_MAX_SLOTS ? s->nslots + chunk : DP_MAX_SLOTS;
     if (n == s->nslots)
         return DP_SEGMENT_FULL;
+    int err = bitmaps_for(s, n);
+    if (err)
+        return err;
     uint64_t tags_end = ((uint64_t)n * sizeof(dp_tag) + BLOCK - 1) / BLOCK * BLOCK;
     uint64_t tags_had = ((uint64_t)s->nslots * sizeof(dp_tag) + BLOCK - 1) / BLOCK * BLOCK;
-    int err = 0;
     if (tags_end > tags_had)
         err = reserve_range(s->fd, tags_had, tags_end - tags_had, true);
     if (!err)
