@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from diskpages import CacheFullError, PageCache, PageLostError, PageReleasedError
+from diskpages import CacheFullError, PageCache, PageLostError, PageReleasedError, _folders
 from diskpages import _bindings as native
-from diskpages import _folders
 
 from conftest import wait_until
 
@@ -60,14 +59,16 @@ def test_small_pages_are_slots_and_the_rest_files(tmp_path):
         assert small.packed and not big.packed and not built.packed
         assert sorted(os.listdir(c.path)) == sorted(["4096.slots", big.path.name, built.path.name])
         with pytest.raises(ValueError, match="packed"):
-            small.path  # a segment is not the page's file
+            _ = small.path  # a segment is not the page's file
         assert "slot 0 of" in repr(pickle.loads(pickle.dumps(small)))
     with PageCache(tmp_path, pack_max=0) as c:
         assert not c.write(b"s").packed
         assert c.pack_max == 0
 
 
-@pytest.mark.parametrize("value, error", [(-1, ValueError), (2 << 20, ValueError), (1.5, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "value, error", [(-1, ValueError), (2 << 20, ValueError), (1.5, TypeError), (True, TypeError)]
+)
 def test_pack_max_is_checked(tmp_path, value, error):
     with pytest.raises(error, match="pack_max"):
         PageCache(tmp_path, pack_max=value)
@@ -81,7 +82,7 @@ def test_freed_slots_are_reused(tmp_path):
             window.pop(0)
         # the writer takes freed slots back before it grows the segment: one growth chunk
         assert segment_slots(c, 4 * KIB) == 256
-        assert all(p.read() == page_of(i) for i, p in zip(range(2990, 3000), window))
+        assert all(p.read() == page_of(i) for i, p in zip(range(2990, 3000), window, strict=False))
         c.flush()  # released slots keep their tag until they are freed
         assert pages_on_disk(c) == (10, 10 * 4 * KIB)
         s = c.stats()
@@ -178,7 +179,7 @@ def test_a_borrower_gets_the_page_or_page_lost(tmp_path):
         borrowed = pickle.loads(pickle.dumps(page))
         assert borrowed.packed and borrowed.read() == page_of(1) and bytes(borrowed.view()) == page_of(1)
         with pytest.raises(ValueError):
-            borrowed.path
+            _ = borrowed.path
         del page
         c.flush()
         with pytest.raises(PageLostError):
@@ -252,7 +253,8 @@ def test_disk_bytes_follow_the_live_bytes(tmp_path):
         del window[: live * 9 // 10]
         bound = 1.25 * len(window) * size + chunk + native.TAG_BYTES * segment_slots(c, size)
         assert wait_until(lambda: disk_bytes(c.path) <= bound, timeout=1.0), (disk_bytes(c.path), bound)
-        assert all(p.read() == page_of(i, size) for i, p in zip(range(6 * live - len(window), 6 * live), window))
+        first = 6 * live - len(window)
+        assert [p.read() for p in window] == [page_of(i, size) for i in range(first, 6 * live)]
 
 
 def test_a_forked_child_never_reuses_or_frees_a_parents_slot(tmp_path):

@@ -218,7 +218,9 @@ class PageCache:
         if isinstance(pack_max, bool) or not isinstance(pack_max, int):
             raise TypeError(f"pack_max must be an int, not {type(pack_max).__name__}")
         if not 0 <= pack_max <= native.PACK_LIMIT:
-            raise ValueError(f"pack_max must be from 0 (no packing) to {native.PACK_LIMIT} bytes, not {pack_max}")
+            raise ValueError(
+                f"pack_max must be from 0 (no packing) to {native.PACK_LIMIT} bytes, not {pack_max}"
+            )
         if not isinstance(warn_on_gc, bool):
             raise TypeError(f"warn_on_gc must be True or False, not {warn_on_gc!r}")
         if sync not in native.SYNC_MODES:
