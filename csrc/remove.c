@@ -35,6 +35,7 @@ struct io_uring_cqe;
 
 struct dp_remover {
     int kind; /* DP_REMOVE_LOOP or DP_REMOVE_URING */
+    unsigned trust_ring; /* batches left that take the ring without a probe */
     int ring_fd;
     void *sq_map, *cq_map;
     size_t sq_map_len, cq_map_len;
@@ -221,28 +222,33 @@ static int ring_round(dp_remover *r, int dirfd, char *const *names, size_t count
 }
 #endif
 
-/* Which remover a batch takes is measured, batch by batch: the first PROBE unlinks run
- * inline, and the rest go to the ring only if those took more than SLOW_NS each on
- * average. A file still in the page cache (never written back), or on a tmpfs, or on a
- * file system that frees blocks without waiting for the device, unlinks in a few
- * microseconds, less than the ring's hand-off to a kernel worker; a written-back file on a
- * disk mounted `discard` waits ~100-230 us for the TRIM, and there the ring overlaps the
- * waits (README.md, "Removal"). */
-#define PROBE 4
-#define SLOW_NS 40000
+/* Which remover a batch takes is measured: its first unlink runs inline, and the rest go
+ * to the ring only if that one took more than SLOW_NS. Measured on this disk, a journaled
+ * ext4 and a tmpfs (README.md, "How it works"): a file still in the page cache, or on a
+ * file system that frees blocks without waiting for the device, unlinks in 7-66 us (a
+ * 256 KiB file included), where the ring's hand-off to a kernel worker makes it 1.0-2.2x
+ * slower; a written-back file on a disk mounted `discard` waits 1.2-1.9 ms for its TRIM,
+ * and there the ring, overlapping the waits, is 3-12x faster. One probe costs such a
+ * disk a whole TRIM wait, so once the ring is chosen the next batches take it without a
+ * probe, and every TRUST_BATCHES-th batch probes again. */
+#define SLOW_NS 150000
+#define TRUST_BATCHES 8
 
 void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count, int *results)
 {
     size_t i = 0;
-    if (r->kind == DP_REMOVE_URING && count > PROBE) {
+    if (r->kind == DP_REMOVE_URING && count > 1 && r->trust_ring == 0) {
         uint64_t start = dp_now_ns();
-        remove_loop(dirfd, names, PROBE, results);
-        i = PROBE;
-        if (dp_now_ns() - start < (uint64_t)PROBE * SLOW_NS) {
+        remove_loop(dirfd, names, 1, results);
+        i = 1;
+        if (dp_now_ns() - start < SLOW_NS) {
             remove_loop(dirfd, names + i, count - i, results + i);
             return;
         }
+        r->trust_ring = TRUST_BATCHES; /* slow: the ring for this batch and the next ones */
     }
+    if (r->trust_ring)
+        r->trust_ring--;
     while (i < count && r->kind == DP_REMOVE_URING) {
         size_t n = count - i;
         if (n > r->sq_entries)
