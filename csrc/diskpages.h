@@ -57,15 +57,16 @@ typedef struct dp_stats {
  * file, one per size class, named "<slot size>.slots" in the cache's folder. A segment
  * starts with DP_MAX_SLOTS tags (dp_tag), one per slot; slot i's bytes are at
  * DP_TAGS_BYTES + i * slot size, padded with zeros to the slot's first 4 KiB boundary. A
- * tag says which page the slot holds: its id is 0 while the slot is free, and set (after
- * the bytes) when a page takes the slot, so a reader in another process who finds the
- * same id before and after reading the bytes read that page's bytes. */
+ * tag says which page the slot holds: its id is set (after the bytes) when a page takes
+ * the slot, and 0 from the page's removal on, so a reader in another process (or a forked
+ * child) who finds the same id before and after reading the bytes read that page's
+ * bytes. */
 enum { DP_MAX_SLOTS = 1048576, DP_TAGS_BYTES = 33554432, DP_PACK_LIMIT = 1048576 };
 typedef struct dp_tag {
     uint64_t id;
     uint64_t nbytes;
     uint64_t written_ns; /* when the page was written (CLOCK_REALTIME) */
-    uint64_t unused;
+    uint64_t viewers;    /* views forked children inherited and have not yet copied */
 } dp_tag;
 
 /* Ownership. A cache lives while its hold has it or any record does; a record lives while

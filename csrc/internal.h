@@ -37,6 +37,12 @@ typedef struct dp_pin {
     dp_page *rec;
     int fd;
     uint64_t offset;
+    /* A pin whose view maps a slot is registered (pack.c), so that a fork can protect the
+     * child's copy of the view: see dp_register_view. */
+    struct dp_pin *prev, *next;
+    void *addr;
+    size_t len;
+    bool registered;
 } dp_pin;
 
 /* pack.c: one segment file per size class, made at the first page of that class. Its lock
@@ -54,6 +60,10 @@ struct dp_segment {
     uint32_t hint;    /* no free slot below 64 * hint */
     uint64_t *taken;  /* DP_MAX_SLOTS bits each */
     uint64_t *hold_blocks;
+    /* freed slots that forked children may still see through inherited views (their tag's
+     * viewers): the trim frees them once no child does */
+    uint32_t *deferred;
+    size_t ndeferred, deferred_cap;
 };
 
 typedef struct dp_remover dp_remover;
@@ -173,6 +183,12 @@ int64_t dp_drain_slots(dp_cache *c);
 void dp_trim(dp_cache *c); /* the reaper: give back the blocks of freed slots, in runs */
 /* the last pin of a record went: its bytes are free (uncharge, give the slot back) */
 void dp_unpin(dp_page *p, bool removal);
+/* Views of slots, for fork: a registered view's slot is kept (tag viewers) across a fork
+ * until the child has copied the view into private memory (pthread_atfork handlers). */
+void dp_register_view(dp_pin *pin);
+void dp_unregister_view(dp_pin *pin);
+/* In a forked child: the tag of a packed page's slot still names the page. */
+bool dp_slot_is(const dp_page *p);
 
 /* queue.c */
 int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */

@@ -46,8 +46,12 @@ void dp_segment_name(uint64_t slot_size, char *buf)
     snprintf(buf, DP_NAME_MAX, "%llu.slots", (unsigned long long)slot_size);
 }
 
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void init_fork_handlers(void);
+
 void dp_segments_init(dp_cache *c)
 {
+    pthread_once(&fork_once, init_fork_handlers);
     for (int i = 0; i < DP_CLASSES; i++) {
         struct dp_segment *s = &c->segs[i];
         pthread_mutex_init(&s->lock, NULL);
@@ -251,6 +255,20 @@ static void free_slot(struct dp_segment *s, uint32_t slot)
         s->hint = slot / WORD_BITS;
 }
 
+/* Lock held: keep a freed slot taken until no forked child can still see it. */
+static void defer_slot(struct dp_segment *s, uint32_t slot)
+{
+    if (s->ndeferred == s->deferred_cap) {
+        size_t cap = s->deferred_cap ? 2 * s->deferred_cap : 16;
+        uint32_t *more = realloc(s->deferred, cap * sizeof *more);
+        if (!more)
+            return; /* the slot stays taken until close: lost room, never wrong bytes */
+        s->deferred = more;
+        s->deferred_cap = cap;
+    }
+    s->deferred[s->ndeferred++] = slot;
+}
+
 static void give_back(dp_cache *c, dp_page *p)
 {
     /* A forked child never reuses a slot: the segment is its parent's. */
@@ -258,9 +276,131 @@ static void give_back(dp_cache *c, dp_page *p)
         return;
     struct dp_segment *s = &c->segs[p->cls];
     pthread_mutex_lock(&s->lock);
-    if (s->tags) /* not after close: the segment is gone */
-        free_slot(s, p->slot);
+    if (s->tags) { /* not after close: the segment is gone */
+        /* seq_cst, with the fork's increment (under views_lock, while our pin was alive) */
+        if (__atomic_load_n(&s->tags[p->slot].viewers, __ATOMIC_SEQ_CST))
+            defer_slot(s, p->slot); /* a child still reads it through an inherited view */
+        else
+            free_slot(s, p->slot);
+    }
     pthread_mutex_unlock(&s->lock);
+}
+
+/* The page is removed: from now on its tag says so (borrowers and forked children read
+ * PageLostError, and `ls` no longer counts it), even while a view keeps the slot. */
+static void untag(dp_cache *c, dp_page *p)
+{
+    struct dp_segment *s = &c->segs[p->cls];
+    pthread_mutex_lock(&s->lock);
+    if (s->tags && dp_pid() == c->owner)
+        __atomic_store_n(&s->tags[p->slot].id, 0, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&s->lock);
+}
+
+bool dp_slot_is(const dp_page *p)
+{
+    struct dp_segment *s = &p->cache->segs[p->cls];
+    return s->tags && __atomic_load_n(&s->tags[p->slot].id, __ATOMIC_SEQ_CST) == p->id;
+}
+
+/* Views of slots and fork. A view maps the segment shared, so a child that inherits it
+ * would see the slot's next page once the parent reuses the slot: the child's pins are
+ * in the child's memory, out of the parent's sight. So every view of a slot is
+ * registered; before a fork each registered view's slot counts one more viewer in its
+ * tag (shared memory), which keeps the parent from reusing it (give_back defers it); in
+ * the child, each view is copied into private memory at the same address (mremap), and
+ * the viewer is counted out again. A child's own views of slots are checked copies
+ * (dp_pin_map), never shared. */
+static pthread_mutex_t views_lock = PTHREAD_MUTEX_INITIALIZER;
+static dp_pin *views;
+
+static _Atomic(uint64_t) *viewers_of(dp_pin *v)
+{
+    struct dp_segment *s = &v->rec->cache->segs[v->rec->cls];
+    return s->tags ? (_Atomic(uint64_t) *)&s->tags[v->rec->slot].viewers : NULL;
+}
+
+static void before_fork(void)
+{
+    pthread_mutex_lock(&views_lock);
+    for (dp_pin *v = views; v; v = v->next) {
+        struct dp_segment *s = &v->rec->cache->segs[v->rec->cls];
+        pthread_mutex_lock(&s->lock); /* the tags stay mapped (close unmaps them under it) */
+        _Atomic(uint64_t) *n = viewers_of(v);
+        if (n)
+            atomic_fetch_add(n, 1);
+        pthread_mutex_unlock(&s->lock);
+    }
+}
+
+static void after_fork_parent(void)
+{
+    pthread_mutex_unlock(&views_lock);
+}
+
+static void unlink_view(dp_pin *v)
+{
+    if (v->prev)
+        v->prev->next = v->next;
+    else
+        views = v->next;
+    if (v->next)
+        v->next->prev = v->prev;
+    v->registered = false;
+}
+
+static void after_fork_child(void)
+{
+    /* One thread, the parent's locks as they were: only the views lock, which we hold. */
+    for (dp_pin *v = views, *next; v; v = next) {
+        next = v->next;
+        void *copy = mmap(NULL, v->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (copy == MAP_FAILED)
+            continue; /* the view stays shared, and counted: the slot stays the parent's */
+        memcpy(copy, v->addr, v->len);
+        mprotect(copy, v->len, PROT_READ);
+        if (mremap(copy, v->len, v->len, MREMAP_MAYMOVE | MREMAP_FIXED, v->addr) == MAP_FAILED) {
+            munmap(copy, v->len);
+            continue;
+        }
+        _Atomic(uint64_t) *n = viewers_of(v);
+        if (n)
+            atomic_fetch_sub(n, 1);
+        unlink_view(v);
+    }
+    pthread_mutex_unlock(&views_lock);
+}
+
+static void init_fork_handlers(void)
+{
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+void dp_register_view(dp_pin *v)
+{
+    pthread_mutex_lock(&views_lock);
+    v->prev = NULL;
+    v->next = views;
+    if (views)
+        views->prev = v;
+    views = v;
+    v->registered = true;
+    pthread_mutex_unlock(&views_lock);
+}
+
+void dp_unregister_view(dp_pin *v)
+{
+    pthread_mutex_lock(&views_lock);
+    if (v->registered) {
+        unlink_view(v);
+        /* a child whose copy failed: its inherited view counted as a viewer until now */
+        if (dp_pid() != v->rec->cache->owner) {
+            _Atomic(uint64_t) *n = viewers_of(v);
+            if (n)
+                atomic_fetch_sub(n, 1);
+        }
+    }
+    pthread_mutex_unlock(&views_lock);
 }
 
 int dp_write_slot(dp_cache *c, int cls, const void *data, size_t nbytes, dp_page *rec)
@@ -321,6 +461,8 @@ void dp_unpin(dp_page *p, bool removal)
 {
     dp_cache *c = p->cache;
     if (removal) { /* the page is removed; until its last pin goes, its bytes are pinned */
+        if (p->cls >= 0)
+            untag(c, p);
         atomic_fetch_add(&c->pinned, 1);
         atomic_fetch_add(&c->pinned_bytes, p->nbytes);
     }
@@ -369,6 +511,15 @@ static void trim_segment(struct dp_segment *s)
 {
     uint64_t chunk = GROW_BYTES > s->slot_size ? GROW_BYTES / s->slot_size : 1;
     pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; s->tags && i < s->ndeferred;) { /* slots no child sees any more */
+        uint32_t slot = s->deferred[i];
+        if (__atomic_load_n(&s->tags[slot].viewers, __ATOMIC_SEQ_CST) == 0) {
+            free_slot(s, slot);
+            s->deferred[i] = s->deferred[--s->ndeferred];
+        } else {
+            i++;
+        }
+    }
     uint64_t waste = s->backed - s->used, slack = s->used / 4 + chunk;
     if (!s->tags || waste <= slack) {
         pthread_mutex_unlock(&s->lock);
@@ -479,6 +630,7 @@ void dp_segments_free(dp_cache *c)
             close(s->fd);
         free(s->taken);
         free(s->hold_blocks);
+        free(s->deferred);
         if (owner) /* in a forked child the lock may be held by a thread that is gone */
             pthread_mutex_destroy(&s->lock);
     }

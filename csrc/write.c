@@ -233,9 +233,10 @@ static int create_page(dp_cache *c, const void *data, size_t nbytes, int method,
             return 0;
         }
         free(rec);
-        if (err != DP_SEGMENT_FULL)
+        if (err != DP_SEGMENT_FULL && err != -EFBIG)
             return err;
-        /* the class's segment is full: this page gets a file of its own */
+        /* the class's segment is full, or cannot grow (RLIMIT_FSIZE: a segment starts with
+         * DP_TAGS_BYTES of tags): this page gets a file of its own */
     }
     /* a shared writable mapping needs the fd open for reading too */
     int fd = open_new_page(c, nbytes, method == DP_WRITE_MMAP ? O_RDWR : O_WRONLY, &rec);
@@ -552,6 +553,7 @@ static bool pin_take(dp_page *p)
 static void pin_let_go(void *ptr)
 {
     dp_pin *pin = ptr;
+    dp_unregister_view(pin); /* its mapping is gone, or going with its Python object */
     if (pin->fd >= 0)
         close(pin->fd);
     dp_unpin(pin->rec, false);
@@ -601,6 +603,10 @@ static int page_pin(dp_page *p, dp_hold *hold)
     atomic_fetch_add(&p->refs, 1); /* the pin's reference to the record */
     pin->rec = p;
     pin->fd = fd;
+    pin->registered = false;
+    pin->prev = pin->next = NULL;
+    pin->addr = NULL;
+    pin->len = 0;
     hold->ptr = pin;
     return fd;
 }
@@ -644,7 +650,14 @@ static int page_read(dp_page *p, void *buf, size_t nbytes)
     if (!atomic_load(&p->released) && !atomic_load(&c->closed) && pin_take(p)) {
         if (p->cls >= 0) {
             struct dp_segment *s = &c->segs[p->cls];
-            err = pread_exactly(s->fd, buf, nbytes, DP_TAGS_BYTES + (uint64_t)p->slot * s->slot_size);
+            /* A forked child's pins are out of the parent's sight: the parent may have
+             * removed the page and reused the slot. Its tag, before and after, says. */
+            err = forked && !dp_slot_is(p) ? -ENOENT : 0;
+            if (!err)
+                err = pread_exactly(s->fd, buf, nbytes,
+                                    DP_TAGS_BYTES + (uint64_t)p->slot * s->slot_size);
+            if (!err && forked && !dp_slot_is(p))
+                err = -ENOENT;
         } else {
             int fd = open_page(c, p);
             err = fd < 0 ? fd : pread_exactly(fd, buf, nbytes, 0);
@@ -668,6 +681,32 @@ int dp_page_read(dp_hold *page, void *buf, size_t nbytes)
     return err;
 }
 
+static int map_pinned(int fd, void *addr, size_t nbytes, uint64_t offset)
+{
+    if (mmap(addr, nbytes, PROT_READ, MAP_SHARED | MAP_FIXED, fd, (off_t)offset) != MAP_FAILED)
+        return 0;
+    int err = -errno;
+    /* a failed MAP_FIXED may leave a hole: fill it, so the owner's munmap never hits a
+     * mapping that some other code placed there */
+    mmap(addr, nbytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    return err;
+}
+
+/* A forked child's view of a slot: a checked copy in private memory at addr, never a
+ * shared mapping (the parent may reuse the slot: the child's pin is out of its sight). */
+static int copy_slot(dp_pin *pin, void *addr, size_t nbytes)
+{
+    void *at = mmap(addr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                    -1, 0);
+    if (at == MAP_FAILED)
+        return -errno;
+    int err = dp_slot_is(pin->rec) ? pread_exactly(pin->fd, addr, nbytes, pin->offset) : -ENOENT;
+    if (!err && !dp_slot_is(pin->rec))
+        err = -ENOENT;
+    mprotect(addr, nbytes, PROT_READ);
+    return err;
+}
+
 int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
 {
     dp_pin *pin = dp_hold_enter(hold, pin_let_go);
@@ -675,13 +714,14 @@ int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
         return -DP_ERELEASED;
     int err = -DP_ERELEASED;
     if (pin->fd >= 0) {
-        err = 0;
-        if (mmap(addr, nbytes, PROT_READ, MAP_SHARED | MAP_FIXED, pin->fd, (off_t)pin->offset) ==
-            MAP_FAILED) {
-            err = -errno;
-            /* a failed MAP_FIXED may leave a hole: fill it, so the owner's munmap never
-             * hits a mapping that some other code placed there */
-            mmap(addr, nbytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        dp_page *p = pin->rec;
+        bool packed = p->cls >= 0, forked = dp_pid() != p->cache->owner;
+        err = packed && forked ? copy_slot(pin, addr, nbytes)
+                               : map_pinned(pin->fd, addr, nbytes, pin->offset);
+        if (!err && packed && !forked) {
+            pin->addr = addr;
+            pin->len = (nbytes + 4095) / 4096 * 4096;
+            dp_register_view(pin); /* so that a fork can protect a child's copy of it */
         }
         close(pin->fd); /* the mapping holds the bytes now */
         pin->fd = -1;

@@ -353,11 +353,12 @@ def test_tags_say_which_page_a_slot_holds(tmp_path):
         assert [lp.page for lp in c.live()] == [page]
 
 
-def test_a_view_dying_in_a_forked_child_leaves_the_parents_slot_alone(tmp_path):
-    """The child's view of a removed page is the last pin on the slot in its copy of the
-    cache; the parent has meanwhile reused that slot for another page, whose tag (in the
-    shared segment) the child must not touch."""
-    with PageCache(tmp_path, max_delay=30.0) as c:
+def test_a_view_a_forked_child_inherits_keeps_its_bytes_and_leaves_the_parents_slot_alone(tmp_path):
+    """The parent's view of a removed page is the slot's last pin. A child inherits the view;
+    the parent then drops its own and reuses the slot for another page. The child's view
+    must still show the old page (it was copied at the fork, and the slot was kept until
+    then), and the child's view dying must not touch the new page's tag."""
+    with PageCache(tmp_path, max_delay=0.01) as c:
         old = c.write(page_of(1))
         view = old.view()
         del old
@@ -365,15 +366,68 @@ def test_a_view_dying_in_a_forked_child_leaves_the_parents_slot_alone(tmp_path):
         go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.read(go_r, 1)  # until the parent has reused the slot
-            del view  # the last pin, in the child
-            gc.collect()
-            os._exit(0)
-        del view
-        new = c.write(page_of(2))
-        assert native.page_slot(new._hold) == (4 * KIB, 0)  # the same slot
-        os.write(go_w, b"x")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert pickle.loads(pickle.dumps(new)).read() == page_of(2)  # its tag is intact
-        assert pages_on_disk(c) == (1, 4 * KIB)
+            code = 1
+            try:
+                os.read(go_r, 1)  # until the parent has reused the slot
+                code = 0 if bytes(view) == page_of(1) else 5
+                del view  # the child's last pin
+                gc.collect()
+            finally:
+                os._exit(code)
+        try:
+            del view
+            new = None
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the slot comes back once the child copied
+                new = c.write(page_of(2))
+                if native.page_slot(new._hold) == (4 * KIB, 0):
+                    break
+                time.sleep(0.01)
+        finally:
+            os.write(go_w, b"x")
+            _, status = os.waitpid(pid, 0)
+        assert native.page_slot(new._hold) == (4 * KIB, 0)  # the same slot, reused
+        assert os.waitstatus_to_exitcode(status) == 0  # the child's view kept the old bytes
+        assert pickle.loads(pickle.dumps(new)).read() == page_of(2)  # the new tag is intact
+
+
+@pytest.mark.parametrize("how", ["read", "view after", "view before", "borrow"])
+def test_a_forked_child_gets_its_page_or_page_lost_never_the_next_one(tmp_path, how):
+    """The child's pins are out of the parent's sight: once the parent releases the page
+    and reuses its slot, the child's read and its new views check the slot's tag."""
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        page = c.write(b"A" * 4096)
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            got = b"?"
+            try:
+                early = page.view() if how == "view before" else None
+                os.write(w2, b"r")
+                os.read(r1, 1)  # the parent has put page B in A's slot
+                try:
+                    if how == "read":
+                        got = page.read()[:1]
+                    elif how == "view after":
+                        got = bytes(page.view()[:1])
+                    elif how == "view before":
+                        got = bytes(early[:1])
+                    else:
+                        got = pickle.loads(pickle.dumps(page)).read()[:1]
+                except (PageLostError, PageReleasedError):
+                    got = b"E"
+            finally:
+                os.write(w2, got)
+                os._exit(0)
+        try:
+            assert os.read(r2, 1) == b"r"
+            page.release()
+            c.flush()
+            new = c.write(b"B" * 4096)
+            assert native.page_slot(new._hold) == (4 * KIB, 0)
+        finally:
+            os.write(w1, b"x")
+            got = os.read(r2, 1)
+            os.waitpid(pid, 0)
+        assert got in (b"A", b"E")

@@ -782,8 +782,10 @@ class Page(_PageFile, _Readable):
             mapping._pin = pin  # the mapping holds the bytes from here, and the view with it
             align = _HUGE if self._nbytes >= _HUGE else 1
             skip = native.pin_map(pin[1], mapping, self._nbytes, self._where(), align=align)
-        except BaseException:
+        except BaseException as e:
             native.drop_now(pin[1])  # the bytes go now, not with a traceback
+            if isinstance(e, FileNotFoundError):  # a forked child, whose parent reused the slot
+                raise PageLostError(f"page {self._id}: its slot holds another page now") from None
             raise
         return _view_of(mapping, skip, self._nbytes)
 
