@@ -132,6 +132,13 @@ int dp_pin_map(dp_hold *pin, void *addr, size_t nbytes);
  * 0, or as dp_page_pin. */
 int dp_page_read(dp_hold *page, void *buf, size_t nbytes);
 void dp_pin_drop(dp_hold *pin);
+/* A borrower's file (or segment): open path (never following a symlink) into *fd_box, an
+ * int whose finalizer is dp_fd_box_close (so no exception can orphan the fd), if it is
+ * still the one pickled: its device and inode, and its change time and size unless they
+ * are -1. 0, -ENOENT if it is gone or another file, or -errno. */
+int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t ctime_ns, int64_t size,
+                   int *fd_box);
+void dp_fd_box_close(int *fd_box);
 /* Where a page is: 1 and its slot (size, index) if packed, 0 if a file of its own, or
  * -DP_ERELEASED. */
 int dp_page_slot(dp_hold *page, uint64_t *slot_size, uint64_t *slot);

@@ -539,6 +539,38 @@ static int open_page(dp_cache *c, dp_page *p)
     return fd;
 }
 
+int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t ctime_ns, int64_t size,
+                   int *fd_box)
+{
+    int fd;
+    do
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    int64_t ctime = (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+    if ((uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino || !S_ISREG(st.st_mode) ||
+        (ctime_ns >= 0 && ctime != ctime_ns) || (size >= 0 && st.st_size != size)) {
+        close(fd);
+        return -ENOENT; /* another file has the name now */
+    }
+    *fd_box = fd;
+    return 0;
+}
+
+void dp_fd_box_close(int *fd_box)
+{
+    if (*fd_box >= 0)
+        close(*fd_box);
+    *fd_box = -1;
+}
+
 /* Take a pin if the record's bytes are still there (pins above 0). */
 static bool pin_take(dp_page *p)
 {

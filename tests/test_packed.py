@@ -431,3 +431,59 @@ def test_a_forked_child_gets_its_page_or_page_lost_never_the_next_one(tmp_path, 
             got = os.read(r2, 1)
             os.waitpid(pid, 0)
         assert got in (b"A", b"E")
+
+
+STORM = """
+import os, pickle, signal, sys, time
+from diskpages import PageCache
+
+class Tick(Exception):
+    pass
+
+def fds_under(folder):
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(folder)
+        except OSError:
+            pass
+    return n
+
+cache = PageCache(sys.argv[1], pack_max=int(sys.argv[2]))
+page = cache.write(b"k" * 5000)
+borrowed = pickle.loads(pickle.dumps(page))
+before = fds_under(str(cache.path))
+armed = False
+
+def handler(signum, frame):
+    if armed:
+        raise Tick
+
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+deadline = time.monotonic() + 1.5
+while time.monotonic() < deadline:
+    try:
+        armed = True
+        borrowed.read()
+        borrowed.view()
+        armed = False
+    except Tick:
+        armed = False
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+print(fds_under(str(cache.path)) - before)
+"""
+
+
+@pytest.mark.parametrize("pack_max", [0, 256 * KIB], ids=["file", "packed"])
+def test_a_signal_storm_in_a_borrowers_reads_leaks_no_fd(tmp_path, pack_max):
+    """Every borrower open is owned by a C finalizer from the moment it exists, so an
+    exception raised by a signal handler between any two bytecodes orphans nothing."""
+    out = subprocess.run(
+        [sys.executable, "-c", STORM, str(tmp_path), str(pack_max)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0", out.stdout

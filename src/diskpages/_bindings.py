@@ -234,6 +234,21 @@ def page_slot(page: Hold) -> tuple[int, int] | None:
     return None
 
 
+def borrow_open(path: str, identity: Sequence[int], size: int) -> Any:
+    """An fd box (``box[0]`` is the fd) for a borrower's file or segment, if it is still
+    the one pickled (identity: device, inode and, for a file, change time; size: -1 for a
+    segment); its finalizer closes the fd, so no exception can orphan it. None if it is
+    gone or another file took its name; OSError for anything else."""
+    box = ffi.gc(ffi.new("int *", -1), lib.dp_fd_box_close)
+    ctime = identity[2] if len(identity) > 2 else -1
+    rc = lib.dp_borrow_open(os.fsencode(path), identity[0], identity[1], ctime, size, box)
+    if rc == -_errno.ENOENT:
+        return None
+    if rc:
+        raise error(rc, path)
+    return box
+
+
 def segment_name(slot_size: int) -> str:
     buf = ffi.new("char[32]")
     lib.dp_segment_name(slot_size, buf)

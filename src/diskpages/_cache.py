@@ -895,25 +895,21 @@ class BorrowedPage(_Readable):
         """Stop reading through this handle. The page stays: it is the owner's."""
         self._given_up = True
 
-    def _open(self) -> int:
-        """The file (or segment), checked to be the one the owner pickled."""
+    def _open(self) -> Any:
+        """The file (or segment), checked to be the one the owner pickled: a box whose
+        ``[0]`` is the fd, closed by its C finalizer (so an exception anywhere, even a
+        signal handler's between two bytecodes, cannot orphan the fd), or at once by
+        native.drop_now."""
         if self._given_up:
             raise PageReleasedError(f"borrowed page {self._id} was released")
-        try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
+        size = -1 if self._slot is not None else self._nbytes
+        box = native.borrow_open(str(self._path), self._identity, size)
+        if box is None:
             raise PageLostError(
-                f"borrowed page {self._id}: {self._path} is gone (its owner released it or exited)"
-            ) from None
-        try:
-            st = os.fstat(fd)
-            same = _identity(st)[: len(self._identity)] == self._identity
-            if not same or (self._slot is None and st.st_size != self._nbytes):
-                raise PageLostError(f"borrowed page {self._id}: {self._path} is not the page any more")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+                f"borrowed page {self._id}: {self._path} is gone or is not the page any more "
+                "(its owner released it or exited)"
+            )
+        return box
 
     def _check_tag(self, fd: int) -> None:
         assert self._slot is not None
@@ -925,8 +921,9 @@ class BorrowedPage(_Readable):
             )
 
     def read(self) -> bytes:
-        fd = self._open()
+        box = self._open()
         try:
+            fd = box[0]
             if self._slot is None:
                 return _pread_exactly(fd, self._nbytes, 0, f"borrowed page {self._id}")
             size, slot = self._slot
@@ -935,18 +932,18 @@ class BorrowedPage(_Readable):
             self._check_tag(fd)
             return data
         finally:
-            os.close(fd)
+            native.drop_now(box)
 
     def view(self) -> memoryview:
         """A read-only view of the page's bytes: zero-copy for a page with a file (as
         ``Page.view()``), a checked copy for a packed one, whose slot the owner may reuse."""
         if self._slot is not None:
             return memoryview(self.read())
-        fd = self._open()
+        box = self._open()
         try:
-            return _map_read_only(fd, self._nbytes, self._path)
+            return _map_read_only(box[0], self._nbytes, self._path)
         finally:
-            os.close(fd)
+            native.drop_now(box)
 
     def __reduce__(self) -> Any:
         args = (str(self._path), self._id, self._nbytes, self._identity)
