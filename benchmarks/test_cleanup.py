@@ -24,6 +24,8 @@ Churn (``test_churn``): the same, with a window of 0: each iteration makes a pag
 cycle and drops it, so the program's live data never grows; what gc does and how many
 pages pile up on disk is measured, with and without a disk budget (``max_bytes``).
 
+Both run on this disk, a journaled ext4 and a tmpfs (``fs``: filesystems.py).
+
 gc pause (``test_gc_pause``): gc.collect() when N pages wait in cycles, against the
 same number of plain objects in cycles, the naive design (unlinks inside the collection),
 and ``cache.collect()`` (collect and remove in the caller's thread).
@@ -320,7 +322,7 @@ ARMS = ["refcount", "cycles, gc automatic", f"cycles, gc off + collect() every {
 NAIVE_DROPS = {"release()": "close()", ARMS[2]: f"cycles, gc off + gc.collect() every {EVERY}"}
 
 
-def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, before_round, **info):
+def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, disk, fs, **info):
     gc_threshold = gc.get_threshold()
     record(
         benchmark,
@@ -329,8 +331,11 @@ def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, before_rou
         arms[baseline].per_round,
         baseline,
         ROUNDS,
-        before_round=before_round,
+        warmup=disk.warmup,
+        before_round=disk.before_round,
         kind="cleanup",
+        fs=fs.name,
+        fs_info=fs.info,
         unit="page",
         page_bytes=PAGE,
         gc_threshold=list(gc_threshold),
@@ -340,7 +345,7 @@ def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, before_rou
     benchmark.extra_info["arms"] = {label: arm.summary() for label, arm in arms.items()}
 
 
-def test_cleanup(benchmark, floor, disk, state):
+def test_cleanup(benchmark, floor, disk, state, fs):
     n = scaled(1000, 300, 50) if state == "fresh" else scaled(200, 60, 30)
     arms = {}
     for mode in ARMS:
@@ -350,10 +355,11 @@ def test_cleanup(benchmark, floor, disk, state):
         arms[f"naive __del__: {naive}"] = CleanupArm("naive", naive, disk, floor, n, WINDOW)
     run_arms(
         benchmark,
-        f"cleanup: {n} pages of 64 KiB, window {WINDOW}, {state}",
+        f"cleanup: {n} pages of 64 KiB, window {WINDOW}, {state} on {fs.label}",
         arms,
         "diskpages: refcount",
-        disk.before_round,
+        disk,
+        fs,
         state=state,
         window=WINDOW,
         every=EVERY,
@@ -365,7 +371,7 @@ BUDGET_PAGES = 128
 
 
 @pytest.mark.parametrize("budget", ["no budget", "max_bytes"])
-def test_churn(benchmark, floor, disk, state, budget):
+def test_churn(benchmark, floor, disk, state, budget, fs):
     n = scaled(1500, 500, 50) if state == "fresh" else scaled(300, 60, 30)
     max_bytes = BUDGET_PAGES * PAGE if budget == "max_bytes" else None
     arms = {}
@@ -383,10 +389,11 @@ def test_churn(benchmark, floor, disk, state, budget):
     label = "no budget" if max_bytes is None else f"max_bytes={max_bytes >> 20} MiB"
     run_arms(
         benchmark,
-        f"churn: {n} pages of 64 KiB made in cycles and dropped at once, {label}, {state}",
+        f"churn: {n} pages of 64 KiB made in cycles and dropped at once, {label}, {state} on {fs.label}",
         arms,
         "diskpages: refcount",
-        disk.before_round,
+        disk,
+        fs,
         state=state,
         window=0,
         budget_bytes=max_bytes,

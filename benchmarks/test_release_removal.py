@@ -9,7 +9,8 @@ naive design the seed notebook starts from (__del__ unlinks its own file synchro
 removal: flush() of N released 4 KiB pages through io_uring, the same through the plain
 loop remover (DISKPAGES_REMOVER=loop), a C unlinkat loop (the floor), a Python os.unlink
 loop, and shutil.rmtree of the folder. Files are made in setup (untimed); in steady
-state each create costs ~1 ms, hence fewer files a round there.
+state each create costs ~1 ms, hence fewer files a round there. Removal runs on this disk,
+a journaled ext4 and a tmpfs (``fs``: filesystems.py).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class UnlinkFiles:
 
 
 @pytest.mark.parametrize("data", ["written back", "in page cache"])
-def test_removal_rate(benchmark, floor, disk, state, data):
+def test_removal_rate(benchmark, floor, disk, state, data, fs):
     """ "written back": each file fdatasync'ed when made (untimed; this process's files only,
     not a global os.sync that waits for everyone's), so the files own blocks on the device
     and each unlink waits for their discard; "in page cache": delayed allocation has given
@@ -210,13 +211,16 @@ def test_removal_rate(benchmark, floor, disk, state, data):
     }
     record(
         benchmark,
-        f"removal of 4 KiB pages, {data}, {state}",
+        f"removal of 4 KiB pages, {data}, {state} on {fs.label}",
         runners,
         n,
         "unlinkat loop in C (floor)",
         ROUNDS,
+        warmup=disk.warmup,
         before_round=disk.before_round,
         kind="removal",
+        fs=fs.name,
+        fs_info=fs.info,
         unit="file",
         data=data,
         state=state,
