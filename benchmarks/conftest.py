@@ -216,7 +216,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "bench_root": str(base),
         "filesystem": diskstate.filesystem_info(base),
         "folders_spread": SPREAD["ok"],
-        "filesystems": {name: filesystems.INFO.get(name, {"skipped": "not used"}) for name in filesystems.NAMES},
+        "filesystems": {
+            name: filesystems.INFO.get(name, {"skipped": "not used"}) for name in filesystems.NAMES
+        },
         "filesystems_selected": FILESYSTEMS,
         "steady_warmup_rounds": STEADY_WARMUP,
         "diskpages_version": diskpages.__version__,

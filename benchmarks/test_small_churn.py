@@ -193,7 +193,9 @@ class FloorSlots(Churner):
 
     def churn(self, n):
         lib = self.floor.lib
-        rc = lib.floor_churn_slots(self.fd, self.next, n, self.window_size, self.cbuf, len(self.data), self.slot)
+        rc = lib.floor_churn_slots(
+            self.fd, self.next, n, self.window_size, self.cbuf, len(self.data), self.slot
+        )
         assert rc == 0, os.strerror(-rc)
         self.next += n
 
