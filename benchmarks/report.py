@@ -796,13 +796,24 @@ def _churn_style(name: str) -> str:
     return "-" if name.startswith("diskpages") else ":" if name.startswith("C floor") else "--"
 
 
+def _legend_below(fig, handles: dict, ncol: int) -> None:
+    """One legend for all panels, under them, with room kept for it whatever the size."""
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8)
+    lines = -(-len(handles) // ncol)
+    fig.tight_layout(rect=(0, min(0.4, (0.22 * lines + 0.1) / fig.get_figheight()), 1, 1))
+
+
 def plot_churn_time(data, folder, plt):
     groups = groups_of(data, "small_churn")
     systems = filesystems_in(groups)
     states = [s for s in STATES if any(g["extra_info"]["state"] == s for g in groups)]
     names, colour = _churn_colours(data)
     fig, axes = plt.subplots(
-        len(states), len(systems), figsize=(5 * len(systems), 4 * len(states)), squeeze=False, sharey=True
+        len(states),
+        len(systems),
+        figsize=(max(9, 5 * len(systems)), 4 * len(states)),
+        squeeze=False,
+        sharey=True,
     )
     for row, state in enumerate(states):
         for col, f in enumerate(systems):
@@ -834,8 +845,7 @@ def plot_churn_time(data, folder, plt):
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    _legend_below(fig, handles, 4)
     name = "small_churn_time.png"
     fig.savefig(folder / name, dpi=80)
     plt.close(fig)
@@ -851,7 +861,7 @@ def plot_churn_bytes(data, folder, plt, state):
     sizes = [s for s in CHURN_SIZES if any(g["extra_info"]["size_label"] == s for g in groups)]
     names, colour = _churn_colours(data)
     fig, axes = plt.subplots(
-        len(sizes), len(systems), figsize=(5 * len(systems), 3.2 * len(sizes)), squeeze=False
+        len(sizes), len(systems), figsize=(max(9, 5 * len(systems)), 3.2 * len(sizes)), squeeze=False
     )
     for row, size in enumerate(sizes):
         for col, f in enumerate(systems):
@@ -876,8 +886,7 @@ def plot_churn_bytes(data, folder, plt, state):
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=5, fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _legend_below(fig, handles, 4)
     name = f"small_churn_bytes_on_disk_{state}.png"
     fig.savefig(folder / name, dpi=75)
     plt.close(fig)
