@@ -54,10 +54,10 @@ static bool tmpfile_links(int dirfd)
 }
 
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
-                  uint64_t max_bytes, dp_hold *out)
+                  uint64_t max_bytes, uint64_t pack_max, dp_hold *out)
 {
     if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
-        (remover != DP_REMOVE_AUTO && remover != DP_REMOVE_LOOP))
+        (remover != DP_REMOVE_AUTO && remover != DP_REMOVE_LOOP) || pack_max > DP_PACK_LIMIT)
         return -EINVAL;
     dp_cache *c = calloc(1, sizeof *c);
     if (!c)
@@ -72,6 +72,9 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     c->max_bytes = max_bytes;
     atomic_init(&c->next_id, 1);
     atomic_init(&c->released, NULL);
+    atomic_init(&c->released_slots, NULL);
+    c->pack_max = pack_max;
+    dp_segments_init(c);
     /* DISKPAGES_TMPFILE=0 takes the path of file systems without O_TMPFILE (for tests) */
     const char *tmpfile = getenv("DISKPAGES_TMPFILE");
     atomic_init(&c->tmpfile, !(tmpfile && strcmp(tmpfile, "0") == 0) && tmpfile_links(dirfd));
@@ -138,6 +141,7 @@ fail_remover:
 fail_scratch:
     free(c->scratch);
 fail_alloc:
+    dp_segments_free(c);
     free(c);
     return err; /* dirfd stays the caller's on failure */
 }
@@ -164,6 +168,8 @@ void dp_cache_stats(dp_hold *h, dp_stats *out)
     out->released_by_gc = atomic_load(&c->released_by[BY_GC]);
     out->released_explicitly = atomic_load(&c->released_by[BY_CALL]);
     out->charged_bytes = atomic_load(&c->charged);
+    out->pinned = atomic_load(&c->pinned);
+    out->pinned_bytes = atomic_load(&c->pinned_bytes);
     out->released_at_close = 0;
     if (closed) {
         /* Close removed every file: nothing is live or pending any more, and every page not
@@ -172,7 +178,7 @@ void dp_cache_stats(dp_hold *h, dp_stats *out)
         out->released_at_close = out->written - out->released_by_refcount -
                                  out->released_by_gc - out->released_explicitly;
         out->live_pages = out->live_bytes = out->pending = out->pending_bytes = 0;
-        out->charged_bytes = 0;
+        out->charged_bytes = out->pinned = out->pinned_bytes = 0;
     }
     out->remover = c->remover_kind;
     dp_hold_leave(h, dp_cache_let_go);
@@ -293,6 +299,7 @@ int dp_close_locked(dp_cache *c)
         dp_drain_locked(c);
         n = dp_empty_dir(c->remover, c->dirfd);
         if (n >= 0) {
+            dp_segments_close(c);
             close(c->dirfd);
             c->dirfd = -1;
             dp_remover_free(c->remover);
@@ -334,6 +341,7 @@ static void cache_free(dp_cache *c)
      * close our copies of the fds, which close() left alone. */
     if (c->remover)
         dp_remover_free(c->remover);
+    dp_segments_free(c);
     if (c->dirfd >= 0)
         close(c->dirfd);
     free(c->scratch);

@@ -48,8 +48,25 @@ typedef struct dp_stats {
     uint64_t released_at_close;    /* still live when the cache closed */
     uint64_t charged_bytes; /* what max_bytes counts: live and pending bytes, writes under
                              * way, and files whose removal failed (until close) */
+    uint64_t pinned;        /* released and removed, but still read through a view */
+    uint64_t pinned_bytes;  /* (their bytes stay on disk, and charged, until it dies) */
     int remover;            /* DP_REMOVE_LOOP or DP_REMOVE_URING: what drains use now */
 } dp_stats;
+
+/* Packed pages. A page of at most pack_max bytes (dp_cache_open) is a slot in a segment
+ * file, one per size class, named "<slot size>.slots" in the cache's folder. A segment
+ * starts with DP_MAX_SLOTS tags (dp_tag), one per slot; slot i's bytes are at
+ * DP_TAGS_BYTES + i * slot size, padded with zeros to the slot's first 4 KiB boundary. A
+ * tag says which page the slot holds: its id is 0 while the slot is free, and set (after
+ * the bytes) when a page takes the slot, so a reader in another process who finds the
+ * same id before and after reading the bytes read that page's bytes. */
+enum { DP_MAX_SLOTS = 1048576, DP_TAGS_BYTES = 33554432, DP_PACK_LIMIT = 1048576 };
+typedef struct dp_tag {
+    uint64_t id;
+    uint64_t nbytes;
+    uint64_t written_ns; /* when the page was written (CLOCK_REALTIME) */
+    uint64_t unused;
+} dp_tag;
 
 /* Ownership. A cache lives while its hold has it or any record does; a record lives while
  * its hold has it or its file waits in the release queue. So nothing is freed while anything
@@ -61,7 +78,7 @@ typedef struct dp_stats {
  * DP_REMOVE_LOOP; dp_stats.remover says which one is in use. max_bytes, if not 0, caps the
  * bytes of live and pending pages: a write that would pass it fails with -DP_EFULL. */
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
-                  uint64_t max_bytes, dp_hold *out);
+                  uint64_t max_bytes, uint64_t pack_max, dp_hold *out);
 /* Stop the reaper, remove every queued page and then every file in the folder (the folder
  * itself stays: Python removes it by path), then close the folder's fd and the remover's.
  * Later writes fail with -DP_ECLOSED, reads with -DP_ERELEASED; releases are still
@@ -100,9 +117,23 @@ int dp_builder_fd(dp_hold *builder);
  * failure the page is nameless again and dp_seal may be called again. */
 int dp_seal(dp_hold *builder, dp_hold *page);
 
-/* Open a page for reading: an fd, or -DP_ERELEASED, -ENOENT, or -DP_ESIZE if the file is
- * not nbytes long. */
-int dp_page_open(dp_hold *page);
+/* Pin a page for reading into `pin`, an empty hold whose finalizer is dp_pin_drop: its
+ * bytes (its file, or its slot) stay as they are, and stay counted against max_bytes,
+ * until the pin is dropped, even after the page is released and removed. Returns an fd
+ * that the pin owns (closed by dp_pin_map or the drop) and the page's offset in it; or
+ * -DP_ERELEASED, -ENOENT, or -DP_ESIZE if the file is not nbytes long. */
+int dp_page_pin(dp_hold *page, dp_hold *pin, uint64_t *offset);
+/* Map the pinned bytes read-only over [addr, addr + nbytes), an existing mapping the caller
+ * owns (MAP_FIXED), and close the pin's fd: the mapping keeps the bytes, the pin keeps
+ * them from being reused. */
+int dp_pin_map(dp_hold *pin, void *addr, size_t nbytes);
+/* Read the whole page (nbytes, its size) into buf, under a pin for the length of the call:
+ * 0, or as dp_page_pin. */
+int dp_page_read(dp_hold *page, void *buf, size_t nbytes);
+void dp_pin_drop(dp_hold *pin);
+/* Where a page is: 1 and its slot (size, index) if packed, 0 if a file of its own, or
+ * -DP_ERELEASED. */
+int dp_page_slot(dp_hold *page, uint64_t *slot_size, uint64_t *slot);
 /* Map fd read-only over [addr, addr + nbytes), an existing mapping the caller owns
  * (MAP_FIXED). */
 int dp_map_fixed(int fd, void *addr, size_t nbytes);
@@ -137,6 +168,8 @@ int64_t dp_flush(dp_hold *cache);
 
 /* The file name of page `id` (at most 32 bytes with the NUL). */
 void dp_page_name(uint64_t id, char *buf);
+/* The file name of the segment of slot size `slot_size` (at most 32 bytes with the NUL). */
+void dp_segment_name(uint64_t slot_size, char *buf);
 
 /* Remove every entry of the folder open at dirfd (not the folder itself), in batches.
  * For the crash sweep: the caller holds the folder's lock. Returns how many entries went,

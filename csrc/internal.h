@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "diskpages.h"
 
@@ -22,6 +23,37 @@ struct dp_page {
     atomic_bool released;
     bool part; /* made as "<id>.part" (no O_TMPFILE here), renamed when whole */
     int fd;    /* a page being written in place: its open file, until sealed or dropped */
+    /* What keeps the page's bytes on disk (and charged): 1 for the page itself until it is
+     * removed, plus one per pin (a read under way, a view). Whoever takes it to 0 frees
+     * the bytes: uncharges them, and gives a slot back. A pin is taken only while it is
+     * above 0, so bytes once freed are never read again through this record. */
+    atomic_uint pins;
+    int cls;       /* its segment's size class if packed, else -1 (a file of its own) */
+    uint32_t slot; /* its slot in that segment */
+};
+
+/* A pin (dp_page_pin): a record's bytes held for a reader, and the fd it reads them by. */
+typedef struct dp_pin {
+    dp_page *rec;
+    int fd;
+    uint64_t offset;
+} dp_pin;
+
+/* pack.c: one segment file per size class, made at the first page of that class. Its lock
+ * guards the bitmaps and the file's growth; writers, the drain and the trim take it
+ * briefly, never around a write of page bytes, and never on the release path. */
+#define DP_CLASSES 28
+struct dp_segment {
+    pthread_mutex_t lock;
+    uint64_t slot_size;
+    int fd;           /* -1 until the first page of the class, and again after close */
+    dp_tag *tags;     /* a shared mapping of the segment's tags (DP_TAGS_BYTES) */
+    uint32_t nslots;  /* slots the file has room for: it grows in chunks */
+    uint32_t used;    /* slots taken (by pages, or reserved by the trim) */
+    uint32_t backed;  /* slots that hold blocks on disk (written since the last punch) */
+    uint32_t hint;    /* no free slot below 64 * hint */
+    uint64_t *taken;  /* DP_MAX_SLOTS bits each */
+    uint64_t *hold_blocks;
 };
 
 typedef struct dp_remover dp_remover;
@@ -49,8 +81,14 @@ struct dp_cache {
     atomic_uint_fast64_t next_id;
 
     /* The release queue: a Treiber stack. Any thread pushes with one CAS; a drain takes the
-     * whole stack with one exchange, so there is no pop and no ABA problem. */
+     * whole stack with one exchange, so there is no pop and no ABA problem. Packed pages
+     * have a stack of their own: freeing a slot needs no system call, so writers that
+     * want a slot drain it themselves. */
     _Atomic(dp_page *) released;
+    _Atomic(dp_page *) released_slots;
+    uint64_t pack_max; /* pages up to this size are packed (0: none) */
+    struct dp_segment segs[DP_CLASSES];
+    atomic_uint_fast64_t pinned, pinned_bytes;
 
     atomic_uint_fast64_t live_pages, live_bytes, pending, pending_bytes;
     atomic_uint_fast64_t removed, remove_errors, written;
@@ -116,6 +154,25 @@ void dp_cache_let_go(void *c);
 int dp_close_locked(dp_cache *c); /* the caller has entered the cache's hold */
 /* queue.c: what a page's hold does on letting go (dp_drop_record) */
 void dp_page_let_go(void *p);
+
+/* write.c: pwritev every part at `off`, resuming after short writes and EINTR; consumes
+ * iov (advanced in place). 0 or -errno. */
+int dp_pwritev_all(int fd, struct iovec *iov, size_t count, off_t off);
+
+/* pack.c */
+#define DP_SEGMENT_FULL (-20001) /* the class's segment has DP_MAX_SLOTS: use a file */
+void dp_segments_init(dp_cache *c);
+void dp_segments_close(dp_cache *c); /* after the folder is emptied: fds and mappings go */
+void dp_segments_free(dp_cache *c);
+int dp_class_of(const dp_cache *c, size_t nbytes); /* -1: not packed */
+/* Write one page into a slot: not published, as create_page. */
+int dp_write_slot(dp_cache *c, int cls, const void *data, size_t nbytes, dp_page *rec);
+void dp_discard_slot(dp_cache *c, dp_page *rec); /* a slot written but not published */
+int dp_sync_slots(dp_cache *c, dp_page *const *recs, size_t count); /* fdatasync, once each */
+int64_t dp_drain_slots(dp_cache *c);
+void dp_trim(dp_cache *c); /* the reaper: give back the blocks of freed slots, in runs */
+/* the last pin of a record went: its bytes are free (uncharge, give the slot back) */
+void dp_unpin(dp_page *p, bool removal);
 
 /* queue.c */
 int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */

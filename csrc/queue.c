@@ -98,13 +98,15 @@ void dp_uncharge(dp_cache *c, uint64_t nbytes)
  * (close empties the whole folder, so their files go with it). */
 static void reclaim_after_close(dp_cache *c)
 {
-    dp_page *p = atomic_exchange(&c->released, NULL);
-    while (p) {
-        dp_page *next = p->next;
-        atomic_fetch_sub(&c->pending_bytes, p->nbytes);
-        atomic_fetch_sub(&c->pending, 1);
-        dp_record_put(p);
-        p = next;
+    for (int q = 0; q < 2; q++) {
+        dp_page *p = atomic_exchange(q ? &c->released_slots : &c->released, NULL);
+        while (p) {
+            dp_page *next = p->next;
+            atomic_fetch_sub(&c->pending_bytes, p->nbytes);
+            atomic_fetch_sub(&c->pending, 1);
+            dp_record_put(p);
+            p = next;
+        }
     }
 }
 
@@ -127,14 +129,15 @@ static bool release_page(dp_page *p, int cause)
     atomic_fetch_sub(&c->live_bytes, p->nbytes);
     atomic_fetch_add(&c->pending, 1);
     atomic_fetch_add(&c->pending_bytes, p->nbytes);
-    dp_page *head = atomic_load_explicit(&c->released, memory_order_relaxed);
+    _Atomic(dp_page *) *queue = p->cls >= 0 ? &c->released_slots : &c->released;
+    dp_page *head = atomic_load_explicit(queue, memory_order_relaxed);
     do {
         p->next = head;
         /* seq_cst (a locked instruction either way on x86): with close's store of `closed`
          * before its drain, either that drain takes this node or the load below sees
          * closed, so no node is left in a queue that nobody drains any more. Release
          * alone would also do for the drain that takes it: it sees id, size and link. */
-    } while (!atomic_compare_exchange_weak(&c->released, &head, p));
+    } while (!atomic_compare_exchange_weak(queue, &head, p));
     atomic_fetch_sub(&c->live_pages, 1);
     if (atomic_load(&c->closed))
         reclaim_after_close(c);
@@ -230,7 +233,7 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
         if (s->results[i] == 0 || s->results[i] == -ENOENT) {
             removed++;
             atomic_fetch_add(&c->removed, 1);
-            dp_uncharge(c, recs[i]->nbytes); /* the file is gone: room again */
+            dp_unpin(recs[i], true); /* its name is gone: room again, unless a view holds it */
         } else {
             atomic_fetch_add(&c->remove_errors, 1); /* its bytes stay charged until close */
         }
@@ -245,6 +248,7 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
  * producer, so the reaper, flush() and close() take turns. */
 int64_t dp_drain_locked(dp_cache *c)
 {
+    int64_t slots = dp_drain_slots(c); /* no system call: first */
     /* seq_cst, like the pushes: it pairs with each push we take (we see its id, size and
      * link), and with close's store of `closed` (see release_page). */
     dp_page *list = atomic_exchange(&c->released, NULL);
@@ -262,7 +266,7 @@ int64_t dp_drain_locked(dp_cache *c)
     }
     if (n)
         count += remove_chunk(c, chunk, n);
-    return count;
+    return slots + count;
 }
 
 int64_t dp_flush(dp_hold *h)
@@ -344,10 +348,20 @@ void *dp_reaper_main(void *arg)
          * (Read the other way round, a release between the loads would sleep unseen.) */
         uint64_t live = atomic_load(&c->live_pages);
         if (live == 0 && atomic_load(&c->pending) == 0) {
+            pthread_mutex_unlock(&c->lock);
+            dp_trim(c); /* nothing live: give back what the freed slots hold, then sleep */
+            pthread_mutex_lock(&c->lock);
+            if (c->stop || c->kick || atomic_load(&c->live_pages) || atomic_load(&c->pending))
+                continue;
             pthread_cond_wait(&c->wake, &c->lock);
             last_empty = dp_now_ns();
             continue;
         }
+        pthread_mutex_unlock(&c->lock);
+        dp_trim(c); /* cheap unless freed slots hold far more blocks than needed */
+        pthread_mutex_lock(&c->lock);
+        if (c->stop || c->kick)
+            continue;
         struct timespec deadline;
         deadline_after(tick, &deadline);
         pthread_cond_timedwait(&c->wake, &c->lock, &deadline);

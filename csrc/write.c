@@ -19,6 +19,12 @@
 
 static void discard_page(dp_cache *c, dp_page *rec)
 {
+    if (rec->cls >= 0) { /* a slot: back to the free bitmap */
+        dp_discard_slot(c, rec);
+        free(rec);
+        dp_cache_put(c);
+        return;
+    }
     /* Either name may exist, depending on how far the page got; ENOENT is the usual case. */
     char name[DP_NAME_MAX];
     dp_page_name(rec->id, name);
@@ -38,19 +44,30 @@ static void discard_page(dp_cache *c, dp_page *rec)
  * while it writes leaves nothing and no reader ever sees a page half written: link_page
  * names it once it is whole. Where the file system has no O_TMPFILE, the file is made as
  * "<id>.part" and renamed instead (readers and the sweep ignore the name until then). */
-static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
+static dp_page *new_record(dp_cache *c, size_t nbytes)
 {
     dp_page *p = malloc(sizeof *p);
     if (!p)
-        return -ENOMEM;
+        return NULL;
     p->next = NULL;
     p->cache = c;
     p->id = atomic_fetch_add(&c->next_id, 1);
     p->nbytes = nbytes;
     p->part = false;
     p->fd = -1;
+    p->cls = -1;
+    p->slot = 0;
     atomic_init(&p->refs, 2);
     atomic_init(&p->released, false);
+    atomic_init(&p->pins, 1);
+    return p;
+}
+
+static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
+{
+    dp_page *p = new_record(c, nbytes);
+    if (!p)
+        return -ENOMEM;
 
     int fd = -1;
     if (atomic_load_explicit(&c->tmpfile, memory_order_relaxed)) {
@@ -118,19 +135,16 @@ static void publish(dp_cache *c, dp_page *p)
         dp_wake_reaper(c); /* it sleeps without a timeout while nothing is live */
 }
 
-/* pwritev every part from offset 0, resuming after short writes (Linux writes at most
- * 2 GiB a call) and at most IOV_MAX parts a call, then fdatasync if the sync mode asks.
- * Consumes iov: it is advanced in place. */
-static int writev_synced(dp_cache *c, int fd, struct iovec *iov, size_t count)
+int dp_pwritev_all(int fd, struct iovec *iov, size_t count, off_t off)
 {
-    off_t off = 0;
     for (;;) {
         while (count && iov->iov_len == 0) { /* empty parts: nothing to write, skip them */
             iov++;
             count--;
         }
         if (!count)
-            break;
+            return 0;
+        /* Linux writes at most 2 GiB a call, and takes at most IOV_MAX parts */
         ssize_t n = pwritev(fd, iov, count < IOV_MAX ? (int)count : IOV_MAX, off);
         if (n < 0) {
             if (errno == EINTR)
@@ -151,9 +165,15 @@ static int writev_synced(dp_cache *c, int fd, struct iovec *iov, size_t count)
             }
         }
     }
-    if (c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
-        return -errno;
-    return 0;
+}
+
+/* Every part from offset 0, then fdatasync if the sync mode asks. Consumes iov. */
+static int writev_synced(dp_cache *c, int fd, struct iovec *iov, size_t count)
+{
+    int err = dp_pwritev_all(fd, iov, count, 0);
+    if (!err && c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
+        err = -errno;
+    return err;
 }
 
 /* One buffer: the same loop (a one-part pwritev costs what pwrite does). */
@@ -197,10 +217,26 @@ static int write_mapped(dp_cache *c, int fd, const void *data, size_t nbytes)
     return err;
 }
 
-/* Create and fill one page's file; not yet published. */
+/* Create and fill one page (a slot, or a file of its own); not yet published. A slot is
+ * synced by the caller, once per segment (dp_sync_slots). */
 static int create_page(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **out)
 {
     dp_page *rec;
+    int cls = dp_class_of(c, nbytes);
+    if (cls >= 0) {
+        if (!(rec = new_record(c, nbytes)))
+            return -ENOMEM;
+        int err = dp_write_slot(c, cls, data, nbytes, rec);
+        if (!err) {
+            dp_cache_get(c); /* the record's reference, put when the record is freed */
+            *out = rec;
+            return 0;
+        }
+        free(rec);
+        if (err != DP_SEGMENT_FULL)
+            return err;
+        /* the class's segment is full: this page gets a file of its own */
+    }
     /* a shared writable mapping needs the fd open for reading too */
     int fd = open_new_page(c, nbytes, method == DP_WRITE_MMAP ? O_RDWR : O_WRONLY, &rec);
     if (fd < 0)
@@ -289,7 +325,12 @@ static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes
         if ((err = create_page(c, data[made], nbytes[made], method, &recs[made])))
             break;
     *failed_at = made;
-    if (!err && count && (err = sync_folder(c)))
+    bool files = false;
+    for (size_t i = 0; i < made; i++)
+        files |= recs[i]->cls < 0;
+    if (!err && (err = dp_sync_slots(c, recs, made)))
+        *failed_at = count;
+    if (!err && files && (err = sync_folder(c)))
         *failed_at = count;
     if (err) {
         while (made)
@@ -497,28 +538,176 @@ static int open_page(dp_cache *c, dp_page *p)
     return fd;
 }
 
-int dp_page_open(dp_hold *page)
+/* Take a pin if the record's bytes are still there (pins above 0). */
+static bool pin_take(dp_page *p)
+{
+    unsigned n = atomic_load(&p->pins);
+    do
+        if (n == 0)
+            return false;
+    while (!atomic_compare_exchange_weak(&p->pins, &n, n + 1));
+    return true;
+}
+
+static void pin_let_go(void *ptr)
+{
+    dp_pin *pin = ptr;
+    if (pin->fd >= 0)
+        close(pin->fd);
+    dp_unpin(pin->rec, false);
+    dp_record_put(pin->rec);
+    free(pin);
+}
+
+/* The fd a pin reads by: the page's file, or a dup of its segment's fd (the segment's own
+ * closes at close(); the pin's stays valid as long as the pin). */
+static int pinned_fd(dp_cache *c, dp_page *p, uint64_t *offset)
+{
+    if (p->cls < 0) {
+        *offset = 0;
+        return open_page(c, p);
+    }
+    struct dp_segment *s = &c->segs[p->cls];
+    *offset = DP_TAGS_BYTES + (uint64_t)p->slot * s->slot_size;
+    int fd = fcntl(s->fd, F_DUPFD_CLOEXEC, 0);
+    return fd >= 0 ? fd : -errno;
+}
+
+static int page_pin(dp_page *p, dp_hold *hold)
+{
+    dp_cache *c = p->cache;
+    dp_pin *pin = malloc(sizeof *pin);
+    if (!pin)
+        return -ENOMEM;
+    int fd = -DP_ERELEASED;
+    /* Under the closing lock, shared: close() closes the folder's and the segments' fds
+     * only after every reader that saw them open has left. A forked child takes no lock (a
+     * parent thread may have held it at fork time); it never closes its copies early. */
+    bool forked = dp_pid() != c->owner;
+    if (!forked)
+        pthread_rwlock_rdlock(&c->closing);
+    if (!atomic_load(&p->released) && !atomic_load(&c->closed) && pin_take(p)) {
+        fd = pinned_fd(c, p, &pin->offset);
+        if (fd < 0)
+            dp_unpin(p, false);
+    }
+    if (!forked)
+        pthread_rwlock_unlock(&c->closing);
+    if (fd < 0) {
+        free(pin);
+        /* released while we opened: the caller says released, not lost */
+        return atomic_load(&p->released) ? -DP_ERELEASED : fd;
+    }
+    atomic_fetch_add(&p->refs, 1); /* the pin's reference to the record */
+    pin->rec = p;
+    pin->fd = fd;
+    hold->ptr = pin;
+    return fd;
+}
+
+int dp_page_pin(dp_hold *page, dp_hold *pin, uint64_t *offset)
 {
     dp_page *p = dp_hold_enter(page, dp_page_let_go);
     if (!p)
         return -DP_ERELEASED;
-    dp_cache *c = p->cache;
-    int fd = -DP_ERELEASED;
-    /* Under the closing lock, shared: close() closes the folder's fd only after every
-     * reader that saw it open has left. A forked child takes no lock (a parent thread may
-     * have held it at fork time); it never closes its copy of the fd before the end. */
-    bool forked = dp_pid() != c->owner;
-    if (!forked)
-        pthread_rwlock_rdlock(&c->closing);
-    if (!atomic_load(&p->released) && !atomic_load(&c->closed))
-        fd = open_page(c, p);
-    if (!forked)
-        pthread_rwlock_unlock(&c->closing);
-    /* released while we opened: the caller says released, not lost */
-    if (fd < 0 && atomic_load(&p->released))
-        fd = -DP_ERELEASED;
+    int fd = page_pin(p, pin);
+    if (fd >= 0)
+        *offset = ((dp_pin *)pin->ptr)->offset;
     dp_hold_leave(page, dp_page_let_go);
     return fd;
+}
+
+static int pread_exactly(int fd, void *buf, size_t nbytes, uint64_t offset)
+{
+    for (size_t done = 0; done < nbytes;) {
+        ssize_t n = pread(fd, (char *)buf + done, nbytes - done, (off_t)(offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -DP_ESIZE; /* shorter than the page */
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static int page_read(dp_page *p, void *buf, size_t nbytes)
+{
+    dp_cache *c = p->cache;
+    if (nbytes != p->nbytes)
+        return -EINVAL;
+    int err = -DP_ERELEASED;
+    bool forked = dp_pid() != c->owner;
+    if (!forked) /* as page_pin; held across the read, so the segment's fd stays open */
+        pthread_rwlock_rdlock(&c->closing);
+    if (!atomic_load(&p->released) && !atomic_load(&c->closed) && pin_take(p)) {
+        if (p->cls >= 0) {
+            struct dp_segment *s = &c->segs[p->cls];
+            err = pread_exactly(s->fd, buf, nbytes, DP_TAGS_BYTES + (uint64_t)p->slot * s->slot_size);
+        } else {
+            int fd = open_page(c, p);
+            err = fd < 0 ? fd : pread_exactly(fd, buf, nbytes, 0);
+            if (fd >= 0)
+                close(fd);
+        }
+        dp_unpin(p, false);
+    }
+    if (!forked)
+        pthread_rwlock_unlock(&c->closing);
+    return err < 0 && atomic_load(&p->released) ? -DP_ERELEASED : err;
+}
+
+int dp_page_read(dp_hold *page, void *buf, size_t nbytes)
+{
+    dp_page *p = dp_hold_enter(page, dp_page_let_go);
+    if (!p)
+        return -DP_ERELEASED;
+    int err = page_read(p, buf, nbytes);
+    dp_hold_leave(page, dp_page_let_go);
+    return err;
+}
+
+int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
+{
+    dp_pin *pin = dp_hold_enter(hold, pin_let_go);
+    if (!pin)
+        return -DP_ERELEASED;
+    int err = -DP_ERELEASED;
+    if (pin->fd >= 0) {
+        err = 0;
+        if (mmap(addr, nbytes, PROT_READ, MAP_SHARED | MAP_FIXED, pin->fd, (off_t)pin->offset) ==
+            MAP_FAILED) {
+            err = -errno;
+            /* a failed MAP_FIXED may leave a hole: fill it, so the owner's munmap never
+             * hits a mapping that some other code placed there */
+            mmap(addr, nbytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        }
+        close(pin->fd); /* the mapping holds the bytes now */
+        pin->fd = -1;
+    }
+    dp_hold_leave(hold, pin_let_go);
+    return err;
+}
+
+void dp_pin_drop(dp_hold *hold)
+{
+    if (dp_hold_drop(hold))
+        pin_let_go(hold->ptr);
+}
+
+int dp_page_slot(dp_hold *page, uint64_t *slot_size, uint64_t *slot)
+{
+    dp_page *p = dp_hold_enter(page, dp_page_let_go);
+    if (!p)
+        return -DP_ERELEASED;
+    int packed = p->cls >= 0;
+    if (packed) {
+        *slot_size = p->cache->segs[p->cls].slot_size;
+        *slot = p->slot;
+    }
+    dp_hold_leave(page, dp_page_let_go);
+    return packed;
 }
 
 int dp_map_fixed(int fd, void *addr, size_t nbytes)

@@ -20,7 +20,7 @@ SANITIZERS = {
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 @pytest.mark.skipif(not CSRC.is_dir(), reason="needs the source tree (csrc/)")
-@pytest.mark.parametrize("remover", ["auto", "loop"])
+@pytest.mark.parametrize("remover", ["auto", "loop", "packed"])
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
 def test_c_core_under_sanitizer(tmp_path, sanitizer, remover):
     exe = tmp_path / "stress"
@@ -49,6 +49,8 @@ def test_c_core_under_sanitizer(tmp_path, sanitizer, remover):
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=1")
     if remover == "loop":
         env["DP_LOOP"] = "1"
+    if remover == "packed":  # pages up to 4 KiB are slots, the rest files: both at once
+        env["DP_PACK"] = "1"
     run = subprocess.run([str(exe), str(folder)], capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("ok: 5400 pages written")

@@ -21,6 +21,7 @@ WRITE_METHODS = {"pwrite": lib.DP_WRITE_PWRITE, "mmap": lib.DP_WRITE_MMAP}
 page_release = lib.dp_page_release
 page_reclaimed_by_gc = lib.dp_page_reclaimed_by_gc
 page_drop = lib.dp_page_drop
+pin_drop = lib.dp_pin_drop
 page_released = lib.dp_page_released
 gc_phase = lib.dp_gc_phase
 gc_collecting = lib.dp_gc_collecting
@@ -41,6 +42,15 @@ def new_hold(drop: Any = lib.dp_page_drop) -> tuple[Memory, Hold]:
     a collection even when its object is then resurrected or kept in gc.garbage)."""
     memory = ffi.new("dp_hold *")
     return memory, ffi.gc(memory, drop)
+
+
+def drop_now(hold: Hold) -> None:
+    """Run a hold's finalizer now rather than when its last reference goes (ffi.release);
+    nothing if it ran already."""
+    try:
+        ffi.release(hold)
+    except ValueError:
+        pass
 
 
 def error(code: int, path: os.PathLike[str] | str | None = None) -> Exception:
@@ -68,12 +78,19 @@ def page_name(page_id: int) -> str:
 
 
 def cache_open(
-    dirfd: int, sync: int, batch: int, max_delay_ns: int, remover: int, max_bytes: int, path: str
+    dirfd: int,
+    sync: int,
+    batch: int,
+    max_delay_ns: int,
+    remover: int,
+    max_bytes: int,
+    pack_max: int,
+    path: str,
 ) -> Hold:
     """The cache's hold; its finalizer closes the cache and lets go of it. (The
     PageCache's weakref.finalize keeps the hold until it has run, at exit at the latest.)"""
     memory, hold = new_hold(lib.dp_cache_drop)  # ffi.gc keeps memory until it has run
-    rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, hold)
+    rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, pack_max, hold)
     if rc:
         raise error(rc, path)
     return hold
@@ -180,10 +197,52 @@ def empty_folder(dirfd: int, path: str) -> int:
     return int(n)
 
 
-def open_page(page: Hold) -> int:
-    """An fd, or a negative C error for the caller to interpret (DP_ERELEASED: released,
-    let go of, or its cache closed; -ENOENT or DP_ESIZE: the file is not the page's)."""
-    return int(lib.dp_page_open(page))
+def page_pin(page: Hold, pin: Hold) -> tuple[int, int]:
+    """Pin the page's bytes into ``pin`` (a hold from new_hold(pin_drop)): (fd, offset),
+    the fd the pin's own, valid until the pin is dropped or mapped; or (negative C error,
+    0) for the caller to interpret (DP_ERELEASED: released, let go of, or its cache closed;
+    -ENOENT or DP_ESIZE: the file is not the page's)."""
+    offset = ffi.new("uint64_t *")
+    fd = lib.dp_page_pin(page, pin, offset)
+    return int(fd), int(offset[0])
+
+
+def page_read(page: Hold, nbytes: int) -> bytes | int:
+    """The page's bytes, read in one C call under a pin; or a negative C error, as
+    page_pin. For pages small enough to read through a bytearray (one copy more)."""
+    buf = bytearray(nbytes)
+    rc = lib.dp_page_read(page, ffi.from_buffer(buf), nbytes)
+    return bytes(buf) if rc == 0 else int(rc)
+
+
+def pin_map(pin: Hold, target: Any, nbytes: int, path: str, align: int = 1) -> int:
+    """As map_fixed, for pinned bytes (and the pin's fd is closed after)."""
+    with ffi.from_buffer(target) as addr:
+        skip = -int(ffi.cast("uintptr_t", addr)) % align
+        rc = lib.dp_pin_map(pin, addr + skip, nbytes)
+    if rc:
+        raise error(rc, path)
+    return skip
+
+
+def page_slot(page: Hold) -> tuple[int, int] | None:
+    """(slot size, slot) of a packed page; None for a page with a file of its own (or one
+    whose hold is empty)."""
+    size, slot = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    if lib.dp_page_slot(page, size, slot) == 1:
+        return int(size[0]), int(slot[0])
+    return None
+
+
+def segment_name(slot_size: int) -> str:
+    buf = ffi.new("char[32]")
+    lib.dp_segment_name(slot_size, buf)
+    return ffi.string(buf).decode()
+
+
+TAGS_BYTES = lib.DP_TAGS_BYTES
+TAG_BYTES = ffi.sizeof("dp_tag")
+PACK_LIMIT = lib.DP_PACK_LIMIT
 
 
 def map_fixed(fd: int, target: Any, nbytes: int, path: str, align: int = 1) -> int:

@@ -18,6 +18,7 @@ import gc
 import math
 import mmap
 import os
+import struct
 import sys
 import threading
 import time
@@ -40,6 +41,10 @@ __all__ = ["PageCache", "Page", "BorrowedPage", "PageBuilder", "CacheStats"]
 
 _MAX_DELAY_LIMIT = 1e9  # seconds (31 years): keeps the C side's nanoseconds in range
 
+#: The default ``pack_max``: pages up to this many bytes are slots in segment files (see
+#: README.md, "Packed pages", for the measurements behind it).
+PACK_MAX = 256 * 1024
+
 
 @dataclass(frozen=True)
 class CacheStats:
@@ -60,6 +65,10 @@ class CacheStats:
     #: what ``max_bytes`` counts, in one atomic read: the bytes of live and pending pages,
     #: of writes under way, and of files whose removal failed (until close); 0 once closed
     charged_bytes: int
+    #: released and removed pages whose bytes a view (or a read under way) still holds:
+    #: they stay on disk, and count in ``charged_bytes``, until the last view dies
+    pinned: int
+    pinned_bytes: int
     remover: str  #: "io_uring" or "loop": how this cache removes files
 
     @property
@@ -74,7 +83,7 @@ def _shutdown(handle: native.Hold, path: str, watched: weakref.WeakSet[Page] | N
     hook, before module globals are torn down. ``watched``: the live pages of a
     ``warn_on_gc`` cache, to warn about when the finalizer (not close()) reclaims them."""
     # what to say, not the pages themselves: a warning must not keep a page alive
-    alive = [(p.id, p.nbytes, p.path) for p in watched if not p.released] if watched is not None else []
+    alive = [(p.id, p.nbytes, p._where()) for p in watched if not p.released] if watched is not None else []
     if not native.cache_close(handle, path):
         return  # a forked child borrows its parent's cache; it removes nothing
     try:
@@ -84,7 +93,7 @@ def _shutdown(handle: native.Hold, path: str, watched: weakref.WeakSet[Page] | N
     for page_id, nbytes, page_path in alive:  # after the work: a warning may raise (-W error)
         warnings.warn(
             f"page {page_id} ({nbytes} bytes) was still alive when its cache was finalized "
-            f"(at exit or when the cache was collected); its file {page_path} was removed",
+            f"(at exit or when the cache was collected); its bytes ({page_path}) were removed",
             ResourceWarning,
             stacklevel=2,
         )
@@ -95,6 +104,16 @@ def _shutdown_quietly(handle: Any, path: str, watched: weakref.WeakSet[Page] | N
         _shutdown(handle, path, watched)
     except OSError:
         pass  # nothing to report to at exit or in a collection; close() raises instead
+
+
+def _default_pack_max() -> int:
+    raw = os.environ.get("DISKPAGES_PACK_MAX")
+    if raw is None:
+        return PACK_MAX
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"DISKPAGES_PACK_MAX must be a number of bytes, not {raw!r}") from None
 
 
 # Every open cache, for the gc callback below (weak: it keeps none alive).
@@ -169,6 +188,13 @@ class PageCache:
     returns: ``"none"`` (nothing forced), ``"data"`` (the page's bytes), ``"full"`` (the bytes
     and the page's name in the folder). Released pages are removed by a C thread once
     ``batch`` are waiting or ``max_delay`` seconds have passed, or at once by ``flush()``.
+
+    Pages of at most ``pack_max`` bytes (``PACK_MAX``, 256 KiB, by default, or what the
+    environment variable DISKPAGES_PACK_MAX says; at most 1 MiB; 0 for none) are
+    *packed*: each is a slot in a segment file shared with pages of its size class, reused
+    in place once the page is gone, so writing and dropping one touches no file system
+    metadata. Bigger pages, ``write_array()`` pages and ``allocate()`` builders have a file
+    of their own. A packed page has no ``path``; everything else works alike.
     """
 
     def __init__(
@@ -180,12 +206,21 @@ class PageCache:
         max_delay: float = 0.05,
         max_bytes: int | None = None,
         warn_on_gc: bool = False,
+        pack_max: int | None = None,
     ) -> None:
         if max_bytes is not None:
             if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
                 raise TypeError(f"max_bytes must be an int or None, not {type(max_bytes).__name__}")
             if not 1 <= max_bytes < 2**64:
                 raise ValueError(f"max_bytes must be from 1 to 2**64 - 1, not {max_bytes}")
+        if pack_max is None:
+            pack_max = _default_pack_max()
+        if isinstance(pack_max, bool) or not isinstance(pack_max, int):
+            raise TypeError(f"pack_max must be an int, not {type(pack_max).__name__}")
+        if not 0 <= pack_max <= native.PACK_LIMIT:
+            raise ValueError(
+                f"pack_max must be from 0 (no packing) to {native.PACK_LIMIT} bytes, not {pack_max}"
+            )
         if not isinstance(warn_on_gc, bool):
             raise TypeError(f"warn_on_gc must be True or False, not {warn_on_gc!r}")
         if sync not in native.SYNC_MODES:
@@ -219,6 +254,7 @@ class PageCache:
                     max(1, round(max_delay * 1e9)),
                     native.REMOVERS[remover],
                     max_bytes or 0,
+                    pack_max,
                     path,
                 )
             except BaseException:
@@ -239,6 +275,7 @@ class PageCache:
         self._closing = False  # close() runs in this thread (see close())
         self._pid = os.getpid()
         self._max_bytes = max_bytes
+        self._pack_max = pack_max
         self._page_class = _WatchedPage if warn_on_gc else Page
         self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
         self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)
@@ -277,6 +314,11 @@ class PageCache:
     @property
     def max_bytes(self) -> int | None:
         return self._max_bytes
+
+    @property
+    def pack_max(self) -> int:
+        """Pages of at most this many bytes are packed into segment files (0: none are)."""
+        return self._pack_max
 
     # -- writing ----------------------------------------------------------------------
 
@@ -389,8 +431,11 @@ class PageCache:
         s = self.stats()
         stuck = s.charged_bytes - s.live_bytes - s.pending_bytes
         held = ""
+        if s.pinned_bytes:
+            held += f", {s.pinned_bytes} held by views of {s.pinned} removed page(s)"
+            stuck -= s.pinned_bytes
         if stuck > 0 and s.remove_errors:
-            held = f", {stuck} in files that could not be removed (or writes under way)"
+            held += f", {stuck} in files that could not be removed (or writes under way)"
         raise CacheFullError(
             f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
             f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending{held} "
@@ -496,9 +541,29 @@ def _map_read_only(fd: int, nbytes: int, path: Path) -> memoryview:
     boundary. The mapping goes when the last view of it dies."""
     if nbytes == 0:
         return memoryview(b"")  # mmap cannot map zero bytes; an empty page needs no mapping
+    mapping = _placeholder(nbytes)
+    skip = native.map_fixed(fd, mapping, nbytes, str(path), align=_HUGE if nbytes >= _HUGE else 1)
+    return _view_of(mapping, skip, nbytes)
+
+
+# Pages up to this size are read in one C call (into a bytearray, then copied once more);
+# bigger ones by os.pread into the bytes object itself, through a pin.
+_READ_IN_ONE_CALL = 1 << 20
+
+
+class _PinnedMapping(mmap.mmap):
+    """A placeholder mapping that holds a pin (dp_page_pin): the page's bytes, file or slot,
+    are not freed or reused, and stay charged, until the last view of the mapping dies."""
+
+    __slots__ = ("_pin",)
+
+
+def _placeholder(nbytes: int, cls: type[mmap.mmap] = mmap.mmap) -> Any:
     slack = _HUGE if nbytes >= _HUGE else 0
-    mapping = mmap.mmap(-1, nbytes + slack, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-    skip = native.map_fixed(fd, mapping, nbytes, str(path), align=_HUGE if slack else 1)
+    return cls(-1, nbytes + slack, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+
+
+def _view_of(mapping: mmap.mmap, skip: int, nbytes: int) -> memoryview:
     whole = memoryview(mapping)
     view = whole[skip : skip + nbytes]
     whole.release()  # the slice holds the mapping's export on its own
@@ -509,9 +574,18 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-class _Sized:
-    """A page's id and size, whoever holds it."""
+def _pread_exactly(fd: int, nbytes: int, offset: int, what: str) -> bytes:
+    parts, done = [], 0
+    while done < nbytes:  # one pread, unless over 2 GiB
+        part = os.pread(fd, nbytes - done, offset + done)
+        if not part:
+            raise PageLostError(f"{what} changed size")
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)  # a single part comes back as it is, not copied
 
+
+class _Sized:
     __slots__ = ()
     _id: int
     _nbytes: int
@@ -529,14 +603,14 @@ class _Sized:
 
 
 class _Readable(_Sized):
-    """read() and view() for anything that can open its page file: an owned Page or a
-    BorrowedPage. Subclasses define ``path`` and ``_open() -> fd`` (checked to be
-    ``_nbytes`` long)."""
+    """What an owned Page and a BorrowedPage share: read(), view(), array(), with blocks."""
 
     __slots__ = ()
-    path: Path
 
-    def _open(self) -> int:
+    def read(self) -> bytes:
+        raise NotImplementedError
+
+    def view(self) -> memoryview:
         raise NotImplementedError
 
     def release(self) -> None:
@@ -547,33 +621,6 @@ class _Readable(_Sized):
 
     def __exit__(self, *exc: object) -> None:
         self.release()  # with page: ... gives the page up at the end of the block
-
-    def read(self) -> bytes:
-        """A copy of the page's bytes."""
-        fd = self._open()
-        try:
-            parts, done = [], 0
-            while done < self._nbytes:  # one pread, unless over 2 GiB
-                part = os.pread(fd, self._nbytes - done, done)
-                if not part:
-                    raise PageLostError(f"page {self._id}: its file {self.path} changed size")
-                parts.append(part)
-                done += len(part)
-            return b"".join(parts)  # a single part comes back as it is, not copied
-        finally:
-            os.close(fd)
-
-    def view(self) -> memoryview:
-        """The page's bytes, zero-copy: a read-only memoryview over a read-only shared
-        mapping. It holds no file descriptor, and stays valid after the page is released
-        and the cache closed (a mapping outlives its file's name). For a page of 2 MiB or
-        more, ``view.obj`` is longer than the page, which starts at its first 2 MiB
-        boundary: use the view, not its ``obj``."""
-        fd = self._open()
-        try:
-            return _map_read_only(fd, self._nbytes, self.path)
-        finally:
-            os.close(fd)
 
     def array(self) -> numpy.ndarray:
         """The ``.npy`` page as a NumPy array, zero-copy: read-only, over the same kind of
@@ -642,27 +689,120 @@ class Page(_PageFile, _Readable):
         batch (or ``cache.flush()``). Idempotent; safe from any thread."""
         self._release(self._hold)
 
-    def _open(self) -> int:
-        fd = native.open_page(self._hold)
+    @property
+    def packed(self) -> bool:
+        """True if the page is a slot in a segment file shared with other pages (see
+        ``PageCache``'s ``pack_max``), False if it has a file of its own (or is released)."""
+        return native.page_slot(self._hold) is not None
+
+    @property
+    def path(self) -> Path:
+        """The page's own file, for a page that has one: ``numpy.load(page.path)`` and other
+        tools may open it. A packed page has none (ValueError): its bytes are a slot in a
+        file other pages share, and reused once it is gone; use ``read()``, ``view()``,
+        ``array()``, or pickle it."""
+        if self.packed:
+            raise ValueError(
+                f"page {self._id} is packed: its {self._nbytes} bytes are a slot in a segment file "
+                "that other pages share, so it has no file of its own; use read(), view() or "
+                "array(), or write it with pack_max=0 (or write_array) for a file"
+            )
+        return super().path
+
+    def _where(self) -> str:
+        """The page's file, or its slot: for messages."""
+        slot = native.page_slot(self._hold)
+        if slot is None:
+            return str(super().path)
+        segment = self._cache._path / native.segment_name(slot[0])
+        return f"slot {slot[1]} of {segment}"
+
+    def _written_at(self) -> float | None:
+        """When the page's bytes were written (seconds since the epoch), or None if they
+        are not on disk (released, lost)."""
+        slot = native.page_slot(self._hold)
+        try:
+            if slot is None:
+                return os.stat(super().path).st_mtime
+            fd = os.open(self._cache._path / native.segment_name(slot[0]), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                tag = os.pread(fd, 24, slot[1] * native.TAG_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        page_id, _, written_ns = struct.unpack("<QQQ", tag) if len(tag) == 24 else (0, 0, 0)
+        return written_ns / 1e9 if page_id == self._id else None
+
+    def _pin(self) -> tuple[Any, int, int]:
+        """Pin the page's bytes: (pin, fd, offset). The pin (a hold whose finalizer is C)
+        keeps them from being freed or reused, even after release, until it is dropped;
+        the fd is the pin's, valid until then."""
+        memory, pin = native.new_hold(native.pin_drop)  # owns what C hands over
+        fd, offset = native.page_pin(self._hold, pin)
         if fd >= 0:
-            return fd
-        if fd == -native.ERELEASED:
-            raise PageReleasedError(f"page {self._id} was released")
-        if fd in (-native.ENOENT, -native.ESIZE):
-            why = "is gone" if fd == -native.ENOENT else "changed size"
-            raise PageLostError(f"page {self._id}: its file {self.path} {why}")
-        raise native.error(fd, self.path)
+            return (memory, pin), fd, offset
+        raise self._error(fd)
+
+    def _error(self, code: int) -> Exception:
+        if code == -native.ERELEASED:
+            return PageReleasedError(f"page {self._id} was released")
+        if code in (-native.ENOENT, -native.ESIZE):
+            why = "is gone" if code == -native.ENOENT else "changed size"
+            return PageLostError(f"page {self._id}: {self._where()} {why}")
+        return native.error(code, self._where())
+
+    def read(self) -> bytes:
+        """A copy of the page's bytes."""
+        if self._nbytes <= _READ_IN_ONE_CALL:
+            got = native.page_read(self._hold, self._nbytes)
+            if isinstance(got, bytes):
+                return got
+            raise self._error(got)
+        pin, fd, offset = self._pin()
+        try:
+            return _pread_exactly(fd, self._nbytes, offset, f"page {self._id}")
+        finally:
+            native.drop_now(pin[1])  # closes the fd, and lets the bytes go if released
+
+    def view(self) -> memoryview:
+        """The page's bytes, zero-copy: a read-only memoryview over a read-only shared
+        mapping. It holds no file descriptor, and stays valid after the page is released
+        and the cache closed: the page's bytes stay on disk, unchanged, until the last view
+        of them dies, and count in ``stats()`` (``pinned_bytes``, once the page is released
+        and removed) and against ``max_bytes`` meanwhile. For a page of 2 MiB or more,
+        ``view.obj`` is longer than the page, which starts at its first 2 MiB boundary: use
+        the view, not its ``obj``."""
+        pin, fd, offset = self._pin()
+        if self._nbytes == 0:
+            native.drop_now(pin[1])
+            return memoryview(b"")  # mmap cannot map zero bytes
+        try:
+            mapping = _placeholder(self._nbytes, _PinnedMapping)
+            mapping._pin = pin  # the mapping holds the bytes from here, and the view with it
+            align = _HUGE if self._nbytes >= _HUGE else 1
+            skip = native.pin_map(pin[1], mapping, self._nbytes, self._where(), align=align)
+        except BaseException:
+            native.drop_now(pin[1])  # the bytes go now, not with a traceback
+            raise
+        return _view_of(mapping, skip, self._nbytes)
 
     def __reduce__(self) -> Any:
-        # The handle names the file and pins its identity (device, inode and change time:
-        # an inode number alone is reused at once), so a borrower does not read another
-        # file that later took the name. Only the path travels: no bytes.
-        fd = self._open()
+        # The handle names the file (or the segment and slot) and pins its identity: a
+        # file's device, inode and change time (an inode number alone is reused at once),
+        # so a borrower does not read another file that later took the name; a slot's tag
+        # (its page's id, checked before and after each read), so a borrower does not read
+        # another page that later took the slot. Only the path travels: no bytes.
+        slot = native.page_slot(self._hold)
+        pin, fd, _ = self._pin()
         try:
             st = os.fstat(fd)
         finally:
-            os.close(fd)
-        return BorrowedPage._load, (str(self.path), self._id, self._nbytes, _identity(st))
+            native.drop_now(pin[1])
+        if slot is None:
+            return BorrowedPage._load, (str(super().path), self._id, self._nbytes, _identity(st))
+        segment = str(self._cache._path / native.segment_name(slot[0]))
+        return BorrowedPage._load, (segment, self._id, self._nbytes, _identity(st)[:2], slot)
 
     def __repr__(self) -> str:
         state = " released" if self.released else ""
@@ -699,23 +839,34 @@ class _WatchedPage(Page):
 
 class BorrowedPage(_Readable):
     """A page owned by another Page object, usually in another process: what unpickling a
-    Page gives. It reads the same file (zero-copy through ``view()``) but never removes
-    it: its release, its death and its process's exit leave the file to the owner.
+    Page gives. It reads the same file, or the same slot of a segment file (zero-copy
+    through ``view()`` for a file; a verified copy for a slot), but never removes it: its
+    release, its death and its process's exit leave the page to the owner.
 
     The owner must outlive its readers: once the owner's page is released, reads raise
-    PageLostError (a view taken before stays readable)."""
+    PageLostError (a view taken before stays readable). A slot is checked against its tag
+    before and after every read, so a borrower never gets another page's bytes: it gets
+    the page's, or PageLostError."""
 
-    __slots__ = ("_path", "_id", "_nbytes", "_identity", "_given_up", "__weakref__")
+    __slots__ = ("_path", "_id", "_nbytes", "_identity", "_slot", "_given_up", "__weakref__")
 
     borrowed = True
 
     @classmethod
-    def _load(cls, path: str, page_id: int, nbytes: int, identity: tuple[int, int, int]) -> BorrowedPage:
+    def _load(
+        cls,
+        path: str,
+        page_id: int,
+        nbytes: int,
+        identity: tuple[int, ...],
+        slot: tuple[int, int] | None = None,
+    ) -> BorrowedPage:
         self = object.__new__(cls)
         self._path = Path(path)
         self._id = page_id
         self._nbytes = nbytes
         self._identity = tuple(identity)
+        self._slot = None if slot is None else (int(slot[0]), int(slot[1]))
         self._given_up = False
         return self
 
@@ -723,7 +874,14 @@ class BorrowedPage(_Readable):
         raise TypeError("a BorrowedPage comes from unpickling a Page")
 
     @property
+    def packed(self) -> bool:
+        return self._slot is not None
+
+    @property
     def path(self) -> Path:
+        """The page's own file; ValueError for a packed page (see ``Page.path``)."""
+        if self._slot is not None:
+            raise ValueError(f"borrowed page {self._id} is packed: it has no file of its own")
         return self._path
 
     @property
@@ -732,33 +890,70 @@ class BorrowedPage(_Readable):
         return self._given_up
 
     def release(self) -> None:
-        """Stop reading through this handle. The file stays: it is the owner's."""
+        """Stop reading through this handle. The page stays: it is the owner's."""
         self._given_up = True
 
     def _open(self) -> int:
+        """The file (or segment), checked to be the one the owner pickled."""
         if self._given_up:
             raise PageReleasedError(f"borrowed page {self._id} was released")
         try:
             fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise PageLostError(
-                f"borrowed page {self._id}: its file {self._path} is gone (its owner released it or exited)"
+                f"borrowed page {self._id}: {self._path} is gone (its owner released it or exited)"
             ) from None
         try:
             st = os.fstat(fd)
-            if _identity(st) != self._identity or st.st_size != self._nbytes:
+            same = _identity(st)[: len(self._identity)] == self._identity
+            if not same or (self._slot is None and st.st_size != self._nbytes):
                 raise PageLostError(f"borrowed page {self._id}: {self._path} is not the page any more")
         except BaseException:
             os.close(fd)
             raise
         return fd
 
+    def _check_tag(self, fd: int) -> None:
+        assert self._slot is not None
+        tag = os.pread(fd, 16, self._slot[1] * native.TAG_BYTES)
+        if len(tag) != 16 or struct.unpack("<QQ", tag) != (self._id, self._nbytes):
+            raise PageLostError(
+                f"borrowed page {self._id}: its slot in {self._path} holds another page now "
+                "(its owner released it)"
+            )
+
+    def read(self) -> bytes:
+        fd = self._open()
+        try:
+            if self._slot is None:
+                return _pread_exactly(fd, self._nbytes, 0, f"borrowed page {self._id}")
+            size, slot = self._slot
+            self._check_tag(fd)  # the page's before; still the page's after: the bytes are
+            data = _pread_exactly(fd, self._nbytes, native.TAGS_BYTES + slot * size, "a segment")
+            self._check_tag(fd)
+            return data
+        finally:
+            os.close(fd)
+
+    def view(self) -> memoryview:
+        """A read-only view of the page's bytes: zero-copy for a page with a file (as
+        ``Page.view()``), a checked copy for a packed one, whose slot the owner may reuse."""
+        if self._slot is not None:
+            return memoryview(self.read())
+        fd = self._open()
+        try:
+            return _map_read_only(fd, self._nbytes, self._path)
+        finally:
+            os.close(fd)
+
     def __reduce__(self) -> Any:
-        return BorrowedPage._load, (str(self._path), self._id, self._nbytes, self._identity)
+        args = (str(self._path), self._id, self._nbytes, self._identity)
+        return BorrowedPage._load, args if self._slot is None else (*args, self._slot)
 
     def __repr__(self) -> str:
         state = " released" if self._given_up else ""
-        return f"<BorrowedPage {self._id} {self._nbytes} bytes {str(self._path)!r}{state}>"
+        where = f"slot {self._slot[1]} of " if self._slot is not None else ""
+        return f"<BorrowedPage {self._id} {self._nbytes} bytes {where}{str(self._path)!r}{state}>"
 
 
 class PageBuilder(_PageFile):

@@ -50,14 +50,13 @@ def live_pages(cache: PageCache) -> Iterator[LivePage]:
             continue
         try:
             if not obj.released:
-                found.append((obj.id, obj.nbytes, obj.path, obj))
+                found.append((obj.id, obj.nbytes, obj))
         except AttributeError:
             continue  # not built yet, so not live yet
     out = []
-    for _, nbytes, path, page in sorted(found, key=lambda x: x[0]):
-        try:
-            written = os.stat(path).st_mtime
-        except OSError:
+    for _, nbytes, page in sorted(found, key=lambda x: x[0]):
+        written = page._written_at()
+        if written is None:
             continue  # lost: not on disk, so not what the user is looking for
         out.append(LivePage(page, nbytes, max(0.0, now - written)))
     return iter(out)  # built at once: a suspended generator would hold every page
@@ -184,9 +183,9 @@ def explain(page: Page, skip_frames: int = 1) -> str:
         snapshots.clear()
         local_roots.clear()
 
-    head = f"page {page.id} ({page.nbytes} bytes, {page.path})"
+    head = f"page {page.id} ({page.nbytes} bytes, {page._where()})"
     if page.released:
-        return f"{head} is released: its file is gone or going."
+        return f"{head} is released: its bytes are gone or going."
     cannot_see = (
         f"{unseen} reference(s) it cannot see: a variable of a function running in another "
         "thread, an argument of a call in progress, or C code"

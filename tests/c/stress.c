@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "diskpages.h"
@@ -47,6 +48,36 @@ static void fail(const char *what, int err)
 {
     fprintf(stderr, "stress: %s: %s\n", what, strerror(-err));
     exit(1);
+}
+
+/* Page files, plus slots whose tag holds a page, in the folder. */
+static size_t count_pages(const char *dir)
+{
+    size_t n = 0;
+    DIR *d = opendir(dir);
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t len = strlen(e->d_name);
+        if (e->d_name[0] == '.')
+            continue;
+        if (len < 6 || strcmp(e->d_name + len - 6, ".slots") != 0) {
+            n++;
+            continue;
+        }
+        int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd < 0 || fstat(fd, &st) != 0)
+            fail("open a segment", -1);
+        uint64_t slots = ((uint64_t)st.st_size - DP_TAGS_BYTES) / strtoull(e->d_name, NULL, 10);
+        for (uint64_t i = 0; i < slots; i++) {
+            dp_tag tag;
+            if (pread(fd, &tag, sizeof tag, (off_t)(i * sizeof tag)) != (ssize_t)sizeof tag)
+                fail("read a tag", -1);
+            n += tag.id != 0;
+        }
+        close(fd);
+    }
+    closedir(d);
+    return n;
 }
 
 static void *worker(void *arg)
@@ -129,12 +160,22 @@ static void *use_while_dropped(void *arg)
         int n = atomic_load(&race_next);
         if (n == 0)
             continue;
-        dp_hold *h = &race_holds[rand_r(&seed) % n];
-        int fd = dp_page_open(h);
-        if (fd >= 0)
-            close(fd);
-        else if (fd != -DP_ERELEASED)
-            fail("dp_page_open of a live or dropped page", fd);
+        int idx = rand_r(&seed) % n;
+        dp_hold *h = &race_holds[idx];
+        dp_hold pin = {0};
+        uint64_t offset;
+        int fd = dp_page_pin(h, &pin, &offset); /* a pin racing the drop: it must hold */
+        if (fd >= 0) {
+            if (rand_r(&seed) % 4 == 0)
+                usleep(200); /* hold the pin while the writer drops, drains and reuses */
+            char byte;
+            /* each page's bytes are its own: a slot reused under a pin would show another's */
+            if (pread(fd, &byte, 1, (off_t)offset) != 1 || byte != (char)(idx % 251 + 1))
+                fail("a pinned page's bytes", -1);
+            dp_pin_drop(&pin);
+        } else if (fd != -DP_ERELEASED) {
+            fail("dp_page_pin of a live or dropped page", fd);
+        }
         dp_page_released(h);
         if (rand_r(&seed) % 8 == 0)
             dp_page_release(h);
@@ -146,9 +187,10 @@ static void race_drops(void)
 {
     pthread_t user;
     pthread_create(&user, NULL, use_while_dropped, NULL);
-    char data[100] = {0};
+    char data[100];
     for (int i = 0; i < RACES; i++) {
         uint64_t id;
+        memset(data, i % 251 + 1, sizeof data);
         int err = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, &race_holds[i], &id);
         if (err)
             fail("dp_write", err);
@@ -178,7 +220,10 @@ int main(int argc, char **argv)
     if (dirfd < 0)
         fail("open", -1);
     int remover = getenv("DP_LOOP") ? DP_REMOVE_LOOP : DP_REMOVE_AUTO;
-    int err = dp_cache_open(dirfd, DP_SYNC_NONE, 16, 1000000, remover, 1ull << 40, cache);
+    /* DP_PACK=1: pages up to 4 KiB are packed, the rest (up to 5000 bytes) are files */
+    uint64_t pack_max = getenv("DP_PACK") ? 4096 : 0;
+    int err = dp_cache_open(dirfd, DP_SYNC_NONE, 16, 1000000, remover, 1ull << 40, pack_max,
+                            cache);
     if (err)
         fail("dp_cache_open", err);
     pthread_t t[THREADS];
@@ -202,13 +247,9 @@ int main(int argc, char **argv)
                 (unsigned long long)s.remove_errors);
         return 1;
     }
-    size_t files = 0;
-    DIR *d = opendir(argv[1]);
-    for (struct dirent *e; (e = readdir(d));)
-        files += e->d_name[0] != '.';
-    closedir(d);
+    size_t files = count_pages(argv[1]);
     if (files != kept) {
-        fprintf(stderr, "stress: %zu files for %zu live pages\n", files, kept);
+        fprintf(stderr, "stress: %zu files and tagged slots for %zu live pages\n", files, kept);
         return 1;
     }
     /* Phase 2, close under load: writers that never pause (close must not starve behind
@@ -244,7 +285,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < 2; i++)
         pthread_join(flushers[i], NULL);
     files = 0;
-    d = opendir(argv[1]);
+    DIR *d = opendir(argv[1]);
     for (struct dirent *e; (e = readdir(d));)
         files += e->d_name[0] != '.';
     closedir(d);
@@ -256,7 +297,9 @@ int main(int argc, char **argv)
     dp_cache_drop(cache);
     cache_hold.ptr = NULL; /* as when Python frees the hold's memory: only records reach it now */
     /* the cache is let go of; its last page still answers, as released */
-    if (dp_page_open(survivor) != -DP_ERELEASED || !dp_page_released(survivor))
+    dp_hold pin = {0};
+    uint64_t offset;
+    if (dp_page_pin(survivor, &pin, &offset) != -DP_ERELEASED || !dp_page_released(survivor))
         fail("a page of a closed cache", -1);
     dp_page_release(survivor);
     drop(survivor); /* the cache's memory goes with it: the leak checker would see it */

@@ -1,0 +1,485 @@
+/* Packed pages: small pages as slots in one segment file per size class.
+ *
+ * A file per page puts every small page through the file system's slowest paths: a create
+ * (which, after many deletions, scans for a free inode), an unlink, and a TRIM for every
+ * freed extent on a disk mounted `discard`. A slot is reused in place: writing a page is a
+ * pwrite at its offset, freeing it is a bit in a bitmap, and neither touches the file
+ * system's metadata. The segment grows in chunks (fallocate), and the reaper gives back
+ * the blocks of freed slots in coalesced runs (dp_trim) once they are far more than the
+ * live slots need, so the bytes on disk follow the live bytes.
+ *
+ * Who may look at a slot's bytes: the page, through its record, and its pins (a read under
+ * way, a view: dp_page_pin). The slot goes back to the free bitmap only when the last of
+ * them is done (dp_unpin), so a reused slot never shows another page's bytes to anyone who
+ * could still look. Readers in other processes have no pin: they check the slot's tag
+ * before and after reading (see dp_tag in diskpages.h).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define KIB 1024ull
+#define GROW_BYTES (1024 * KIB) /* a segment grows by this much (at least one slot) */
+#define BLOCK 4096u             /* slots are multiples of it: a view maps a slot alone */
+#define WORD_BITS 64u
+
+/* Slot sizes: 4 KiB steps up to 32 KiB, then four classes per doubling, so a page wastes
+ * less than a 4 KiB block below 32 KiB and less than a quarter of its size above. */
+static const uint32_t SLOT_SIZES[DP_CLASSES] = {
+    4 * KIB,   8 * KIB,   12 * KIB,  16 * KIB,  20 * KIB,  24 * KIB,  28 * KIB,
+    32 * KIB,  40 * KIB,  48 * KIB,  56 * KIB,  64 * KIB,  80 * KIB,  96 * KIB,
+    112 * KIB, 128 * KIB, 160 * KIB, 192 * KIB, 224 * KIB, 256 * KIB, 320 * KIB,
+    384 * KIB, 448 * KIB, 512 * KIB, 640 * KIB, 768 * KIB, 896 * KIB, 1024 * KIB,
+};
+
+void dp_segment_name(uint64_t slot_size, char *buf)
+{
+    snprintf(buf, DP_NAME_MAX, "%llu.slots", (unsigned long long)slot_size);
+}
+
+void dp_segments_init(dp_cache *c)
+{
+    for (int i = 0; i < DP_CLASSES; i++) {
+        struct dp_segment *s = &c->segs[i];
+        pthread_mutex_init(&s->lock, NULL);
+        s->slot_size = SLOT_SIZES[i];
+        s->fd = -1;
+    }
+}
+
+int dp_class_of(const dp_cache *c, size_t nbytes)
+{
+    if (nbytes > c->pack_max)
+        return -1;
+    for (int i = 0; i < DP_CLASSES; i++)
+        if (nbytes <= SLOT_SIZES[i])
+            return i;
+    return -1;
+}
+
+static uint64_t slot_offset(const struct dp_segment *s, uint32_t slot)
+{
+    return DP_TAGS_BYTES + (uint64_t)slot * s->slot_size;
+}
+
+static bool bit(const uint64_t *map, uint32_t i)
+{
+    return map[i / WORD_BITS] >> (i % WORD_BITS) & 1;
+}
+
+static void set_bit(uint64_t *map, uint32_t i)
+{
+    map[i / WORD_BITS] |= 1ull << (i % WORD_BITS);
+}
+
+static void clear_bit(uint64_t *map, uint32_t i)
+{
+    map[i / WORD_BITS] &= ~(1ull << (i % WORD_BITS));
+}
+
+/* Make the segment file, its tags' mapping and its bitmaps. Lock held. */
+static int segment_create(dp_cache *c, struct dp_segment *s)
+{
+    char name[DP_NAME_MAX];
+    dp_segment_name(s->slot_size, name);
+    int fd;
+    do
+        fd = openat(c->dirfd, name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0600);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -errno;
+    int err = 0;
+    /* The tags are sparse until the slots they describe exist (segment_grow reserves
+     * their blocks, so a store into the mapping never meets ENOSPC: that would be SIGBUS) */
+    if (!err && ftruncate(fd, DP_TAGS_BYTES) != 0)
+        err = -errno;
+    void *tags = MAP_FAILED;
+    if (!err) {
+        tags = mmap(NULL, DP_TAGS_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (tags == MAP_FAILED)
+            err = -errno;
+    }
+    if (!err && c->sync == DP_SYNC_FULL && fsync(c->dirfd) != 0)
+        err = -errno; /* the segment's name, durable as a page's would be */
+    if (err) {
+        if (tags != MAP_FAILED)
+            munmap(tags, DP_TAGS_BYTES);
+        close(fd);
+        unlinkat(c->dirfd, name, 0);
+        return err;
+    }
+    s->tags = tags;
+    __atomic_store_n(&s->fd, fd, __ATOMIC_RELEASE); /* dp_trim reads it without the lock */
+    return 0;
+}
+
+/* Allocate [off, off + len) of fd, or at least make the file that long. */
+static int reserve_range(int fd, uint64_t off, uint64_t len, bool zero_fill)
+{
+    int err;
+    do
+        err = fallocate(fd, 0, (off_t)off, (off_t)len) == 0 ? 0 : -errno;
+    while (err == -EINTR);
+    if (err != -EOPNOTSUPP && err != -ENOSYS)
+        return err;
+    if (!zero_fill) /* a data range: its blocks come with the pwrite */
+        return ftruncate(fd, (off_t)(off + len)) == 0 ? 0 : -errno;
+    static const char zeros[BLOCK];
+    for (uint64_t done = 0; done < len;) { /* tags: they must have blocks before a store */
+        size_t step = len - done < BLOCK ? (size_t)(len - done) : BLOCK;
+        ssize_t n = pwrite(fd, zeros, step, (off_t)(off + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* Bitmaps for n slots: they grow with the segment. Lock held. */
+static int bitmaps_for(struct dp_segment *s, uint32_t n)
+{
+    size_t had = (s->nslots + WORD_BITS - 1) / WORD_BITS, want = (n + WORD_BITS - 1) / WORD_BITS;
+    if (want <= had)
+        return 0;
+    uint64_t *maps[2] = {s->taken, s->hold_blocks};
+    for (int k = 0; k < 2; k++) {
+        uint64_t *more = realloc(maps[k], want * sizeof *more);
+        if (!more)
+            return -ENOMEM; /* what was reallocated stays, larger: harmless */
+        memset(more + had, 0, (want - had) * sizeof *more);
+        maps[k] = more;
+        if (k == 0)
+            s->taken = more;
+        else
+            s->hold_blocks = more;
+    }
+    return 0;
+}
+
+/* Room for one more chunk of slots. Lock held. */
+static int segment_grow(struct dp_segment *s)
+{
+    uint32_t chunk = GROW_BYTES / s->slot_size ? (uint32_t)(GROW_BYTES / s->slot_size) : 1;
+    uint32_t n = s->nslots + chunk < DP_MAX_SLOTS ? s->nslots + chunk : DP_MAX_SLOTS;
+    if (n == s->nslots)
+        return DP_SEGMENT_FULL;
+    int err = bitmaps_for(s, n);
+    if (err)
+        return err;
+    uint64_t tags_end = ((uint64_t)n * sizeof(dp_tag) + BLOCK - 1) / BLOCK * BLOCK;
+    uint64_t tags_had = ((uint64_t)s->nslots * sizeof(dp_tag) + BLOCK - 1) / BLOCK * BLOCK;
+    if (tags_end > tags_had)
+        err = reserve_range(s->fd, tags_had, tags_end - tags_had, true);
+    if (!err)
+        err = reserve_range(s->fd, slot_offset(s, s->nslots),
+                            (uint64_t)(n - s->nslots) * s->slot_size, false);
+    if (err)
+        return err;
+    for (uint32_t i = s->nslots; i < n; i++)
+        set_bit(s->hold_blocks, i); /* fallocate gave them blocks */
+    s->backed += n - s->nslots;
+    s->nslots = n;
+    return 0;
+}
+
+/* The lowest free slot, or false. Lock held. */
+static bool find_free(struct dp_segment *s, uint32_t *slot)
+{
+    uint32_t words = (s->nslots + WORD_BITS - 1) / WORD_BITS;
+    for (uint32_t w = s->hint; w < words; w++) {
+        if (s->taken[w] == ~0ull)
+            continue;
+        uint32_t i = w * WORD_BITS + (uint32_t)__builtin_ctzll(~s->taken[w]);
+        s->hint = w;
+        if (i >= s->nslots)
+            return false;
+        *slot = i;
+        return true;
+    }
+    s->hint = words;
+    return false;
+}
+
+static int take_slot(dp_cache *c, struct dp_segment *s, uint32_t *slot)
+{
+    bool drained = false;
+    pthread_mutex_lock(&s->lock);
+    int err = s->fd < 0 ? segment_create(c, s) : 0;
+    while (!err) {
+        if (find_free(s, slot)) {
+            set_bit(s->taken, *slot);
+            s->used++;
+            if (!bit(s->hold_blocks, *slot)) { /* punched: the write gives it blocks again */
+                set_bit(s->hold_blocks, *slot);
+                s->backed++;
+            }
+            break;
+        }
+        if (!drained && atomic_load_explicit(&c->released_slots, memory_order_relaxed)) {
+            /* freed slots wait in the queue: take them back before growing the file */
+            pthread_mutex_unlock(&s->lock);
+            dp_drain_slots(c);
+            drained = true;
+            pthread_mutex_lock(&s->lock);
+            continue;
+        }
+        err = segment_grow(s);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return err;
+}
+
+/* Lock held. The tag goes first: a reader in another process who then finds id 0 (or
+ * another page's id) knows what it read may not be the page. */
+static void free_slot(struct dp_segment *s, uint32_t slot)
+{
+    __atomic_store_n(&s->tags[slot].id, 0, __ATOMIC_SEQ_CST);
+    clear_bit(s->taken, slot);
+    s->used--;
+    if (slot / WORD_BITS < s->hint)
+        s->hint = slot / WORD_BITS;
+}
+
+static void give_back(dp_cache *c, dp_page *p)
+{
+    /* A forked child never reuses a slot: the segment is its parent's. */
+    if (dp_pid() != c->owner)
+        return;
+    struct dp_segment *s = &c->segs[p->cls];
+    pthread_mutex_lock(&s->lock);
+    if (s->tags) /* not after close: the segment is gone */
+        free_slot(s, p->slot);
+    pthread_mutex_unlock(&s->lock);
+}
+
+int dp_write_slot(dp_cache *c, int cls, const void *data, size_t nbytes, dp_page *rec)
+{
+    struct dp_segment *s = &c->segs[cls];
+    uint32_t slot;
+    int err = take_slot(c, s, &slot);
+    if (err)
+        return err;
+    rec->cls = cls;
+    rec->slot = slot;
+    /* Zeros up to the next 4 KiB: a view maps whole blocks, which then hold nothing of the
+     * slot's earlier pages. */
+    static const char zeros[BLOCK];
+    struct iovec iov[2] = {{(void *)data, nbytes},
+                           {(void *)zeros, (BLOCK - nbytes % BLOCK) % BLOCK}};
+    err = dp_pwritev_all(s->fd, iov, 2, (off_t)slot_offset(s, slot));
+    if (err) {
+        rec->cls = -1;
+        pthread_mutex_lock(&s->lock);
+        free_slot(s, slot);
+        pthread_mutex_unlock(&s->lock);
+        return err;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    s->tags[slot].nbytes = nbytes;
+    s->tags[slot].written_ns = (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+    __atomic_store_n(&s->tags[slot].id, rec->id, __ATOMIC_RELEASE);
+    return 0;
+}
+
+void dp_discard_slot(dp_cache *c, dp_page *rec)
+{
+    struct dp_segment *s = &c->segs[rec->cls];
+    pthread_mutex_lock(&s->lock);
+    free_slot(s, rec->slot);
+    pthread_mutex_unlock(&s->lock);
+}
+
+int dp_sync_slots(dp_cache *c, dp_page *const *recs, size_t count)
+{
+    if (c->sync == DP_SYNC_NONE)
+        return 0;
+    bool done[DP_CLASSES] = {false};
+    for (size_t i = 0; i < count; i++) {
+        int cls = recs[i]->cls;
+        if (cls < 0 || done[cls])
+            continue;
+        done[cls] = true;
+        if (fdatasync(c->segs[cls].fd) != 0)
+            return -errno;
+    }
+    return 0;
+}
+
+void dp_unpin(dp_page *p, bool removal)
+{
+    dp_cache *c = p->cache;
+    if (removal) { /* the page is removed; until its last pin goes, its bytes are pinned */
+        atomic_fetch_add(&c->pinned, 1);
+        atomic_fetch_add(&c->pinned_bytes, p->nbytes);
+    }
+    if (atomic_fetch_sub_explicit(&p->pins, 1, memory_order_acq_rel) != 1)
+        return;
+    atomic_fetch_sub(&c->pinned, 1);
+    atomic_fetch_sub(&c->pinned_bytes, p->nbytes);
+    if (p->cls >= 0)
+        give_back(c, p);
+    dp_uncharge(c, p->nbytes); /* room again: after the slot is free for the writer */
+}
+
+int64_t dp_drain_slots(dp_cache *c)
+{
+    dp_page *p = atomic_exchange(&c->released_slots, NULL);
+    int64_t count = 0;
+    while (p) {
+        dp_page *next = p->next;
+        atomic_fetch_sub(&c->pending_bytes, p->nbytes);
+        atomic_fetch_add(&c->removed, 1);
+        atomic_fetch_sub(&c->pending, 1);
+        dp_unpin(p, true);
+        dp_record_put(p);
+        count++;
+        p = next;
+    }
+    return count;
+}
+
+struct run {
+    uint32_t start, len;
+    bool failed; /* the punch failed: the blocks stay, the slots are free all the same */
+};
+
+static int longest_first(const void *a, const void *b)
+{
+    const struct run *x = a, *y = b;
+    return x->len < y->len ? 1 : x->len > y->len ? -1 : 0;
+}
+
+/* Give back the blocks of free slots in one segment once they pass a quarter of the taken
+ * slots plus a growth chunk: punch the longest runs of free slots that hold blocks, until
+ * half that slack is left. The runs are reserved (taken) while they are punched, so no
+ * writer gets a slot under the punch. One fallocate per run, never per slot. */
+static void trim_segment(struct dp_segment *s)
+{
+    uint64_t chunk = GROW_BYTES > s->slot_size ? GROW_BYTES / s->slot_size : 1;
+    pthread_mutex_lock(&s->lock);
+    uint64_t waste = s->backed - s->used, slack = s->used / 4 + chunk;
+    if (!s->tags || waste <= slack) {
+        pthread_mutex_unlock(&s->lock);
+        return;
+    }
+    uint64_t target = slack / 2;
+    size_t cap = 1024, n = 0;
+    struct run *runs = malloc(cap * sizeof *runs);
+    for (uint32_t i = 0; runs && i < s->nslots;) {
+        uint32_t w = i / WORD_BITS;
+        if (i % WORD_BITS == 0 && (s->hold_blocks[w] & ~s->taken[w]) == 0) {
+            i += WORD_BITS; /* nothing to punch in this word */
+            continue;
+        }
+        if (!bit(s->hold_blocks, i) || bit(s->taken, i)) {
+            i++;
+            continue;
+        }
+        uint32_t start = i;
+        while (i < s->nslots && bit(s->hold_blocks, i) && !bit(s->taken, i))
+            i++;
+        if (n == cap) {
+            struct run *more = realloc(runs, 2 * cap * sizeof *runs);
+            if (!more)
+                break;
+            runs = more;
+            cap *= 2;
+        }
+        runs[n++] = (struct run){start, i - start, false};
+    }
+    if (!runs) {
+        pthread_mutex_unlock(&s->lock);
+        return;
+    }
+    qsort(runs, n, sizeof *runs, longest_first);
+    size_t chosen = 0;
+    for (; chosen < n && waste > target; chosen++) {
+        waste -= runs[chosen].len;
+        for (uint32_t i = runs[chosen].start; i < runs[chosen].start + runs[chosen].len; i++)
+            set_bit(s->taken, i);
+        s->used += runs[chosen].len;
+    }
+    int fd = s->fd;
+    pthread_mutex_unlock(&s->lock);
+
+    for (size_t r = 0; r < chosen; r++) {
+        int err;
+        do
+            err = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                            (off_t)slot_offset(s, runs[r].start),
+                            (off_t)runs[r].len * (off_t)s->slot_size) == 0 ? 0 : -errno;
+        while (err == -EINTR);
+        runs[r].failed = err != 0;
+    }
+
+    pthread_mutex_lock(&s->lock);
+    for (size_t r = 0; r < chosen; r++) {
+        bool failed = runs[r].failed;
+        uint32_t len = runs[r].len;
+        for (uint32_t i = runs[r].start; i < runs[r].start + len; i++) {
+            clear_bit(s->taken, i);
+            if (!failed)
+                clear_bit(s->hold_blocks, i);
+        }
+        s->used -= len;
+        if (!failed)
+            s->backed -= len;
+        if (runs[r].start / WORD_BITS < s->hint)
+            s->hint = runs[r].start / WORD_BITS;
+    }
+    pthread_mutex_unlock(&s->lock);
+    free(runs);
+}
+
+void dp_trim(dp_cache *c)
+{
+    for (int i = 0; i < DP_CLASSES; i++)
+        /* set once, under the lock, by the class's first writer */
+        if (__atomic_load_n(&c->segs[i].fd, __ATOMIC_ACQUIRE) >= 0)
+            trim_segment(&c->segs[i]);
+}
+
+void dp_segments_close(dp_cache *c)
+{
+    for (int i = 0; i < DP_CLASSES; i++) {
+        struct dp_segment *s = &c->segs[i];
+        pthread_mutex_lock(&s->lock);
+        if (s->tags) {
+            munmap(s->tags, DP_TAGS_BYTES);
+            s->tags = NULL;
+        }
+        if (s->fd >= 0) {
+            close(s->fd);
+            __atomic_store_n(&s->fd, -1, __ATOMIC_RELAXED);
+        }
+        pthread_mutex_unlock(&s->lock);
+    }
+}
+
+void dp_segments_free(dp_cache *c)
+{
+    bool owner = dp_pid() == c->owner;
+    for (int i = 0; i < DP_CLASSES; i++) {
+        struct dp_segment *s = &c->segs[i];
+        if (s->tags)
+            munmap(s->tags, DP_TAGS_BYTES);
+        if (s->fd >= 0)
+            close(s->fd);
+        free(s->taken);
+        free(s->hold_blocks);
+        if (owner) /* in a forked child the lock may be held by a thread that is gone */
+            pthread_mutex_destroy(&s->lock);
+    }
+}

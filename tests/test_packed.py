@@ -1,0 +1,379 @@
+"""Packed pages: small pages are slots in segment files, reused in place. What must hold:
+a freed slot is reused; a reused slot never shows another page's bytes to a view, a read
+or a borrower; the bytes on disk follow the live bytes; views count against the budget;
+a forked child never reuses a parent's slot; ``diskpages ls`` counts packed pages."""
+
+import gc
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from diskpages import CacheFullError, PageCache, PageLostError, PageReleasedError, _folders
+from diskpages import _bindings as native
+
+from conftest import wait_until
+
+pytestmark = pytest.mark.lifetime
+
+KIB = 1024
+
+
+def disk_bytes(folder) -> int:
+    """What the folder's files hold on disk (st_blocks)."""
+    total = 0
+    for entry in os.scandir(folder):
+        total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+def pages_on_disk(cache) -> tuple[int, int]:
+    """(pages, bytes) as ``diskpages ls`` counts them: page files and tagged slots."""
+    fd = os.open(cache.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return _folders._contents(fd)
+    finally:
+        os.close(fd)
+
+
+def segment_slots(cache, slot_size: int) -> int:
+    """How many slots the segment of that size class has room for."""
+    st = os.stat(cache.path / native.segment_name(slot_size))
+    return (st.st_size - native.TAGS_BYTES) // slot_size
+
+
+def page_of(i: int, size: int = 4 * KIB) -> bytes:
+    return (b"%08d" % i) * (size // 8)
+
+
+def test_small_pages_are_slots_and_the_rest_files(tmp_path):
+    with PageCache(tmp_path) as c:
+        small, big = c.write(b"s" * 100), c.write(b"b" * (c.pack_max + 1))
+        built = c.allocate(10).seal()
+        assert small.packed and not big.packed and not built.packed
+        assert sorted(os.listdir(c.path)) == sorted(["4096.slots", big.path.name, built.path.name])
+        with pytest.raises(ValueError, match="packed"):
+            _ = small.path  # a segment is not the page's file
+        assert "slot 0 of" in repr(pickle.loads(pickle.dumps(small)))
+    with PageCache(tmp_path, pack_max=0) as c:
+        assert not c.write(b"s").packed
+        assert c.pack_max == 0
+
+
+@pytest.mark.parametrize(
+    "value, error", [(-1, ValueError), (2 << 20, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_pack_max_is_checked(tmp_path, value, error):
+    with pytest.raises(error, match="pack_max"):
+        PageCache(tmp_path, pack_max=value)
+
+
+def test_freed_slots_are_reused(tmp_path):
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        window = [c.write(page_of(i)) for i in range(10)]
+        for i in range(10, 3000):
+            window.append(c.write(page_of(i)))
+            window.pop(0)
+        # the writer takes freed slots back before it grows the segment: one growth chunk
+        assert segment_slots(c, 4 * KIB) == 256
+        assert all(p.read() == page_of(i) for i, p in zip(range(2990, 3000), window, strict=False))
+        c.flush()  # released slots keep their tag until they are freed
+        assert pages_on_disk(c) == (10, 10 * 4 * KIB)
+        s = c.stats()
+        assert s.written == 3000 and s.live_pages == 10 and s.removed + s.pending == 2990
+
+
+def test_a_view_pins_its_slot_until_it_dies(tmp_path):
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        page = c.write(page_of(1))
+        view = page.view()
+        del page
+        c.flush()
+        s = c.stats()
+        assert (s.live_pages, s.pinned, s.pinned_bytes, s.charged_bytes) == (0, 1, 4 * KIB, 4 * KIB)
+        others = [c.write(page_of(i)) for i in range(2, 600)]  # every free slot, and more
+        c.flush()
+        assert bytes(view) == page_of(1)  # not reused under the view
+        assert len({native.page_slot(p._hold) for p in others}) == len(others)
+        del view
+        s = c.stats()
+        assert (s.pinned, s.pinned_bytes, s.charged_bytes) == (0, 0, 598 * 4 * KIB)
+        again = c.write(page_of(9999))
+        assert native.page_slot(again._hold) == (4 * KIB, 0)  # the lowest free slot: the one freed
+        assert again.read() == page_of(9999)
+
+
+def test_an_array_of_a_packed_page_pins_it_too(tmp_path):
+    np = pytest.importorskip("numpy")
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.arange(100, dtype=np.int64))
+        page = c.write(buf.getvalue())  # a .npy page written with write(): packed
+        assert page.packed
+        array = page.array()
+        page.release()
+        c.flush()
+        [c.write(page_of(i, 4 * KIB)) for i in range(300)]
+        assert array.tolist() == list(range(100))
+        assert c.stats().pinned == 1
+
+
+def test_views_of_dropped_file_pages_count_against_max_bytes(tmp_path):
+    mib = 1 << 20
+    with PageCache(tmp_path, max_bytes=10 * mib, pack_max=0) as c:
+        views = []
+        for _ in range(10):
+            page = c.write(b"v" * mib)
+            views.append(page.view())
+            del page
+        c.flush()
+        s = c.stats()
+        assert (s.live_pages, s.pinned, s.pinned_bytes, s.charged_bytes) == (0, 10, 10 * mib, 10 * mib)
+        with pytest.raises(CacheFullError, match="held by views"):
+            c.write(b"w" * mib)
+        views.pop()
+        assert c.write(b"w" * mib).nbytes == mib  # one view gone: room for one page
+
+
+def test_a_read_in_progress_pins_the_slot(tmp_path):
+    """release() and a reuse racing a read: the read gets its page's bytes or raises."""
+    import threading
+
+    with PageCache(tmp_path, max_delay=0.001) as c:
+        stop = threading.Event()
+        bad = []
+
+        def churn():
+            while not stop.is_set():
+                c.write(b"\xff" * 4096)
+
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            for i in range(2000):
+                page = c.write(page_of(i))
+                threading.Thread(target=page.release).start()
+                try:
+                    got = page.read()
+                except PageReleasedError:
+                    continue
+                if got != page_of(i):
+                    bad.append(i)
+        finally:
+            stop.set()
+            t.join()
+        assert bad == []
+
+
+def test_a_borrower_gets_the_page_or_page_lost(tmp_path):
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        page = c.write(page_of(1))
+        borrowed = pickle.loads(pickle.dumps(page))
+        assert borrowed.packed and borrowed.read() == page_of(1) and bytes(borrowed.view()) == page_of(1)
+        with pytest.raises(ValueError):
+            _ = borrowed.path
+        del page
+        c.flush()
+        with pytest.raises(PageLostError):
+            borrowed.read()  # the slot is free (its tag says so)
+        reuse = c.write(page_of(2))
+        assert native.page_slot(reuse._hold) == (4 * KIB, 0)
+        with pytest.raises(PageLostError):
+            borrowed.read()  # the slot holds another page now
+        with pytest.raises(PageLostError):
+            borrowed.view()
+
+
+BORROWER = """
+import pickle, sys
+from diskpages import PageLostError
+handles = pickle.loads(sys.stdin.buffer.read())
+print("ready", flush=True)
+good = lost = 0
+for round in range(40):
+    for want, page in handles:
+        try:
+            got = page.read()
+        except PageLostError:
+            lost += 1
+            continue
+        if got != want:
+            print("WRONG BYTES", flush=True)
+            sys.exit(1)
+        good += 1
+print(good, lost)
+"""
+
+
+def test_a_borrower_in_another_process_never_reads_another_pages_bytes(tmp_path):
+    with PageCache(tmp_path, max_delay=0.001) as c:
+        pages = [c.write(page_of(i)) for i in range(200)]
+        handles = pickle.dumps([(page_of(i), p) for i, p in enumerate(pages)])
+        child = subprocess.Popen(
+            [sys.executable, "-c", BORROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False
+        )
+        child.stdin.write(handles)
+        child.stdin.close()
+        assert child.stdout.readline() == b"ready\n"
+        i = 200
+        while child.poll() is None:  # the owner drops pages and reuses their slots meanwhile
+            pages.pop(0)
+            pages.append(c.write(page_of(i)))
+            i += 1
+            time.sleep(0.0005)
+        out = child.stdout.read().decode()
+        assert child.returncode == 0, out
+        good, lost = map(int, out.split())
+        assert good > 0 and lost > 0  # both seen: the reuse really raced the reads
+
+
+def test_disk_bytes_follow_the_live_bytes(tmp_path):
+    """During churn the segment holds the live bytes plus a growth chunk; after the live
+    set falls by 90 % the reaper gives the freed slots' blocks back within a second."""
+    size, live = 4 * KIB, 2000
+    chunk = 1 << 20
+    with PageCache(tmp_path) as c:
+        window = [c.write(page_of(i, size)) for i in range(live)]
+        worst = 0.0
+        for i in range(live, 6 * live):
+            window.append(c.write(page_of(i, size)))
+            window.pop(0)
+            if i % 500 == 0:
+                tags = native.TAG_BYTES * segment_slots(c, size)
+                worst = max(worst, (disk_bytes(c.path) - tags) / (1.25 * live * size + chunk))
+        assert worst <= 1.0, worst
+        del window[: live * 9 // 10]
+        bound = 1.25 * len(window) * size + chunk + native.TAG_BYTES * segment_slots(c, size)
+        assert wait_until(lambda: disk_bytes(c.path) <= bound, timeout=1.0), (disk_bytes(c.path), bound)
+        first = 6 * live - len(window)
+        assert [p.read() for p in window] == [page_of(i, size) for i in range(first, 6 * live)]
+
+
+def test_a_forked_child_never_reuses_or_frees_a_parents_slot(tmp_path):
+    with PageCache(tmp_path, max_delay=0.001) as c:
+        keep = [c.write(page_of(i)) for i in range(50)]
+        doomed = [c.write(page_of(i)) for i in range(50, 100)]
+        view = doomed[0].view()
+        pid = os.fork()
+        if pid == 0:  # the child: drops everything it inherited, then tries to write
+            code = 0
+            try:
+                del keep[:], doomed[:], view
+                gc.collect()
+                c.flush()
+                try:
+                    c.write(b"child")
+                    code = 3
+                except Exception:
+                    pass
+            except BaseException:
+                code = 4
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert [p.read() for p in keep + doomed] == [page_of(i) for i in range(100)]
+        del doomed[1:]
+        c.flush()
+        fresh = [c.write(b"\x00" * 4096) for _ in range(100)]  # reuses what the parent freed
+        assert bytes(view) == page_of(50) and [p.read() for p in keep] == [page_of(i) for i in range(50)]
+        assert len(fresh) == 100
+
+
+def test_ls_counts_packed_pages(tmp_path):
+    from diskpages.__main__ import main
+
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        pages = [c.write(b"x" * n) for n in (10, 5000, 70000, 300000)]
+        assert pages_on_disk(c) == (4, 10 + 5000 + 70000 + 300000)
+        del pages[0]
+        c.flush()
+        assert pages_on_disk(c) == (3, 5000 + 70000 + 300000)
+        infos = {i.path: i for i in _folders.list_folders(tmp_path)}
+        assert (infos[c.path].pages, infos[c.path].nbytes) == (3, 375000)
+        assert main(["ls", "--root", str(tmp_path)]) == 0
+
+
+def test_write_many_that_fails_midway_frees_the_slots_it_took(tmp_path):
+    import resource
+
+    with PageCache(tmp_path, max_delay=30.0, pack_max=8 * KIB) as c:
+        keep = c.write(page_of(0))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100 * KIB, hard))
+        try:
+            with pytest.raises(OSError):  # the third buffer is a file page past the limit
+                c.write_many([page_of(1), page_of(2), b"z" * (200 * KIB)])
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old)
+        assert pages_on_disk(c) == (1, 4 * KIB)
+        s = c.stats()
+        assert (s.live_pages, s.charged_bytes, s.written) == (1, 4 * KIB, 1)
+        assert keep.read() == page_of(0)
+        more = c.write_many([page_of(3), page_of(4)])
+        assert [native.page_slot(p._hold)[1] for p in more] == [1, 2]  # the slots came back
+
+
+def test_sigkill_leaves_segments_for_the_sweep(tmp_path):
+    code = f"""
+import os, signal
+from diskpages import PageCache
+c = PageCache({str(tmp_path)!r})
+pages = [c.write(b"k" * 4096) for _ in range(100)]
+print(c.path, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    folder = out.stdout.strip()
+    assert os.path.exists(os.path.join(folder, "4096.slots"))
+    with PageCache(tmp_path):
+        assert not os.path.exists(folder)  # a new cache's sweep took it
+
+
+def test_tags_say_which_page_a_slot_holds(tmp_path):
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        page = c.write(b"t" * 5000)
+        size, slot = native.page_slot(page._hold)
+        with open(c.path / native.segment_name(size), "rb") as f:
+            f.seek(slot * native.TAG_BYTES)
+            page_id, nbytes, written_ns, _ = struct.unpack("<QQQQ", f.read(32))
+            f.seek(native.TAGS_BYTES + slot * size)
+            data = f.read(size)
+        assert (page_id, nbytes) == (page.id, 5000) and abs(written_ns / 1e9 - time.time()) < 60
+        assert data == b"t" * 5000 + bytes(size - 5000)  # padded with zeros, nothing older
+        assert [lp.page for lp in c.live()] == [page]
+
+
+def test_a_view_dying_in_a_forked_child_leaves_the_parents_slot_alone(tmp_path):
+    """The child's view of a removed page is the last pin on the slot in its copy of the
+    cache; the parent has meanwhile reused that slot for another page, whose tag (in the
+    shared segment) the child must not touch."""
+    with PageCache(tmp_path, max_delay=30.0) as c:
+        old = c.write(page_of(1))
+        view = old.view()
+        del old
+        c.flush()  # removed; the view alone keeps the slot
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(go_r, 1)  # until the parent has reused the slot
+            del view  # the last pin, in the child
+            gc.collect()
+            os._exit(0)
+        del view
+        new = c.write(page_of(2))
+        assert native.page_slot(new._hold) == (4 * KIB, 0)  # the same slot
+        os.write(go_w, b"x")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert pickle.loads(pickle.dumps(new)).read() == page_of(2)  # its tag is intact
+        assert pages_on_disk(c) == (1, 4 * KIB)
