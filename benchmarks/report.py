@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 SIZE_ORDER = ["4KiB", "64KiB", "1MiB", "16MiB"]
 SYNC_ORDER = ["none", "data", "full"]
 STATES = ["fresh", "steady"]
-DISKPAGES_WRITES = ["write()", "write_many()", "allocate()"]
+DISKPAGES_WRITES = ["write()", "write_many()", "allocate()", "write() pack_max=0"]
 SPREAD_NOTE = {
     True: "fresh folders spread over the disk (ext4 TOPDIR flag on the session root)",
     False: "fresh folders NOT spread (the TOPDIR flag could not be set): fresh means less",
@@ -251,15 +251,13 @@ def writes_headline(data: dict, out: list[str]) -> None:
         "page",
         "sync",
         "floor per page",
-        "write()",
-        "write_many()",
-        "allocate()",
+        *DISKPAGES_WRITES,
         "python loop",
         "floor O_TMPFILE",
         "best peer",
         "write() / best peer",
     ]
-    out.append(table(head, rows, "lll" + "r" * 8))
+    out.append(table(head, rows, "lll" + "r" * (len(head) - 3)))
     missing = {}
     for g in groups_of(data, "write"):
         missing.update(g["extra_info"].get("missing_peers", {}))

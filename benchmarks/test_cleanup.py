@@ -116,7 +116,9 @@ class CleanupArm:
         self.folder = self.disk.folder(self.label, own_group=True)
         if self.design == "diskpages":
             kwargs = {} if self.max_bytes is None else {"max_bytes": self.max_bytes}
-            self.cache = PageCache(self.folder, **kwargs)  # TypeError if max_bytes is unknown
+            # pack_max=0: a file per page, as the naive design has, so inotify sees each
+            # page go (a packed page is a slot in a shared segment file: no name to watch)
+            self.cache = PageCache(self.folder, pack_max=0, **kwargs)  # TypeError if max_bytes is unknown
 
     def close_round(self):
         if self.cache is not None:

@@ -108,14 +108,15 @@ class DiskpagesWriter(peers.PeerWriter):
     """write() per page, write_many() once per round, or allocate() + fill the view + seal().
     Files go only at drop() (flush) or close(): the reaper is kept out of the way."""
 
-    def __init__(self, data, n, sync, kind):
+    def __init__(self, data, n, sync, kind, pack_max=None):
         super().__init__(data, n)
-        self.sync, self.kind = sync, kind
+        self.sync, self.kind, self.pack_max = sync, kind, pack_max
         self.cache: PageCache | None = None
 
     def open(self, folder):
         super().open(folder)
-        self.cache = PageCache(folder, sync=self.sync, max_delay=3600, batch=2**31 - 1)
+        packing = {} if self.pack_max is None else {"pack_max": self.pack_max}
+        self.cache = PageCache(folder, sync=self.sync, max_delay=3600, batch=2**31 - 1, **packing)
 
     def write(self, start):
         cache, data, n, pages = self.cache, self.data, self.n, self.keys
@@ -185,6 +186,8 @@ def contenders(floor, data, n, sync, disk, steady):
         "write()": lambda: DiskpagesWriter(data, n, sync, "write()"),
         "write_many()": lambda: DiskpagesWriter(data, n, sync, "write_many()"),
         "allocate()": lambda: DiskpagesWriter(data, n, sync, "allocate()"),
+        # the default packs pages up to 256 KiB into segment files; this is a file per page
+        "write() pack_max=0": lambda: DiskpagesWriter(data, n, sync, "write()", pack_max=0),
     }
     if sync == "none":
         for peer in peers.PEERS:
