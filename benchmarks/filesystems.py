@@ -108,13 +108,13 @@ def _why_not(name: str) -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, or a process being killed, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in ("Z", "X", "x")
 
 
 def _mount_points() -> list[str]:
@@ -122,33 +122,56 @@ def _mount_points() -> list[str]:
         return [line.split()[4] for line in f]
 
 
+def _loop_backing_files() -> set[str]:
+    """The image files loop devices still hold (a lazily unmounted one until it is let go)."""
+    files = set()
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            files.add(backing.read_text().strip().removesuffix(" (deleted)"))
+        except OSError:
+            pass
+    return files
+
+
 def sweep_stale(base: Path) -> list[str]:
     """Unmount and delete what a killed session of this suite left (its mount points and
-    image files carry its pid; only those of dead processes are touched)."""
+    image files carry its pid; only those of processes that are gone are touched, and an
+    image only once no loop device holds it any more)."""
     done = []
     pattern = re.compile(re.escape(MOUNT_PREFIX) + r"(\d+)-")
+    dead: dict[int, bool] = {}
+
+    def is_dead(pid: int) -> bool:
+        if pid not in dead:
+            dead[pid] = not _alive(pid)
+        return dead[pid]
+
     for point in _mount_points():
-        m = pattern.match(os.path.basename(point))
-        if m and not _alive(int(m.group(1))):
+        parent = os.path.basename(os.path.dirname(point))
+        m = pattern.match(parent)
+        if m and is_dead(int(m.group(1))):
             if _run("umount", point).returncode != 0:
                 _run("umount", "-l", point)
             done.append(point)
-    tmp = Path(tempfile.gettempdir())
-    for folder in tmp.glob(MOUNT_PREFIX + "*"):
+    mounted = _mount_points()
+    for folder in Path(tempfile.gettempdir()).glob(MOUNT_PREFIX + "*"):
         m = pattern.match(folder.name)
-        if m and not _alive(int(m.group(1))) and str(folder) not in _mount_points():
-            for child in folder.iterdir():  # the mount point (empty once unmounted)
+        if not m or not is_dead(int(m.group(1))):
+            continue
+        for child in folder.iterdir():  # the mount points, empty once unmounted
+            if str(child) not in mounted:
                 try:
                     child.rmdir()
                 except OSError:
                     pass
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+    held = _loop_backing_files()
     for image in (base / "images").glob("ext4-journal-*.img"):
         m = re.match(r"ext4-journal-(\d+)-", image.name)
-        if m and not _alive(int(m.group(1))):
+        if m and is_dead(int(m.group(1))) and str(image) not in held:
             image.unlink(missing_ok=True)
             done.append(str(image))
     return done
