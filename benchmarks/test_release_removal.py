@@ -9,9 +9,10 @@ naive design the seed notebook starts from (__del__ unlinks its own file synchro
 removal: flush() of N released 4 KiB pages through io_uring, the same through the plain
 loop remover (DISKPAGES_REMOVER=loop), a C unlinkat loop (the floor), a Python os.unlink
 loop, and shutil.rmtree of the folder; diskpages with pack_max=0 (a file per page, like the
-others), and with its default (the pages packed in a segment file: no unlink at all). Files are made in setup (untimed); in steady
-state each create costs ~1 ms, hence fewer files a round there. Removal runs on this disk,
-a journaled ext4 and a tmpfs (``fs``: filesystems.py).
+others), and with its default (the pages packed in a segment file: no unlink at all). Files
+are made in setup (untimed); in steady state each create costs ~1 ms, hence fewer files a
+round there. Removal runs on this disk, a journaled ext4 and a tmpfs (``fs``:
+filesystems.py).
 """
 
 from __future__ import annotations
