@@ -7,7 +7,9 @@ Report: python benchmarks/report.py bench.json   (writes benchmarks/results/REPO
 
 Every group holds a baseline measured in the same run, in interleaved rounds
 (harness.py); fresh and steady disk states are made alike for all contenders
-(diskstate.py).
+(diskstate.py). The headline groups take an ``fs`` parameter and run on this disk, on a
+journaled ext4 and on a tmpfs that the session mounts itself (filesystems.py;
+DISKPAGES_BENCH_FS picks which).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import diskstate
+import filesystems
 import floor as floor_module
 import harness
 
@@ -38,6 +41,8 @@ diskstate.Disk.write_back = not SMOKE  # a smoke run checks that code runs, not 
 STEADY_RESATURATE_S = 50  # the saturation lasts 60 s at least; renew it before then
 SESSION_START = time.monotonic()
 SPREAD = {"ok": None}  # whether the session root got ext4's TOPDIR flag (diskstate.py)
+FILESYSTEMS = filesystems.selected(SMOKE)  # fails early on an unknown DISKPAGES_BENCH_FS name
+STEADY_WARMUP = 0 if SMOKE else 3 if QUICK else 6  # extra rounds: steady off this disk (filesystems.py)
 
 
 def scaled(full: int, quick: int, smoke: int = 1) -> int:
@@ -51,7 +56,19 @@ def pytest_collection_modifyitems(items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         reason = getattr(item.module, "skip_reason", None)
-        if params and reason is not None and (why := reason(**params)):
+        if "fs" in params and (why := filesystems.not_selected_reason(params["fs"], SMOKE)):
+            item.add_marker(pytest.mark.skip(reason=why))
+        elif (
+            params.get("fs") == filesystems.TMPFS
+            and params.get("state") == "steady"
+            and not getattr(item.module, "STEADY_ON_TMPFS", False)
+        ):
+            why = (
+                "tmpfs, steady: means nothing for this group: no device, no inode table and no "
+                "block allocator whose history a churned folder would carry; its fresh figure stands"
+            )
+            item.add_marker(pytest.mark.skip(reason=why))
+        elif params and reason is not None and (why := reason(**params)):
             item.add_marker(pytest.mark.skip(reason=why))
 
     # Fresh-state figures first, then steady state: the steady state's saturated block
@@ -77,6 +94,27 @@ def bench_root():
     SPREAD["ok"] = diskstate.spread_subfolders(root)
     yield root
     diskstate.remove_tree(root)
+
+
+@pytest.fixture(scope="session")
+def mounts(bench_root):
+    """This disk, ext4-journal and tmpfs, the last two mounted on first use and undone at
+    the session's end (filesystems.py)."""
+    made = filesystems.Mounts(bench_base(), bench_root, bool(SPREAD["ok"]))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(params=filesystems.NAMES)
+def fs(request, mounts) -> filesystems.FileSystem:
+    """The file system a headline group runs on; skipped with the reason where it cannot be
+    made here (not root, no loop device, no mkfs.ext4)."""
+    got = mounts.get(request.param)
+    if isinstance(got, str):
+        pytest.skip(got)
+    return got
 
 
 @pytest.fixture(scope="session")
@@ -128,9 +166,25 @@ def disk(request, state, bench_root) -> diskstate.Disk:
     first, so that no benchmark pays for another's writeback."""
     if diskstate.Disk.write_back:
         os.sync()
-    if state == "steady":
-        return diskstate.Disk("steady", bench_root, request.getfixturevalue("steady_parent"))
-    return diskstate.Disk("fresh", bench_root)
+    where = request.getfixturevalue("fs") if "fs" in request.fixturenames else None
+    if where is None or where.name == filesystems.THISDISK:
+        if state == "steady":
+            return diskstate.Disk("steady", bench_root, request.getfixturevalue("steady_parent"))
+        return diskstate.Disk("fresh", bench_root)
+    if state == "fresh":
+        return diskstate.Disk("fresh", where.root, fs=where.name)
+    # steady without the one-second rule: a long-lived shared parent, and the group's own
+    # workload run for a while there first (filesystems.py)
+    if where.steady_parent is None:
+        where.steady_parent = diskstate.new_folder(where.root, "steady")
+    return diskstate.Disk(
+        "steady",
+        where.root,
+        where.steady_parent,
+        fs=where.name,
+        one_second_rule=False,
+        warmup=WARMUP + STEADY_WARMUP,
+    )
 
 
 def _git(*args: str) -> str:
@@ -162,6 +216,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "bench_root": str(base),
         "filesystem": diskstate.filesystem_info(base),
         "folders_spread": SPREAD["ok"],
+        "filesystems": {
+            name: filesystems.INFO.get(name, {"skipped": "not used"}) for name in filesystems.NAMES
+        },
+        "filesystems_selected": FILESYSTEMS,
+        "steady_warmup_rounds": STEADY_WARMUP,
         "diskpages_version": diskpages.__version__,
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),

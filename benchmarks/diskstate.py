@@ -168,10 +168,23 @@ class Disk:
 
     write_back = True  # os.sync() where figures need it; off in smoke runs (conftest.py)
 
-    def __init__(self, state: str, root: Path, shared: Path | None = None) -> None:
-        self.state, self.root = state, root
+    def __init__(
+        self,
+        state: str,
+        root: Path,
+        shared: Path | None = None,
+        fs: str = "thisdisk",
+        one_second_rule: bool = True,
+        warmup: int | None = None,
+    ) -> None:
+        self.state, self.root, self.fs = state, root, fs
         self.parent = shared if state == "steady" else self.spread_parent()
         self.write_back_each_round = False  # fresh: os.sync() before every round
+        # steady state on a file system without the recently-deleted-inode rule (ext4 with
+        # a journal, tmpfs: filesystems.py): no wait for the next second before a round, and
+        # ``warmup`` rounds of the group's own workload first (None: the harness default)
+        self.one_second_rule = one_second_rule
+        self.warmup = warmup
 
     def spread_parent(self) -> Path:
         """A new folder directly in the (TOPDIR) root: a part of the disk of its own."""
@@ -184,8 +197,11 @@ class Disk:
         return new_folder(parent, label)
 
     def before_round(self, runners) -> None:
-        if self.state == "steady":
+        if self.state == "steady" and self.one_second_rule:
             drop_then_wait(runners)
+        elif self.state == "steady":
+            for runner in runners.values():
+                runner.drop()
         elif self.write_back_each_round and self.write_back:
             os.sync()
 

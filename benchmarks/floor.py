@@ -5,6 +5,10 @@ version of this file into benchmarks/.build:
   write: the plain one (openat(O_CREAT|O_EXCL) + pwrite + close) and the one diskpages
   uses when pages are born nameless (open(O_TMPFILE) + pwrite + linkat + close); both do
   fdatasync for sync="data" and also fsync the folder for sync="full".
+- the churn floors: a window of live pages in which each step writes one page and drops
+  the oldest, in a bare C loop, either a file per page (openat(O_CREAT|O_EXCL) + pwrite +
+  close, unlinkat of the oldest) or slots in one preallocated segment file (pwrite into the
+  oldest page's slot, reused in place: no create, no unlink).
 - a file-event recorder: a pthread that reads inotify events of one folder and stamps each
   with CLOCK_MONOTONIC (the clock of time.perf_counter_ns), so the cleanup benchmarks learn
   when each page's file appeared and went without polling and without the GIL. It asks
@@ -27,6 +31,9 @@ CDEF = """
 int floor_write(int dirfd, int start, int count, const void *data, size_t nbytes, int sync);
 int floor_write_tmpfile(int dirfd, int start, int count, const void *data, size_t nbytes, int sync);
 int floor_unlink(int dirfd, int start, int count);
+int floor_churn_files(int dirfd, int start, int count, int window, const void *data, size_t nbytes);
+int floor_churn_slots(int fd, long long start, int count, int window, const void *data, size_t nbytes,
+                      size_t slot);
 
 typedef struct { int64_t t_ns; int32_t kind; char name[44]; } watch_event;
 typedef struct watcher watcher;
@@ -48,16 +55,21 @@ SOURCE = r"""
 #include <time.h>
 #include <unistd.h>
 
-static int write_all(int fd, const void *data, size_t nbytes)
+static int write_all_at(int fd, const void *data, size_t nbytes, off_t at)
 {
     size_t off = 0;
     while (off < nbytes) {
-        ssize_t n = pwrite(fd, (const char *)data + off, nbytes - off, (off_t)off);
+        ssize_t n = pwrite(fd, (const char *)data + off, nbytes - off, at + (off_t)off);
         if (n < 0)
             return -errno;
         off += (size_t)n;
     }
     return 0;
+}
+
+static int write_all(int fd, const void *data, size_t nbytes)
+{
+    return write_all_at(fd, data, nbytes, 0);
 }
 
 /* openat(O_CREAT|O_EXCL) + pwrite + [fdatasync] + close + [fsync(dir)] per file */
@@ -117,6 +129,43 @@ int floor_unlink(int dirfd, int start, int count)
         snprintf(name, sizeof name, "%d.page", i);
         if (unlinkat(dirfd, name, 0) != 0)
             return -errno;
+    }
+    return 0;
+}
+
+/* Churn, a file per page: page i is the file "i.page"; each step makes page i (openat +
+ * pwrite + close) and unlinks page i - window, the oldest of the window (pages start -
+ * window .. start - 1 are there already, made by floor_write). */
+int floor_churn_files(int dirfd, int start, int count, int window, const void *data, size_t nbytes)
+{
+    char name[32];
+    for (int i = start; i < start + count; i++) {
+        snprintf(name, sizeof name, "%d.page", i);
+        int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd < 0)
+            return -errno;
+        int err = write_all_at(fd, data, nbytes, 0);
+        if (close(fd) != 0 && !err)
+            err = -errno;
+        if (err)
+            return err;
+        snprintf(name, sizeof name, "%d.page", i - window);
+        if (unlinkat(dirfd, name, 0) != 0)
+            return -errno;
+    }
+    return 0;
+}
+
+/* Churn in slots: one segment file of `window` slots of `slot` bytes (preallocated by the
+ * caller); page i goes into slot i % window, where the oldest page of the window was: the
+ * oldest is dropped by being overwritten, its blocks reused in place. */
+int floor_churn_slots(int fd, long long start, int count, int window, const void *data, size_t nbytes,
+                      size_t slot)
+{
+    for (long long i = start; i < start + count; i++) {
+        int err = write_all_at(fd, data, nbytes, (off_t)((i % window) * (long long)slot));
+        if (err)
+            return err;
     }
     return 0;
 }

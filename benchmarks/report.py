@@ -21,13 +21,24 @@ HERE = Path(__file__).resolve().parent
 SIZE_ORDER = ["4KiB", "64KiB", "1MiB", "16MiB"]
 SYNC_ORDER = ["none", "data", "full"]
 STATES = ["fresh", "steady"]
-DISKPAGES_WRITES = ["write()", "write_many()", "allocate()"]
+DISKPAGES_WRITES = ["write()", "write_many()", "allocate()", "write() pack_max=0"]
 SPREAD_NOTE = {
     True: "fresh folders spread over the disk (ext4 TOPDIR flag on the session root)",
     False: "fresh folders NOT spread (the TOPDIR flag could not be set): fresh means less",
     None: "not recorded",
 }
 PEERS = ["numpy.save", "zict.File", "diskcache", "tablite model"]
+FS_ORDER = ["thisdisk", "ext4-journal", "tmpfs"]  # filesystems.py
+FS_LABEL = {"thisdisk": "this disk", "ext4-journal": "ext4-journal", "tmpfs": "tmpfs"}
+CHURN_SIZES = ["4KiB", "16KiB", "64KiB", "256KiB"]
+CHURN_OURS = ["diskpages", "diskpages pack_max=0", "diskpages write_many()"]
+CHURN_AGAINST = [
+    "python loop",
+    "diskcache",
+    "zict.File",
+    "C floor: file per page",
+    "C floor: slots in one file",
+]
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -87,12 +98,54 @@ def groups_of(data: dict, kind: str) -> list[dict]:
     return [b for b in data["benchmarks"] if b.get("extra_info", {}).get("kind") == kind]
 
 
-def find_write(data: dict, size: str, sync: str, state: str) -> dict | None:
+def fs_of(group: dict) -> str:
+    """The file system a group ran on (a run from before filesystems.py: this disk)."""
+    return group["extra_info"].get("fs", "thisdisk")
+
+
+def filesystems_in(groups: list[dict]) -> list[str]:
+    seen = {fs_of(g) for g in groups}
+    return [f for f in FS_ORDER if f in seen] + sorted(seen - set(FS_ORDER))
+
+
+def find_write(data: dict, size: str, sync: str, state: str, fs: str = "thisdisk") -> dict | None:
     for b in groups_of(data, "write"):
         e = b["extra_info"]
-        if (e["size_label"], e["sync"], e["state"]) == (size, sync, state):
+        if (e["size_label"], e["sync"], e["state"], fs_of(b)) == (size, sync, state, fs):
             return b
     return None
+
+
+def find(data: dict, kind: str, fs: str, /, **match) -> dict | None:
+    for b in groups_of(data, kind):
+        e = b["extra_info"]
+        if fs_of(b) == fs and all(e.get(k) == v for k, v in match.items()):
+            return b
+    return None
+
+
+def side_by_side(
+    data: dict, kind: str, keys: list[tuple], match_of, cells_of, cell_names: list[str], key_names: list[str]
+) -> str:
+    """A table with one row per key and, per file system, the columns ``cell_names``:
+    ``cells_of(group)`` fills them from the group ``match_of(key)`` picks on that file system."""
+    systems = filesystems_in(groups_of(data, kind))
+    head = list(key_names)
+    for f in systems:
+        head += [f"{FS_LABEL.get(f, f)}: {c}" if c else FS_LABEL.get(f, f) for c in cell_names]
+    rows = []
+    for key in keys:
+        row, any_found = [str(k) for k in key], False
+        for f in systems:
+            g = find(data, kind, f, **match_of(key))
+            cells = cells_of(g, key) if g is not None else None
+            any_found |= cells is not None
+            row += cells if cells is not None else ["–"] * len(cell_names)
+        if any_found:
+            rows.append(row)
+    if not rows:
+        return ""
+    return table(head, rows, "l" * len(key_names) + "r" * (len(head) - len(key_names)))
 
 
 # -- sections ------------------------------------------------------------------------------
@@ -130,6 +183,18 @@ def header(data: dict, out: list[str]) -> None:
             + (f", {elapsed / 60:.1f} minutes" if elapsed else ""),
         ],
     ]
+    for name, f in run.get("filesystems", {}).items():
+        if "skipped" in f:
+            if f["skipped"] != "not used":
+                rows.append([f"file system: {FS_LABEL.get(name, name)}", f"not measured: {f['skipped']}"])
+            continue
+        rows.append(
+            [
+                f"file system: {FS_LABEL.get(name, name)}",
+                f"{f.get('fs_type', '?')} on {f.get('device', '?')} (journal: {f.get('journal', '–')};"
+                f" options {f.get('options', '?')})",
+            ]
+        )
     out.append(table(["run", ""], rows, "ll"))
     out.append(
         "\nEach group runs its contenders in interleaved rounds (`benchmarks/harness.py`). A ratio"
@@ -138,13 +203,20 @@ def header(data: dict, out: list[str]) -> None:
         " Fresh and steady disk states are made alike for all contenders (`benchmarks/diskstate.py`):"
         " *fresh* is a part of the disk nobody deleted from lately; *steady* is a block group whose"
         " free inodes were all deleted in the last minutes, so every create scans it.\n"
+        "\nThe headline groups also run on a journaled ext4 (a loop-mounted image file on this"
+        " disk, default mount options: no discard) and on a tmpfs, both made and removed by the"
+        " session (`benchmarks/filesystems.py`). ext4 with a journal does not skip recently"
+        " deleted inodes and tmpfs has no inode table, so *steady* there means: every contender"
+        f" in a long-lived folder, after {run.get('steady_warmup_rounds', '?')} extra untimed rounds"
+        " of the group's own workload (the small-page churn also seasons its folders first);"
+        " tmpfs has no steady state for the older groups (skipped with the reason).\n"
     )
 
 
 def writes_headline(data: dict, out: list[str]) -> None:
     out.append("\n## Writes\n\n")
     out.append(
-        "Ratio of time per page to the floor (a C loop: openat + pwrite [+ fdatasync] + close"
+        "On this disk. Ratio of time per page to the floor (a C loop: openat + pwrite [+ fdatasync] + close"
         " [+ fsync of the folder]); below 1 is faster. *floor O_TMPFILE* is the same loop making"
         " pages nameless first and linking them when whole (open(O_TMPFILE) + pwrite + linkat)."
         " Peers have no sync knob and are measured with sync=none only; *best peer* is the"
@@ -179,15 +251,13 @@ def writes_headline(data: dict, out: list[str]) -> None:
         "page",
         "sync",
         "floor per page",
-        "write()",
-        "write_many()",
-        "allocate()",
+        *DISKPAGES_WRITES,
         "python loop",
         "floor O_TMPFILE",
         "best peer",
         "write() / best peer",
     ]
-    out.append(table(head, rows, "lll" + "r" * 8))
+    out.append(table(head, rows, "lll" + "r" * (len(head) - 3)))
     missing = {}
     for g in groups_of(data, "write"):
         missing.update(g["extra_info"].get("missing_peers", {}))
@@ -201,6 +271,32 @@ def writes_headline(data: dict, out: list[str]) -> None:
         out.append(
             f"\nSteady state: every contender's folder sat in block group(s) {sorted(spread)} "
             "(one shared, saturated part of the disk).\n"
+        )
+    if len(filesystems_in(groups_of(data, "write"))) > 1:
+        out.append(
+            "\n### Writes, file systems side by side\n\nPer file system: the floor's time per page,"
+            " and `write()` and the Python loop against the floor in the same rounds.\n\n"
+        )
+        keys = [(st, sz, sy) for st in STATES for sz in SIZE_ORDER for sy in SYNC_ORDER]
+
+        def cells(g, key):
+            cs = g["extra_info"]["contenders"]
+            return [
+                fmt_time(cs["floor"]["median_s"]),
+                fmt_ratio(pair_ratio(g, "write()", "floor")),
+                fmt_ratio(pair_ratio(g, "python loop", "floor")),
+            ]
+
+        out.append(
+            side_by_side(
+                data,
+                "write",
+                keys,
+                lambda k: {"state": k[0], "size_label": k[1], "sync": k[2]},
+                cells,
+                ["floor", "write()", "python"],
+                ["state", "page", "sync"],
+            )
         )
 
 
@@ -279,6 +375,153 @@ def cleanup_section(data: dict, out: list[str]) -> None:
                     "the inotify reader ran without real-time priority: on a busy machine its stamps lag"
                 )
             out.append("\n" + "; ".join(notes) + ".\n")
+    cleanup_side_by_side(data, out)
+
+
+def cleanup_side_by_side(data: dict, out: list[str]) -> None:
+    groups = groups_of(data, "cleanup")
+    if len(filesystems_in(groups)) < 2:
+        return
+    out.append(
+        "\n### Cleanup and churn, file systems side by side\n\nPer arm: time per page, its ratio"
+        " to the group's baseline in the same rounds, and the median latency from drop to file"
+        " gone.\n\n"
+    )
+    keys = []
+    for g in groups:
+        e = g["extra_info"]
+        what = "churn" if e.get("window") == 0 else "cleanup"
+        if e.get("budget_bytes"):
+            what += f", max_bytes={fmt_bytes(e['budget_bytes'])}"
+        for arm in e["arms"]:
+            key = (what, e["state"], arm)
+            if key not in keys:
+                keys.append(key)
+
+    def match(key):
+        return {"state": key[1]}
+
+    def cells(_g, key):  # several groups share state and fs: pick the one of this key
+        for g in groups:
+            e = g["extra_info"]
+            what = "churn" if e.get("window") == 0 else "cleanup"
+            if e.get("budget_bytes"):
+                what += f", max_bytes={fmt_bytes(e['budget_bytes'])}"
+            if fs_of(g) == fs_of(_g) and e["state"] == key[1] and what == key[0] and key[2] in e["arms"]:
+                s, a = e["contenders"][key[2]], e["arms"][key[2]]
+                lat = a["latency_median_s"]
+                return [
+                    fmt_time(s["median_s"]),
+                    fmt_ratio((s["ratio"], s["ratio_iqr"])),
+                    "not gone" if lat is None and a["not_gone_fraction"] else fmt_time(lat),
+                ]
+        return None
+
+    out.append(
+        side_by_side(
+            data, "cleanup", keys, match, cells, ["per page", "× base", "latency"], ["group", "state", "arm"]
+        )
+    )
+
+
+def churn_section(data: dict, out: list[str]) -> None:
+    groups = groups_of(data, "small_churn")
+    if not groups:
+        return
+    e0 = groups[0]["extra_info"]
+    out.append("\n## Small-page churn\n\n")
+    out.append(
+        f"A window of {e0['window']:,} live pages; each step writes one page and drops the oldest"
+        f" ({e0['steps']:,} steps a round). *fresh*: a new folder every round, the window filled"
+        " untimed first; *steady*: one long-lived folder per contender, filled and churned for"
+        f" {e0['season_steps']:,} steps before the rounds, the window carried from round to round."
+        " diskpages removes files in its own C thread (the machine's other core): its time is the"
+        " caller's. Times are per step (one page written and one dropped).\n"
+    )
+    if not all(g["extra_info"].get("pack_max_supported") for g in groups):
+        out.append(
+            "\n**`PageCache(pack_max=...)` was not in the diskpages measured: the rows *diskpages*"
+            " and *diskpages pack_max=0* are both today's file-per-page path.**\n"
+        )
+    missing = {}
+    for g in groups:
+        missing.update(g["extra_info"].get("missing_peers", {}))
+    for why in missing.values():
+        out.append(f"\nNot measured: {why}\n")
+    names: list[str] = []
+    for g in groups:
+        names += [n for n in g["extra_info"]["contenders"] if n not in names]
+    out.append("\n### Time per step\n\n")
+    keys = [(st, sz, n) for st in STATES for sz in CHURN_SIZES for n in names]
+
+    def per_step(g, key):
+        s = g["extra_info"]["contenders"].get(key[2])
+        return [fmt_time(s["median_s"])] if s else None
+
+    out.append(
+        side_by_side(
+            data,
+            "small_churn",
+            keys,
+            lambda k: {"state": k[0], "size_label": k[1]},
+            per_step,
+            [""],
+            ["state", "page", "contender"],
+        )
+    )
+    out.append(
+        "\n### diskpages against the others, same rounds\n\nMedian over rounds of diskpages'"
+        " time per step divided by the other's in the same round (below 1: diskpages is"
+        " faster).\n\n"
+    )
+    keys = [(st, sz, ours) for st in STATES for sz in CHURN_SIZES for ours in CHURN_OURS]
+    against = [a for a in CHURN_AGAINST if any(a in g["extra_info"]["contenders"] for g in groups)]
+
+    def ratios(g, key):
+        if key[2] not in g["extra_info"]["contenders"]:
+            return None
+        return [fmt_ratio(pair_ratio(g, key[2], a)) for a in against]
+
+    short = {
+        "python loop": "÷ python",
+        "C floor: file per page": "÷ C file",
+        "C floor: slots in one file": "÷ C slots",
+    }
+    out.append(
+        side_by_side(
+            data,
+            "small_churn",
+            keys,
+            lambda k: {"state": k[0], "size_label": k[1]},
+            ratios,
+            [short.get(a, f"÷ {a}") for a in against],
+            ["state", "page", "diskpages"],
+        )
+    )
+    out.append(
+        "\n### Bytes on disk\n\nThe files' blocks (st_blocks × 512) at the end of the trace pass"
+        " (window filled, then churned), as a multiple of the live data (window × page size);"
+        " the plots show them over the whole pass.\n\n"
+    )
+    keys = [(st, sz, n) for st in STATES for sz in CHURN_SIZES for n in names]
+
+    def on_disk(g, key):
+        trace = g["extra_info"].get("traces", {}).get(key[2])
+        if not trace:
+            return None
+        return [f"{trace[-1][2] / g['extra_info']['live_bytes']:.2f}"]
+
+    out.append(
+        side_by_side(
+            data,
+            "small_churn",
+            keys,
+            lambda k: {"state": k[0], "size_label": k[1]},
+            on_disk,
+            [""],
+            ["state", "page", "contender"],
+        )
+    )
 
 
 def gc_pause_section(data: dict, out: list[str]) -> None:
@@ -327,11 +570,38 @@ def removal_section(data: dict, out: list[str]) -> None:
         for g in removal:
             e = g["extra_info"]
             cs = e["contenders"]
-            row = [e["data"], e["state"], f"{cs[base]['per_round']:,}", fmt_time(cs[base]["median_s"])]
+            row = [FS_LABEL.get(fs_of(g), fs_of(g)), e["data"], e["state"], f"{cs[base]['per_round']:,}"]
+            row += [fmt_time(cs[base]["median_s"])]
             row += [fmt_ratio(pair_ratio(g, name, base)) for name in names if name != base]
             rows.append(row)
-        head = ["files", "state", "N", f"{base} per file", *(n for n in names if n != base)]
-        out.append(table(head, rows, "ll" + "r" * (len(head) - 2)))
+        head = ["file system", "files", "state", "N", f"{base} per file", *(n for n in names if n != base)]
+        out.append(table(head, rows, "lll" + "r" * (len(head) - 3)))
+        if len(filesystems_in(removal)) > 1:
+            out.append(
+                "\nSide by side: the C loop's time per file, and `flush()` through io_uring and"
+                " the Python loop against it in the same rounds.\n\n"
+            )
+            keys = [(d, st) for d in ("written back", "in page cache") for st in STATES]
+
+            def cells(g, key):
+                cs = g["extra_info"]["contenders"]
+                return [
+                    fmt_time(cs[base]["median_s"]),
+                    fmt_ratio(pair_ratio(g, "flush, io_uring", base)),
+                    fmt_ratio(pair_ratio(g, "os.unlink loop", base)),
+                ]
+
+            out.append(
+                side_by_side(
+                    data,
+                    "removal",
+                    keys,
+                    lambda k: {"data": k[0], "state": k[1]},
+                    cells,
+                    ["C loop", "flush", "os.unlink"],
+                    ["files", "state"],
+                )
+            )
     if release:
         out.append(
             "\nRelease on the caller's path: the time to drop the last reference to a page (its"
@@ -411,6 +681,11 @@ def plots(data: dict, folder: Path, out: list[str]) -> None:
         made.append(plot_on_disk(data, folder, plt, churn=True))
     if groups_of(data, "gc_pause"):
         made.append(plot_gc_pause(data, folder, plt))
+    if groups_of(data, "small_churn"):
+        made.append(plot_churn_time(data, folder, plt))
+        for state in STATES:
+            if any(g["extra_info"]["state"] == state for g in groups_of(data, "small_churn")):
+                made.append(plot_churn_bytes(data, folder, plt, state))
     out.append("\n## Plots\n\n")
     for name, caption in made:
         out.append(f"![{caption}]({name})\n\n*{caption}*\n\n")
@@ -485,7 +760,8 @@ def plot_on_disk(data, folder, plt, churn: bool):
                 mib = [p * e["page_bytes"] / (1 << 20) for p in pages]
                 ax.step([x * 1e3 for x in t], mib, style, where="post", label=name)
         what = e["state"] + (f", max_bytes={e['budget_bytes'] >> 20} MiB" if e.get("budget_bytes") else "")
-        ax.set_title(what if churn else f"{e['state']}: {names[0].split(': ', 1)[1]}", fontsize=9)
+        where = "" if fs_of(g) == "thisdisk" else f" [{FS_LABEL.get(fs_of(g), fs_of(g))}]"
+        ax.set_title((what if churn else f"{e['state']}: {names[0].split(': ', 1)[1]}") + where, fontsize=9)
         ax.set_xlabel("ms since the loop began (last round)", fontsize=8)
         ax.set_ylabel("MiB of its pages on disk", fontsize=8)
         ax.grid(True, alpha=0.3)
@@ -504,6 +780,117 @@ def plot_on_disk(data, folder, plt, churn: bool):
     return name, (
         "Bytes on disk over time for the four cleanup arms (64 KiB pages, window of 32): "
         "diskpages solid, the naive __del__ design dashed"
+    )
+
+
+def _churn_colours(data):
+    names: list[str] = []
+    for g in groups_of(data, "small_churn"):
+        names += [n for n in g["extra_info"]["contenders"] if n not in names]
+    return names, {name: f"C{i % 10}" for i, name in enumerate(names)}
+
+
+def _churn_style(name: str) -> str:
+    return "-" if name.startswith("diskpages") else ":" if name.startswith("C floor") else "--"
+
+
+def _legend_below(fig, handles: dict, ncol: int) -> None:
+    """One legend for all panels, under them, with room kept for it whatever the size."""
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8)
+    lines = -(-len(handles) // ncol)
+    fig.tight_layout(rect=(0, min(0.4, (0.22 * lines + 0.1) / fig.get_figheight()), 1, 1))
+
+
+def plot_churn_time(data, folder, plt):
+    groups = groups_of(data, "small_churn")
+    systems = filesystems_in(groups)
+    states = [s for s in STATES if any(g["extra_info"]["state"] == s for g in groups)]
+    names, colour = _churn_colours(data)
+    fig, axes = plt.subplots(
+        len(states),
+        len(systems),
+        figsize=(max(9, 5 * len(systems)), 4 * len(states)),
+        squeeze=False,
+        sharey=True,
+    )
+    for row, state in enumerate(states):
+        for col, f in enumerate(systems):
+            ax = axes[row][col]
+            for name in names:
+                pts = []
+                for size in CHURN_SIZES:
+                    g = find(data, "small_churn", f, state=state, size_label=size)
+                    if g is not None and name in g["extra_info"]["contenders"]:
+                        pts.append(
+                            (g["extra_info"]["size"], g["extra_info"]["contenders"][name]["median_s"] * 1e6)
+                        )
+                if pts:
+                    ax.plot(
+                        *zip(*pts, strict=True),
+                        _churn_style(name),
+                        marker="o",
+                        color=colour[name],
+                        label=name,
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{FS_LABEL.get(f, f)}, {state}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if col == 0:
+                ax.set_ylabel("µs per step (median)")
+            ax.set_xlabel("page size (bytes)")
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    _legend_below(fig, handles, 4)
+    name = "small_churn_time.png"
+    fig.savefig(folder / name, dpi=80)
+    plt.close(fig)
+    return name, (
+        "Small-page churn: time per step (one page written, the oldest dropped) by page size, per file"
+        " system and state (diskpages solid, C floors dotted, others dashed)"
+    )
+
+
+def plot_churn_bytes(data, folder, plt, state):
+    groups = [g for g in groups_of(data, "small_churn") if g["extra_info"]["state"] == state]
+    systems = filesystems_in(groups)
+    sizes = [s for s in CHURN_SIZES if any(g["extra_info"]["size_label"] == s for g in groups)]
+    names, colour = _churn_colours(data)
+    fig, axes = plt.subplots(
+        len(sizes), len(systems), figsize=(max(9, 5 * len(systems)), 3.2 * len(sizes)), squeeze=False
+    )
+    for row, size in enumerate(sizes):
+        for col, f in enumerate(systems):
+            ax = axes[row][col]
+            g = find(data, "small_churn", f, state=state, size_label=size)
+            if g is None:
+                ax.set_visible(False)
+                continue
+            e = g["extra_info"]
+            for name, trace in e.get("traces", {}).items():
+                if trace:
+                    steps = [p[1] for p in trace]
+                    mib = [p[2] / (1 << 20) for p in trace]
+                    ax.plot(steps, mib, _churn_style(name), color=colour[name], label=name)
+            ax.axhline(e["live_bytes"] / (1 << 20), color="black", lw=0.8, alpha=0.5, label="live data")
+            ax.axvline(e["window"], color="grey", lw=0.6, ls=":", alpha=0.6)
+            ax.set_title(f"{FS_LABEL.get(f, f)}, {size} pages, {state}", fontsize=9)
+            ax.set_xlabel("pages written (window filled at the dotted line)", fontsize=8)
+            ax.set_ylabel("MiB of files on disk", fontsize=8)
+            ax.grid(True, alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    _legend_below(fig, handles, 4)
+    name = f"small_churn_bytes_on_disk_{state}.png"
+    fig.savefig(folder / name, dpi=75)
+    plt.close(fig)
+    return name, (
+        f"Small-page churn, {state}: bytes the contender's files occupy on disk while the window"
+        " fills and churns (sampled; the black line is the live data)"
     )
 
 
@@ -540,6 +927,7 @@ def render(data: dict, folder: Path) -> str:
     cleanup_section(data, out)
     gc_pause_section(data, out)
     removal_section(data, out)
+    churn_section(data, out)
     plots(data, folder, out)
     detail_section(data, out)
     return "".join(out)

@@ -24,6 +24,8 @@ Churn (``test_churn``): the same, with a window of 0: each iteration makes a pag
 cycle and drops it, so the program's live data never grows; what gc does and how many
 pages pile up on disk is measured, with and without a disk budget (``max_bytes``).
 
+Both run on this disk, a journaled ext4 and a tmpfs (``fs``: filesystems.py).
+
 gc pause (``test_gc_pause``): gc.collect() when N pages wait in cycles, against the
 same number of plain objects in cycles, the naive design (unlinks inside the collection),
 and ``cache.collect()`` (collect and remove in the caller's thread).
@@ -114,7 +116,9 @@ class CleanupArm:
         self.folder = self.disk.folder(self.label, own_group=True)
         if self.design == "diskpages":
             kwargs = {} if self.max_bytes is None else {"max_bytes": self.max_bytes}
-            self.cache = PageCache(self.folder, **kwargs)  # TypeError if max_bytes is unknown
+            # pack_max=0: a file per page, as the naive design has, so inotify sees each
+            # page go (a packed page is a slot in a shared segment file: no name to watch)
+            self.cache = PageCache(self.folder, pack_max=0, **kwargs)  # TypeError if max_bytes is unknown
 
     def close_round(self):
         if self.cache is not None:
@@ -320,7 +324,7 @@ ARMS = ["refcount", "cycles, gc automatic", f"cycles, gc off + collect() every {
 NAIVE_DROPS = {"release()": "close()", ARMS[2]: f"cycles, gc off + gc.collect() every {EVERY}"}
 
 
-def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, before_round, **info):
+def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, disk, fs, **info):
     gc_threshold = gc.get_threshold()
     record(
         benchmark,
@@ -329,8 +333,11 @@ def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, before_rou
         arms[baseline].per_round,
         baseline,
         ROUNDS,
-        before_round=before_round,
+        warmup=disk.warmup,
+        before_round=disk.before_round,
         kind="cleanup",
+        fs=fs.name,
+        fs_info=fs.info,
         unit="page",
         page_bytes=PAGE,
         gc_threshold=list(gc_threshold),
@@ -340,7 +347,7 @@ def run_arms(benchmark, group, arms: dict[str, CleanupArm], baseline, before_rou
     benchmark.extra_info["arms"] = {label: arm.summary() for label, arm in arms.items()}
 
 
-def test_cleanup(benchmark, floor, disk, state):
+def test_cleanup(benchmark, floor, disk, state, fs):
     n = scaled(1000, 300, 50) if state == "fresh" else scaled(200, 60, 30)
     arms = {}
     for mode in ARMS:
@@ -350,10 +357,11 @@ def test_cleanup(benchmark, floor, disk, state):
         arms[f"naive __del__: {naive}"] = CleanupArm("naive", naive, disk, floor, n, WINDOW)
     run_arms(
         benchmark,
-        f"cleanup: {n} pages of 64 KiB, window {WINDOW}, {state}",
+        f"cleanup: {n} pages of 64 KiB, window {WINDOW}, {state} on {fs.label}",
         arms,
         "diskpages: refcount",
-        disk.before_round,
+        disk,
+        fs,
         state=state,
         window=WINDOW,
         every=EVERY,
@@ -365,7 +373,7 @@ BUDGET_PAGES = 128
 
 
 @pytest.mark.parametrize("budget", ["no budget", "max_bytes"])
-def test_churn(benchmark, floor, disk, state, budget):
+def test_churn(benchmark, floor, disk, state, budget, fs):
     n = scaled(1500, 500, 50) if state == "fresh" else scaled(300, 60, 30)
     max_bytes = BUDGET_PAGES * PAGE if budget == "max_bytes" else None
     arms = {}
@@ -383,10 +391,11 @@ def test_churn(benchmark, floor, disk, state, budget):
     label = "no budget" if max_bytes is None else f"max_bytes={max_bytes >> 20} MiB"
     run_arms(
         benchmark,
-        f"churn: {n} pages of 64 KiB made in cycles and dropped at once, {label}, {state}",
+        f"churn: {n} pages of 64 KiB made in cycles and dropped at once, {label}, {state} on {fs.label}",
         arms,
         "diskpages: refcount",
-        disk.before_round,
+        disk,
+        fs,
         state=state,
         window=0,
         budget_bytes=max_bytes,

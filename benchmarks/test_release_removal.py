@@ -8,8 +8,11 @@ naive design the seed notebook starts from (__del__ unlinks its own file synchro
 
 removal: flush() of N released 4 KiB pages through io_uring, the same through the plain
 loop remover (DISKPAGES_REMOVER=loop), a C unlinkat loop (the floor), a Python os.unlink
-loop, and shutil.rmtree of the folder. Files are made in setup (untimed); in steady
-state each create costs ~1 ms, hence fewer files a round there.
+loop, and shutil.rmtree of the folder; diskpages with pack_max=0 (a file per page, like the
+others), and with its default (the pages packed in a segment file: no unlink at all). Files
+are made in setup (untimed); in steady state each create costs ~1 ms, hence fewer files a
+round there. Removal runs on this disk, a journaled ext4 and a tmpfs (``fs``:
+filesystems.py).
 """
 
 from __future__ import annotations
@@ -121,8 +124,9 @@ def test_release_cost(benchmark, disk, state):
 class FlushPages:
     """A new cache in a new folder every round (own_group: see diskstate.Disk)."""
 
-    def __init__(self, disk, remover, synced, n):
+    def __init__(self, disk, remover, synced, n, pack_max=0):
         self.disk, self.remover, self.synced, self.per_round = disk, remover, synced, n
+        self.pack_max = pack_max  # 0: a file per page, removed by unlink like the others'
         self.cache = None
 
     def drop(self):
@@ -134,7 +138,7 @@ class FlushPages:
         try:
             folder = self.disk.folder(f"flush-{self.remover}", own_group=True)
             sync = "data" if self.synced else "none"  # "data": each page fdatasync'ed
-            self.cache = PageCache(folder, sync=sync, max_delay=3600, batch=2**31 - 1)
+            self.cache = PageCache(folder, sync=sync, max_delay=3600, batch=2**31 - 1, pack_max=self.pack_max)
         finally:
             if old is None:
                 del os.environ["DISKPAGES_REMOVER"]
@@ -189,7 +193,7 @@ class UnlinkFiles:
 
 
 @pytest.mark.parametrize("data", ["written back", "in page cache"])
-def test_removal_rate(benchmark, floor, disk, state, data):
+def test_removal_rate(benchmark, floor, disk, state, data, fs):
     """ "written back": each file fdatasync'ed when made (untimed; this process's files only,
     not a global os.sync that waits for everyone's), so the files own blocks on the device
     and each unlink waits for their discard; "in page cache": delayed allocation has given
@@ -207,16 +211,21 @@ def test_removal_rate(benchmark, floor, disk, state, data):
         "shutil.rmtree": UnlinkFiles(disk, floor, "rmtree", synced, n),
         "flush, io_uring": FlushPages(disk, "auto", synced, n),
         "flush, loop remover": FlushPages(disk, "loop", synced, n),
+        # the default: 4 KiB pages are slots in a segment file, freed by punching holes
+        "flush, packed (default)": FlushPages(disk, "auto", synced, n, pack_max=None),
     }
     record(
         benchmark,
-        f"removal of 4 KiB pages, {data}, {state}",
+        f"removal of 4 KiB pages, {data}, {state} on {fs.label}",
         runners,
         n,
         "unlinkat loop in C (floor)",
         ROUNDS,
+        warmup=disk.warmup,
         before_round=disk.before_round,
         kind="removal",
+        fs=fs.name,
+        fs_info=fs.info,
         unit="file",
         data=data,
         state=state,

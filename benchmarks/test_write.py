@@ -9,6 +9,8 @@ written back (os.sync) before each round.
 parent, whose block group is saturated with recently deleted inodes; before each round
 every contender drops its previous round's pages and the round waits for the next second
 (diskstate.py says why this is the fair way on this disk).
+Each runs on this disk, a journaled ext4 and a tmpfs (``fs``: filesystems.py, which says
+what steady means where there is no recently-deleted-inode rule).
 
 Peers (peers.py) have no sync knob: they appear in the sync="none" groups only.
 """
@@ -23,6 +25,7 @@ import pytest
 from diskpages import PageCache
 
 import diskstate
+import filesystems
 import peers
 from conftest import QUICK, ROUNDS, SMOKE, scaled
 from harness import record
@@ -105,14 +108,15 @@ class DiskpagesWriter(peers.PeerWriter):
     """write() per page, write_many() once per round, or allocate() + fill the view + seal().
     Files go only at drop() (flush) or close(): the reaper is kept out of the way."""
 
-    def __init__(self, data, n, sync, kind):
+    def __init__(self, data, n, sync, kind, pack_max=None):
         super().__init__(data, n)
-        self.sync, self.kind = sync, kind
+        self.sync, self.kind, self.pack_max = sync, kind, pack_max
         self.cache: PageCache | None = None
 
     def open(self, folder):
         super().open(folder)
-        self.cache = PageCache(folder, sync=self.sync, max_delay=3600, batch=2**31 - 1)
+        packing = {} if self.pack_max is None else {"pack_max": self.pack_max}
+        self.cache = PageCache(folder, sync=self.sync, max_delay=3600, batch=2**31 - 1, **packing)
 
     def write(self, start):
         cache, data, n, pages = self.cache, self.data, self.n, self.keys
@@ -182,6 +186,8 @@ def contenders(floor, data, n, sync, disk, steady):
         "write()": lambda: DiskpagesWriter(data, n, sync, "write()"),
         "write_many()": lambda: DiskpagesWriter(data, n, sync, "write_many()"),
         "allocate()": lambda: DiskpagesWriter(data, n, sync, "allocate()"),
+        # the default packs pages up to 256 KiB into segment files; this is a file per page
+        "write() pack_max=0": lambda: DiskpagesWriter(data, n, sync, "write()", pack_max=0),
     }
     if sync == "none":
         for peer in peers.PEERS:
@@ -205,8 +211,9 @@ def skip_reason(size=None, sync=None, state=None, **_) -> str | None:
 
 @pytest.mark.parametrize("sync", list(SYNC_NUM))
 @pytest.mark.parametrize("size", list(SIZES))
-def test_write(benchmark, floor, disk, inodes_per_group, size, sync, state):
+def test_write(benchmark, floor, disk, inodes_per_group, size, sync, state, fs):
     steady = state == "steady"
+    ipg = inodes_per_group if fs.name == filesystems.THISDISK else diskstate.inodes_per_group(fs.root)
     # Files are kept, so big unsynced pages pile up dirty data that throttles later rounds:
     # write it back before each round (diskstate.Disk). Small pages leave a few MB a round.
     disk.write_back_each_round = sync == "none" and SIZES[size] >= 1 << 20
@@ -217,11 +224,12 @@ def test_write(benchmark, floor, disk, inodes_per_group, size, sync, state):
     missing = {p: r for p in peers.PEERS if sync == "none" and (r := peers.missing_reason(p))}
     record(
         benchmark,
-        f"write {size} sync={sync} {state}",
+        f"write {size} sync={sync} {state} on {fs.label}",
         runners,
         n,
         "floor",
         ROUNDS,
+        warmup=disk.warmup,
         before_round=disk.before_round,
         kind="write",
         unit="page",
@@ -229,11 +237,13 @@ def test_write(benchmark, floor, disk, inodes_per_group, size, sync, state):
         size_label=size,
         sync=sync,
         state=state,
+        fs=fs.name,
+        fs_info=fs.info,
         missing_peers=missing,
     )
     # where each contender's files landed: one block group for all is the fairness check
     benchmark.extra_info["block_groups"] = {
-        label: (r.inode - 1) // inodes_per_group if inodes_per_group else None for label, r in runners.items()
+        label: (r.inode - 1) // ipg if ipg else None for label, r in runners.items()
     }
 
 
