@@ -94,8 +94,8 @@ void dp_cache_stats(dp_hold *cache, dp_stats *out);
 
 /* The writes. Each fills empty holds with the new pages (and their ids), or on failure
  * leaves no file and fills nothing. In a forked child: -DP_EFORKED. */
-int dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp_hold *page,
-             uint64_t *id);
+/* dp_write returns the page's id (above 0), or -errno. */
+int64_t dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp_hold *page);
 /* `count` pages into the holds *pages[0..count), all or nothing: on failure every file this call made
  * is removed, *failed_at tells which buffer failed, and with DP_SYNC_FULL the folder is
  * fsynced once. */

@@ -62,7 +62,7 @@ void dp_segments_init(dp_cache *c)
 
 int dp_class_of(const dp_cache *c, size_t nbytes)
 {
-    if (nbytes > c->pack_max)
+    if (c->pack_max == 0 || nbytes > c->pack_max) /* 0: no packing, empty pages included */
         return -1;
     for (int i = 0; i < DP_CLASSES; i++)
         if (nbytes <= SLOT_SIZES[i])

@@ -279,11 +279,12 @@ static int enter_write(dp_cache *c)
     return 0;
 }
 
-int dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp_hold *page,
-             uint64_t *id)
+int64_t dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp_hold *page)
 {
     size_t failed_at;
-    return dp_write_many(cache, &data, &nbytes, 1, method, &page, id, &failed_at);
+    uint64_t id;
+    int err = dp_write_many(cache, &data, &nbytes, 1, method, &page, &id, &failed_at);
+    return err ? err : (int64_t)id;
 }
 
 /* The sum of sizes, or -EOVERFLOW: a sum that wrapped would charge a few bytes for a write

@@ -33,15 +33,15 @@ Hold = Any  # a cdata 'dp_hold *' owned by its finalizer (ffi.gc): see new_hold(
 Memory = Any  # the cdata that owns a hold's memory (ffi.new)
 
 
-def new_hold(drop: Any = lib.dp_page_drop) -> tuple[Memory, Hold]:
+def new_hold(drop: Any = lib.dp_page_drop, _new: Any = ffi.new, _gc: Any = ffi.gc) -> tuple[Memory, Hold]:
     """An empty hold (csrc/diskpages.h), already owned by its finalizer before any C call
     fills it. The finalizer is C (ffi.gc calls ``drop`` with no Python frame in between),
     so no exception can cut it short or come between the call and the owner: whatever C
     hands over is dropped when the hold's last reference goes. The memory comes back too:
     whoever keeps the hold keeps its memory, which must outlive the finalizer (it runs in
     a collection even when its object is then resurrected or kept in gc.garbage)."""
-    memory = ffi.new("dp_hold *")
-    return memory, ffi.gc(memory, drop)
+    memory = _new("dp_hold *")
+    return memory, _gc(memory, drop)
 
 
 def drop_now(hold: Hold) -> None:
@@ -126,13 +126,26 @@ def as_buffer(data: Any) -> Any:
 # Each write fills holds that the caller's new objects already own; it returns the ids.
 
 
-def write(cache: Hold, data: Any, method: int, path: str, page: Hold) -> tuple[int, int]:
-    buf = as_buffer(data)
-    page_id = ffi.new("uint64_t *")
-    rc = lib.dp_write(cache, buf, len(buf), method, page, page_id)
-    if rc:
-        raise error(rc, path)
-    return page_id[0], len(buf)
+def write(
+    cache: Hold,
+    data: Any,
+    method: int,
+    path: os.PathLike[str] | str,
+    page: Hold,
+    _from_buffer: Any = ffi.from_buffer,
+    _write: Any = lib.dp_write,
+) -> tuple[int, int]:
+    """(id, nbytes). The hot path of small pages: one C call, nothing allocated but the
+    buffer's cdata (dp_write returns the id)."""
+    try:
+        buf = _from_buffer(data)
+    except (TypeError, ValueError, BufferError):
+        buf = as_buffer(data)  # raises what a caller should see
+    nbytes = len(buf)
+    page_id = _write(cache, buf, nbytes, method, page)
+    if page_id < 0:
+        raise error(page_id, path)
+    return page_id, nbytes
 
 
 def write_many(

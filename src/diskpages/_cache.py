@@ -329,13 +329,15 @@ class PageCache:
     def write(self, data: Any) -> Page:
         """Write one page. When this returns the bytes are in a file under ``self.path``
         (and on stable storage as far as ``sync`` asks). On failure no file is left."""
-        self._check_open()
         page = self._page_class._empty(self)  # owns what C hands over, whatever comes next
-        args = (self._handle, data, self._write_method, str(self._path), page._hold)
+        args = (self._handle, data, self._write_method, self._path, page._hold)
         try:
             page._id, page._nbytes = native.write(*args)
         except CacheFullError:
             page._id, page._nbytes = self._make_room(native.write, args, len(native.as_buffer(data)))
+        except CacheClosedError:
+            self._check_open()  # C says closed (or a forked child's): name the folder
+            raise
         return page
 
     def write_many(self, buffers: Iterable[Any]) -> list[Page]:

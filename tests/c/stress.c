@@ -87,12 +87,11 @@ static void *worker(void *arg)
     memset(data, 'x', sizeof data);
     for (int i = 0; i < ROUNDS; i++) {
         dp_hold *p = new_hold();
-        uint64_t id;
         size_t n = (size_t)rand_r(&seed) % sizeof data;
-        int err = dp_write(cache, data, n, rand_r(&seed) % 4 == 0 ? DP_WRITE_MMAP : DP_WRITE_PWRITE,
-                           p, &id);
-        if (err)
-            fail("dp_write", err);
+        int method = rand_r(&seed) % 4 == 0 ? DP_WRITE_MMAP : DP_WRITE_PWRITE;
+        int64_t id = dp_write(cache, data, n, method, p);
+        if (id <= 0)
+            fail("dp_write", (int)id);
         switch (rand_r(&seed) % 4) {
         case 0: /* the owner drops it at once (refcount death) */
             drop(p);
@@ -133,8 +132,8 @@ static void *write_until_closed(void *arg)
     char data[64] = {0};
     for (;;) {
         dp_hold *p = new_hold();
-        uint64_t id;
-        int err = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, p, &id);
+        int64_t id = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, p);
+        int err = id < 0 ? (int)id : 0;
         if (err == -DP_ECLOSED) {
             free(p);
             return NULL;
@@ -189,11 +188,10 @@ static void race_drops(void)
     pthread_create(&user, NULL, use_while_dropped, NULL);
     char data[100];
     for (int i = 0; i < RACES; i++) {
-        uint64_t id;
         memset(data, i % 251 + 1, sizeof data);
-        int err = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, &race_holds[i], &id);
-        if (err)
-            fail("dp_write", err);
+        int64_t id = dp_write(cache, data, sizeof data, DP_WRITE_PWRITE, &race_holds[i]);
+        if (id <= 0)
+            fail("dp_write", (int)id);
         atomic_store(&race_next, i + 1);
         dp_page_drop(&race_holds[i > 0 ? i - 1 : 0]);
     }
@@ -263,9 +261,9 @@ int main(int argc, char **argv)
     }
     /* A page kept past the cache's own end: its record keeps the cache's memory. */
     dp_hold *survivor = new_hold();
-    uint64_t survivor_id;
-    if ((err = dp_write(cache, "last", 4, DP_WRITE_PWRITE, survivor, &survivor_id)))
-        fail("dp_write", err);
+    int64_t survivor_id = dp_write(cache, "last", 4, DP_WRITE_PWRITE, survivor);
+    if (survivor_id <= 0)
+        fail("dp_write", (int)survivor_id);
     pthread_t writers[4], flushers[2];
     for (int i = 0; i < 4; i++)
         pthread_create(&writers[i], NULL, write_until_closed, NULL);
