@@ -487,3 +487,20 @@ def test_a_signal_storm_in_a_borrowers_reads_leaks_no_fd(tmp_path, pack_max):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "0", out.stdout
+
+
+def test_a_segment_shrinks_when_its_pages_go(tmp_path):
+    """The tail past the last taken slot goes in one ftruncate, and its tags' blocks in one
+    punch: after every page of 40,000 is dropped, the segment holds about a growth chunk."""
+    with PageCache(tmp_path) as c:
+        pages = c.write_many([b"s" * 4096] * 40_000)
+        assert disk_bytes(c.path) >= 40_000 * 4096
+        keep = pages[:100]  # the oldest, lowest slots: the tail above them can go
+        del pages
+        assert wait_until(lambda: disk_bytes(c.path) <= 2 * (1 << 20) + 8 * KIB, timeout=1.0), disk_bytes(
+            c.path
+        )
+        assert segment_slots(c, 4 * KIB) == 256  # cut back to one chunk
+        assert [p.read() for p in keep] == [b"s" * 4096] * 100
+        more = c.write_many([b"m" * 4096] * 1000)  # and it grows again
+        assert [p.read() for p in more[::100]] == [b"m" * 4096] * 10
