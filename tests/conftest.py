@@ -1,5 +1,6 @@
 import gc
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -8,7 +9,31 @@ from pathlib import Path
 
 import pytest
 
-from diskpages import PageCache
+from diskpages import PageCache, _folders
+from diskpages import _bindings as native
+
+
+@pytest.fixture(params=["files", "packed"])
+def packing(request, monkeypatch):
+    """Run the test twice: with a file per page (DISKPAGES_PACK_MAX=0) and with small pages
+    packed as slots in segment files (the default pack_max). Through the environment, so
+    that every cache the test makes, and those of the processes it starts, follow it. Its
+    value says which run this is. Tests about the guarantees of README.md's "Lifetimes" and
+    "Across processes" use it: they hold for both kinds of page."""
+    if request.param == "files":
+        monkeypatch.setenv("DISKPAGES_PACK_MAX", "0")
+    else:
+        monkeypatch.delenv("DISKPAGES_PACK_MAX", raising=False)
+    return request.param
+
+
+#: For a test in a module that uses ``packing`` throughout but is about files (O_TMPFILE,
+#: linkat, unlinkat...): run it once, with a file per page (DISKPAGES_PACK_MAX=0).
+files_only = pytest.mark.parametrize("packing", ["files"], indirect=True)
+#: For a test in such a module that packing changes nothing in (no page, or only pages
+#: that always have files), or too slow to run twice for what it would gain: run it once,
+#: with the default pack_max.
+packing_irrelevant = pytest.mark.parametrize("packing", ["packed"], indirect=True)
 
 
 @pytest.fixture
@@ -17,7 +42,9 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cache(root: Path):
+def cache(request, root: Path):
+    if "packing" in request.fixturenames:
+        request.getfixturevalue("packing")  # the environment first, whatever the order
     # a long max_delay: tests that look at pending pages must not race the reaper
     with PageCache(root, max_delay=30.0) as c:
         yield c
@@ -65,3 +92,90 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.002) -> boo
 
 def files_in(path: Path) -> list[str]:
     return sorted(os.listdir(path)) if path.exists() else []
+
+
+def page_count_on_disk(where) -> int:
+    """How many pages a cache's folder holds (a PageCache or a folder's path), as
+    ``diskpages ls`` counts them: files named *.page plus the slots of segments whose tag
+    holds a page. 0 for a folder that is gone."""
+    return pages_and_bytes_on_disk(where)[0]
+
+
+def pages_and_bytes_on_disk(where) -> tuple[int, int]:
+    """(pages, bytes) as ``diskpages ls`` counts them (see page_count_on_disk); the bytes
+    are those of every file of the folder, segments' slots counted by their pages' sizes."""
+    path = where.path if isinstance(where, PageCache) else Path(where)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0, 0
+    try:
+        return _folders._contents(fd)
+    finally:
+        os.close(fd)
+
+
+def page_files_on_disk(where) -> set[str]:
+    """The names of the page files in a cache's folder (a PageCache or a path): every file
+    but the segments of packed pages."""
+    path = where.path if isinstance(where, PageCache) else Path(where)
+    return {n for n in files_in(path) if not n.endswith(".slots")}
+
+
+def slot_ids_on_disk(where) -> set[int]:
+    """The ids of the packed pages in a cache's folder (a PageCache or a path): those its
+    segments' tags name (csrc/diskpages.h, dp_tag). Fails if two slots name one page."""
+    path = where.path if isinstance(where, PageCache) else Path(where)
+    ids: set[int] = set()
+    for segment in path.glob("*.slots"):
+        slot_size = int(segment.name.removesuffix(".slots"))
+        with open(segment, "rb") as f:
+            slots = max(0, os.fstat(f.fileno()).st_size - native.TAGS_BYTES) // slot_size
+            tags = f.read(slots * native.TAG_BYTES)
+        for page_id, _, _, _ in struct.iter_unpack("<QQQQ", tags):
+            if page_id:
+                assert page_id not in ids, f"two slots of {path} are tagged with page {page_id}"
+                ids.add(page_id)
+    return ids
+
+
+def segment_count(where) -> int:
+    """How many segment files (of packed pages) a cache's folder holds."""
+    path = where.path if isinstance(where, PageCache) else Path(where)
+    return sum(1 for n in files_in(path) if n.endswith(".slots"))
+
+
+class OnDisk:
+    """Where a page's bytes are on disk, taken while the page is alive (not released):
+    its own file, or its slot in a segment file. ``exists()`` says whether they are still
+    there, for a file page as ``path.exists()`` does, for a packed page by the slot's tag
+    (it names the page while the slot holds it: 0 once freed, another page's id once
+    reused; see csrc/diskpages.h). It keeps nothing alive and works after the page, its
+    cache or its folder is gone."""
+
+    def __init__(self, page) -> None:
+        slot = native.page_slot(page._hold)
+        self.id, self.nbytes = page.id, page.nbytes
+        if slot is None:
+            self.path, self.slot = page.path, None
+        else:
+            self.path, self.slot = page.cache.path / native.segment_name(slot[0]), slot[1]
+
+    def exists(self) -> bool:
+        if self.slot is None:
+            return self.path.exists()
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.slot * native.TAG_BYTES)
+                tag = f.read(16)
+        except FileNotFoundError:
+            return False
+        return len(tag) == 16 and struct.unpack("<QQ", tag) == (self.id, self.nbytes)
+
+    def __repr__(self) -> str:
+        where = f"slot {self.slot} of " if self.slot is not None else ""
+        return f"<OnDisk page {self.id}: {where}{self.path}>"
+
+
+def on_disk(page) -> OnDisk:
+    return OnDisk(page)

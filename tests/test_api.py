@@ -20,8 +20,11 @@ from diskpages import (
     _bindings,
 )
 
+from conftest import on_disk, page_count_on_disk
 
-def test_write_read_view_round_trip(cache):
+
+@pytest.mark.usefixtures("packing")
+def test_write_read_view_round_trip(cache, packing):
     page = cache.write(b"hello pages")
     assert isinstance(page, Page)
     assert page.read() == b"hello pages"
@@ -29,8 +32,14 @@ def test_write_read_view_round_trip(cache):
     assert isinstance(view, memoryview) and view.readonly
     assert bytes(view) == b"hello pages"
     assert page.nbytes == len(page) == 11
-    assert page.path.parent == cache.path
-    assert page.path.read_bytes() == b"hello pages"
+    assert page.packed == (packing == "packed")
+    if packing == "files":
+        assert page.path.parent == cache.path
+        assert page.path.read_bytes() == b"hello pages"
+    else:  # a slot of a segment file: no file of its own
+        with pytest.raises(ValueError, match="packed"):
+            page.path  # noqa: B018
+        assert pickle.loads(pickle.dumps(page)).read() == b"hello pages"  # read from the segment
     assert isinstance(page.id, int)
 
 
@@ -67,12 +76,18 @@ def test_rejects_non_contiguous(cache):
     assert os.listdir(cache.path) == []
 
 
-def test_empty_page(cache):
+@pytest.mark.usefixtures("packing")
+def test_empty_page(cache, packing):
     page = cache.write(b"")
     assert page.nbytes == 0
     assert page.read() == b""
     assert bytes(page.view()) == b""
-    assert page.path.exists() and page.path.stat().st_size == 0
+    if packing == "files":  # pack_max=0: a file per page, the empty one too
+        assert not page.packed
+        assert page.path.exists() and page.path.stat().st_size == 0
+    else:
+        assert page.packed and page_count_on_disk(cache) == 1
+        assert pickle.loads(pickle.dumps(page)).read() == b""
 
 
 def test_large_page(cache):
@@ -106,10 +121,15 @@ def test_large_views_start_on_a_2mib_boundary(cache, nbytes):
     assert file_mappings(page.path) == []  # and the mapping goes with its last view
 
 
+@pytest.mark.usefixtures("packing")
 def test_files_are_private(cache):
-    page = cache.write(b"x")
+    cache.write(b"x")  # a page file, or a slot of a segment file
+    cache.allocate(1).seal()  # a page file either way
     assert stat.S_IMODE(os.stat(cache.path).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(page.path).st_mode) == 0o600
+    names = os.listdir(cache.path)
+    assert len(names) == 2, names
+    for name in names:
+        assert stat.S_IMODE(os.stat(cache.path / name).st_mode) == 0o600, name
 
 
 def test_write_many_in_order(cache):
@@ -203,6 +223,7 @@ def test_release_is_idempotent_and_context_manager(cache):
     with cache.write(b"abc") as page:
         assert not page.released
         assert page.read() == b"abc"
+        where = on_disk(page)
     assert page.released
     page.release()
     page.release()
@@ -211,7 +232,7 @@ def test_release_is_idempotent_and_context_manager(cache):
     with pytest.raises(PageReleasedError):
         page.view()
     assert cache.flush() == 1
-    assert not page.path.exists()
+    assert not where.exists()
 
 
 def test_stats_count_pages(cache):
@@ -308,13 +329,17 @@ def test_allocate_reserves_the_blocks(cache):
     assert os.fstat(_bindings.builder_fd(builder._hold)).st_blocks * 512 >= 1 << 20
 
 
+@pytest.mark.usefixtures("packing")
 def test_relative_root_survives_chdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cache = PageCache("rel-root")
     page = cache.write(b"abc")
+    borrowed = pickle.dumps(page)  # names the page's file, or its segment
     assert cache.path.is_absolute()
     monkeypatch.chdir("/")
-    assert page.path.read_bytes() == b"abc"
+    if not page.packed:
+        assert page.path.read_bytes() == b"abc"
+    assert pickle.loads(borrowed).read() == b"abc"
     cache.close()
     assert os.listdir(tmp_path / "rel-root") == []
 

@@ -1,5 +1,6 @@
 """The disk budget, removal after a collection, release accounting by cause and
-warn_on_gc."""
+warn_on_gc: for pages with files of their own and for packed pages alike (the `packing`
+fixture)."""
 
 import gc
 import os
@@ -11,13 +12,23 @@ import pytest
 
 from diskpages import CacheFullError, PageCache, PageCacheError
 
-from conftest import files_in, run_python, wait_until
+from conftest import (
+    files_in,
+    packing_irrelevant,
+    page_count_on_disk,
+    pages_and_bytes_on_disk,
+    run_python,
+    wait_until,
+)
+
+pytestmark = pytest.mark.usefixtures("packing")
 
 MiB = 1 << 20
 
 
 def folder_bytes(cache):
-    return sum(os.path.getsize(cache.path / n) for n in files_in(cache.path))
+    """The bytes of the pages in the folder: page files, and the slots that hold a page."""
+    return pages_and_bytes_on_disk(cache)[1]
 
 
 def cyclic(cache, data):
@@ -46,7 +57,7 @@ def test_budget_holds_when_every_page_dies_in_a_cycle_with_gc_disabled(root, no_
 def test_over_budget_write_raises_and_writes_nothing(root):
     with PageCache(root, max_bytes=10_000) as cache:
         kept = [cache.write(b"k" * 4000), cache.write(b"k" * 4000)]
-        before = (files_in(cache.path), cache.stats().written)
+        before = (pages_and_bytes_on_disk(cache), cache.stats().written)
         with pytest.raises(CacheFullError, match=r"writing 4000 bytes .* 8000 bytes are live") as info:
             cache.write(b"x" * 4000)
         assert isinstance(info.value, PageCacheError)
@@ -56,12 +67,13 @@ def test_over_budget_write_raises_and_writes_nothing(root):
             cache.allocate(2001)
         with pytest.raises(CacheFullError, match="writing 10001 bytes"):
             kept.append(cache.write(b"x" * 10_001))  # bigger than the budget on its own
-        assert (files_in(cache.path), cache.stats().written) == before
+        assert (pages_and_bytes_on_disk(cache), cache.stats().written) == before
         kept.pop().release()  # room again, once removed: the write removes it itself
         assert cache.write(b"y" * 4000).read() == b"y" * 4000
         assert cache.allocate(2000).seal().nbytes == 2000
 
 
+@packing_irrelevant  # builders and array pages always have files
 def test_budget_counts_builders_and_array_pages(root):
     np = pytest.importorskip("numpy")
     with PageCache(root, max_bytes=2000) as cache:
@@ -121,7 +133,7 @@ def test_budget_under_threads(root):
     cache.collect()  # the last cyclic pages, then every file: no charge may be left behind
     s = cache.stats()
     assert (s.live_bytes, s.pending_bytes, s.charged_bytes, s.remove_errors) == (0, 0, 0, 0)
-    assert files_in(cache.path) == []
+    assert page_count_on_disk(cache) == 0
     cache.close()
 
 
@@ -219,6 +231,7 @@ def test_over_budget_write_in_a_finalizer_of_its_own_collection_does_not_wait(ro
         del keep
 
 
+@packing_irrelevant
 def test_bad_budget_arguments(root):
     bad_values = ((0, ValueError), (-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError))
     for bad, exc in bad_values:
@@ -239,11 +252,11 @@ def test_collection_removes_its_pages_right_after_it_ends(root, no_gc):
             cyclic(cache, b"g" * 100)
         cache.write(b"refcount").release()  # pending, but not from a collection
         time.sleep(0.1)
-        assert len(files_in(cache.path)) == 51  # nothing drained meanwhile
+        assert page_count_on_disk(cache) == 51  # nothing drained meanwhile
         gc.collect()
         # The reaper removes a chunk's files, then counts them: wait for both.
-        assert wait_until(lambda: files_in(cache.path) == [] and cache.stats().pending == 0), (
-            files_in(cache.path),
+        assert wait_until(lambda: page_count_on_disk(cache) == 0 and cache.stats().pending == 0), (
+            page_count_on_disk(cache),
             cache.stats(),
         )
         s = cache.stats()

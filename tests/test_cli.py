@@ -20,8 +20,9 @@ def cli(*args, root=None):
 
 
 @pytest.fixture
-def two_folders(root):
-    """One live cache (another process) and one orphaned folder (a killed process)."""
+def two_folders(root, packing):
+    """One live cache (another process) and one orphaned folder (a killed process), whose
+    pages are files, or packed (``ls`` counts the slots their segments' tags name)."""
     holder = Holder(root)
     (dead,) = killed_caches(root, caches=1, n=5)  # 5 pages of 4 KiB
     yield holder, dead

@@ -9,6 +9,8 @@ import pytest
 
 from diskpages import PageCache
 
+from conftest import on_disk
+
 REGISTRY = {}
 
 
@@ -52,11 +54,11 @@ def test_explain_names_globals_attributes_locals_and_cycles(cache, no_gc):
 
 def test_explain_does_not_keep_the_page_alive(cache):
     page = cache.write(b"p")
-    path = page.path
+    where = on_disk(page)
     cache.explain(page)
     del page
     cache.flush()
-    assert not path.exists()
+    assert not where.exists()
 
 
 def test_explain_leaves_a_locals_dict_someone_holds(cache):

@@ -11,7 +11,7 @@ import pytest
 
 from diskpages import PageCache, PageLostError
 
-from conftest import files_in, run_python
+from conftest import files_in, page_count_on_disk, run_python
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ FSIZE = """
     import errno, os, resource
     from diskpages import PageCache, _bindings
     resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
-    c = PageCache({root!r})
+    c = PageCache({root!r}, pack_max=0)  # files: a segment is bigger than the limit
     def check(what, call):
         try:
             call()
@@ -122,7 +122,8 @@ def tiny_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_raises_enospc_and_leaves_nothing(tiny_tmpfs):
+@pytest.mark.usefixtures("packing")
+def test_full_disk_raises_enospc_and_leaves_nothing(tiny_tmpfs, packing):
     with PageCache(tiny_tmpfs) as c:
         for call in (
             lambda: c.write(b"z" * (2 << 20)),
@@ -132,12 +133,18 @@ def test_full_disk_raises_enospc_and_leaves_nothing(tiny_tmpfs):
             with pytest.raises(OSError) as info:
                 call()
             assert info.value.errno == errno.ENOSPC
-            assert os.listdir(c.path) == []
-        page = c.write(b"small")  # the cache still works
+            if packing == "files":
+                assert os.listdir(c.path) == []
+            else:  # (the segment of the 4 KiB page may stay, empty)
+                assert page_count_on_disk(c) == 0
+        # The cache still works: a segment that has no room for a 1 MiB chunk grows by
+        # one slot, so a small page fits wherever a 4 KiB file would.
+        page = c.write(b"small")
         assert page.read() == b"small"
 
 
-def test_vanished_file_raises_page_lost(cache):
+def test_vanished_file_raises_page_lost(root):
+    cache = PageCache(root, max_delay=30.0, pack_max=0)  # a page file that vanishes
     page = cache.write(b"here")
     os.unlink(page.path)
     with pytest.raises(PageLostError):
@@ -147,19 +154,22 @@ def test_vanished_file_raises_page_lost(cache):
     page.release()
     assert cache.flush() == 1
     assert cache.stats().remove_errors == 0  # already gone counts as removed
+    cache.close()
 
 
-def test_file_of_wrong_size_is_refused_not_mapped(cache):
+def test_file_of_wrong_size_is_refused_not_mapped(root):
+    cache = PageCache(root, pack_max=0)  # a page file someone truncates
     page = cache.write(b"x" * 8192)
     os.truncate(page.path, 100)  # a view of this would fault past the end (SIGBUS)
     with pytest.raises(PageLostError):
         page.view()
     with pytest.raises(PageLostError):
         page.read()
+    cache.close()
 
 
 def test_folder_removed_under_the_cache(root):
-    cache = PageCache(root)
+    cache = PageCache(root, pack_max=0)  # (an open segment would still take small pages)
     page = cache.write(b"p")
     shutil.rmtree(cache.path)
     with pytest.raises(FileNotFoundError):
@@ -189,7 +199,7 @@ def test_builder_whose_mapping_fails_leaves_no_file(cache, monkeypatch):
 def test_a_removal_that_fails_is_counted_and_its_bytes_stay_charged(root):
     from diskpages import CacheFullError
 
-    cache = PageCache(root, max_bytes=8192, max_delay=3600)
+    cache = PageCache(root, max_bytes=8192, max_delay=3600, pack_max=0)  # a file's unlink fails
     page = cache.write(b"a" * 4096)
     path = page.path
     os.unlink(path)
@@ -218,22 +228,34 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.usefixtures("packing")
 def test_view_whose_mapping_fails_raises_and_leaks_no_fd(cache, monkeypatch):
+    import pickle
+
     from diskpages import _bindings
 
     page = cache.write(b"v" * 8192)
+    borrowed = pickle.loads(pickle.dumps(page))
     fds = open_fds()
 
-    def refused(fd, target, nbytes, path, align=1):
+    def refused(fd_or_pin, target, nbytes, path, align=1):
         raise OSError(errno.ENOMEM, "Cannot allocate memory", path)
 
-    monkeypatch.setattr(_bindings, "map_fixed", refused)
+    monkeypatch.setattr(_bindings, "pin_map", refused)  # a page's own view
+    monkeypatch.setattr(_bindings, "map_fixed", refused)  # a borrower's (a file's: zero-copy)
     for _ in range(20):
         with pytest.raises(OSError):
             page.view()
+        if not page.packed:  # (a borrowed slot is a checked copy: nothing to map)
+            with pytest.raises(OSError):
+                borrowed.view()
     assert open_fds() == fds
     monkeypatch.undo()
-    assert page.view() == b"v" * 8192
+    assert page.view() == b"v" * 8192 and borrowed.view() == b"v" * 8192
+    page.release()
+    cache.flush()
+    s = cache.stats()
+    assert (s.pinned, s.charged_bytes) == (0, 0), s  # the failed views' pins went too
 
 
 def test_cache_that_fails_to_open_leaves_no_folder(root, monkeypatch):
@@ -257,14 +279,15 @@ def test_c_layer_refuses_bad_arguments(tmp_path):
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         bad = [
-            (3, 1, 1, lib.DP_REMOVE_AUTO),
-            (0, 0, 1, lib.DP_REMOVE_AUTO),
-            (0, 1, 0, lib.DP_REMOVE_AUTO),
-            (0, 1, 1, lib.DP_REMOVE_URING),
-            (0, 1, 1, 7),
+            (3, 1, 1, lib.DP_REMOVE_AUTO, 0),
+            (0, 0, 1, lib.DP_REMOVE_AUTO, 0),
+            (0, 1, 0, lib.DP_REMOVE_AUTO, 0),
+            (0, 1, 1, -1, 0),
+            (0, 1, 1, 7, 0),
+            (0, 1, 1, lib.DP_REMOVE_AUTO, lib.DP_PACK_LIMIT + 1),
         ]
-        for sync, batch, delay, remover in bad:
-            assert lib.dp_cache_open(fd, sync, batch, delay, remover, 0, out) == -errno.EINVAL
+        for sync, batch, delay, remover, pack_max in bad:
+            assert lib.dp_cache_open(fd, sync, batch, delay, remover, 0, pack_max, out) == -errno.EINVAL
             assert out.ptr == ffi.NULL  # nothing handed over
     finally:
         os.close(fd)  # on failure the fd stays the caller's
@@ -275,7 +298,7 @@ def test_write_many_failure_names_the_buffer(root):
         import errno, os, resource
         from diskpages import PageCache
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
-        c = PageCache({str(root)!r})
+        c = PageCache({str(root)!r}, pack_max=0)  # files: a segment is bigger than the limit
         try:
             c.write_many([b"a", b"b", b"c" * 200000])
         except OSError as e:

@@ -3,7 +3,8 @@ can arrive at any bytecode. Whatever C hands back is owned before the next bytec
 so an interrupt anywhere in a write leaves no file, no live or charged bytes and no fd
 without a Page. Checked two ways: deterministically at every bytecode of diskpages' own
 Python code (a tracer raises at the k-th opcode, for every k), and with a real signal
-handler raising every 0.5 ms for seconds."""
+handler raising every 0.5 ms for seconds. The write paths that can make packed pages
+(write, write_many) run for both kinds of page (the `packing` fixture)."""
 
 import gc
 import os
@@ -18,6 +19,8 @@ import pytest
 
 import diskpages
 from diskpages import PageCache
+
+from conftest import page_count_on_disk
 
 pytestmark = pytest.mark.lifetime
 
@@ -88,8 +91,13 @@ def run_interrupted_at(op, cache, k: int):
         sys.settrace(None)
 
 
-@pytest.mark.parametrize("name", list(OPERATIONS))
-def test_an_interrupt_at_every_bytecode_orphans_nothing(root, name):
+# write() and write_many() make packed pages or files; the rest always make files
+PACKABLE = ("write", "write_many")
+CASES = [(p, name) for name in OPERATIONS for p in (("files", "packed") if name in PACKABLE else ("packed",))]
+
+
+@pytest.mark.parametrize("packing, name", CASES, indirect=["packing"])
+def test_an_interrupt_at_every_bytecode_orphans_nothing(root, packing, name):
     op = OPERATIONS[name]
     with PageCache(root, max_delay=3600) as cache:
         op(cache)  # warm up: first-use imports and caches
@@ -169,6 +177,7 @@ class Interrupter:
             self.interrupted += 1
 
 
+@pytest.mark.usefixtures("packing")
 def test_a_signal_handler_raising_every_half_millisecond_orphans_nothing(root):
     """Interrupts from a real signal handler, repeated every 0.5 ms for seconds, across all
     the write paths: the live pages, the folder and the fd count end where they started."""
@@ -190,10 +199,11 @@ def test_a_signal_handler_raising_every_half_millisecond_orphans_nothing(root):
         cache.flush()
         s = cache.stats()
         assert s.live_pages == 0 and s.charged_bytes == 0, s
-        assert os.listdir(cache.path) == []
+        assert page_count_on_disk(cache) == 0, os.listdir(cache.path)
         assert fds() == start_fds
 
 
+@pytest.mark.usefixtures("packing")
 def test_interrupts_never_fill_the_budget_for_good(root):
     """Repeated interrupts used to leak records until max_bytes was full for good."""
     with PageCache(root, max_delay=3600, max_bytes=1 << 20) as cache:
@@ -221,6 +231,7 @@ def test_interrupted_allocate_leaves_no_fd_after_close(root):
     assert fds() == start
 
 
+@pytest.mark.usefixtures("packing")
 def test_interrupt_in_one_thread_while_another_writes(root):
     """The main thread gets the interrupts; another thread keeps writing. Nothing leaks."""
     with PageCache(root, max_delay=3600) as cache:
@@ -244,4 +255,4 @@ def test_interrupt_in_one_thread_while_another_writes(root):
         gc.collect()
         cache.flush()
         assert cache.stats().live_pages == 0
-        assert os.listdir(cache.path) == []
+        assert page_count_on_disk(cache) == 0

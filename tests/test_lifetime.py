@@ -8,42 +8,43 @@ import pytest
 
 from diskpages import PageCache, PageReleasedError
 
-from conftest import files_in, run_python, wait_until
+from conftest import files_in, on_disk, run_python, wait_until
 
 # Also run under AddressSanitizer by .ci/run (-m lifetime): a page's C record must not be
-# touched after it is freed, here or in the child interpreters these tests start.
-pytestmark = pytest.mark.lifetime
+# touched after it is freed, here or in the child interpreters these tests start. Every
+# test runs for pages with files of their own and for packed pages (slots in segments).
+pytestmark = [pytest.mark.lifetime, pytest.mark.usefixtures("packing")]
 
 
 def test_del_releases_and_flush_removes(cache):
     page = cache.write(b"abc")
-    path = page.path
+    where = on_disk(page)
     del page
     stats = cache.stats()
     assert (stats.live_pages, stats.pending) == (0, 1)
-    assert path.exists()  # max_delay=30 in this fixture: still queued
+    assert where.exists()  # max_delay=30 in this fixture: still queued
     assert cache.flush() == 1
-    assert not path.exists()
+    assert not where.exists()
     assert cache.stats().removed == 1
 
 
 def test_removed_without_any_call_within_max_delay(root):
     with PageCache(root, max_delay=0.05) as cache:
         page = cache.write(b"x" * 4096)
-        path = page.path
+        where = on_disk(page)
         del page
         # Liveness, not timing: the reaper removes it with no call from us. The bound is
         # generous for a loaded CI machine; the latency itself (median 35 ms for a
         # max_delay of 50 ms) is measured in benchmarks/test_removal_latency.py.
-        assert wait_until(lambda: not path.exists() and cache.stats().removed == 1, timeout=10)
+        assert wait_until(lambda: not where.exists() and cache.stats().removed == 1, timeout=10)
 
 
 def test_batch_triggers_removal_before_max_delay(root):
     with PageCache(root, batch=8, max_delay=60.0) as cache:
         pages = [cache.write(b"b") for _ in range(8)]
-        paths = [p.path for p in pages]
+        wheres = [on_disk(p) for p in pages]
         del pages
-        assert wait_until(lambda: not any(p.exists() for p in paths), timeout=10)
+        assert wait_until(lambda: not any(w.exists() for w in wheres), timeout=10)
 
 
 def test_finalizer_keeps_nothing_alive(cache):
@@ -59,13 +60,13 @@ def test_page_in_unreachable_cycle_waits_for_collector(cache):
         holder: list = []
         holder.append(holder)
         holder.append(cache.write(b"cyclic"))
-        path = holder[1].path
+        where = on_disk(holder[1])
         del holder
         cache.flush()
-        assert path.exists(), "removed while the cycle was not yet collected"
+        assert where.exists(), "removed while the cycle was not yet collected"
         assert cache.stats().live_pages == 1
         cache.collect()  # the collection wakes the reaper too: either may remove it
-        assert not path.exists()
+        assert not where.exists()
         assert cache.stats().removed == 1
     finally:
         gc.enable()
@@ -215,7 +216,8 @@ def test_gc_disabled_program_still_cleans_at_exit(root):
         c = PageCache({str(root)!r})
         for _ in range(500):
             a = [c.write(b"x" * 64)]; a.append(a)
-        assert len([n for n in __import__("os").listdir(c.path)]) == 500
+        import os; from diskpages._folders import _contents
+        fd = os.open(c.path, os.O_RDONLY); assert _contents(fd)[0] == 500; os.close(fd)
     """)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert files_in(root) == []

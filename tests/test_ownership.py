@@ -4,7 +4,8 @@ page still needs it. Each case ends by checking a page of an unrelated, live cac
 freed memory is reused, that is whose files an unsound model deletes.
 
 CI runs these against an AddressSanitizer build too (the `lifetime` marker), where a
-use-after-free that happens to leave the bytes intact still fails."""
+use-after-free that happens to leave the bytes intact still fails. Every test runs for
+pages with files of their own and for packed pages (the `packing` fixture)."""
 
 import errno
 import gc
@@ -18,21 +19,24 @@ import pytest
 import diskpages
 from diskpages import PageCache, PageReleasedError
 
-from conftest import files_in, run_python, wait_until
+from conftest import files_in, files_only, on_disk, page_count_on_disk, run_python, wait_until
 
-pytestmark = pytest.mark.lifetime
+pytestmark = [pytest.mark.lifetime, pytest.mark.usefixtures("packing")]
 
 
 @pytest.fixture
-def bystander(tmp_path):
+def bystander(request, tmp_path):
     """A live cache with live pages, unrelated to the test: its files must survive."""
+    request.getfixturevalue("packing")  # made as the test's caches are
     with PageCache(tmp_path / "bystander", max_delay=0.001) as cache:
         pages = [cache.write(bytes([i]) * 1000) for i in range(50)]
+        wheres = [on_disk(p) for p in pages]
         yield cache, pages
         cache.flush()
-        for i, page in enumerate(pages):
-            assert page.read() == bytes([i]) * 1000, f"a live page of another cache lost {page.path}"
-        assert len(files_in(cache.path)) == len(pages)
+        for i, (page, where) in enumerate(zip(pages, wheres, strict=True)):
+            assert page.read() == bytes([i]) * 1000, f"a live page of another cache lost {where}"
+            assert where.exists(), f"a live page of another cache lost {where}"
+        assert page_count_on_disk(cache) == len(pages)
 
 
 def fds() -> int:
@@ -112,7 +116,7 @@ def test_a_page_outliving_its_cache_object_reads_as_released(root):
 def test_a_resurrected_page_is_released_and_inert(cache, bystander, no_gc, order):
     resurrected.clear()
     page = cache.write(b"r" * 5000)
-    path = page.path
+    where = on_disk(page)
     held = (page,)
     if order == "resurrector first":
         Resurrector(*held)
@@ -130,14 +134,14 @@ def test_a_resurrected_page_is_released_and_inert(cache, bystander, no_gc, order
     page.release()  # returns
     assert repr(page).endswith("released>")
     cache.flush()
-    assert not path.exists()
+    assert not where.exists()
     bystander[0].flush()
 
 
 def test_pages_kept_by_debug_saveall_are_released_and_inert(cache, bystander, no_gc):
     pages = [cache.write(bytes([i]) * 100) for i in range(20)]
     Cycle(*pages)
-    paths = [p.path for p in pages]
+    wheres = [on_disk(p) for p in pages]
     del pages
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
@@ -154,7 +158,7 @@ def test_pages_kept_by_debug_saveall_are_released_and_inert(cache, bystander, no
         with pytest.raises(PageReleasedError):
             page.read()
         page.release()
-    assert not any(p.exists() for p in paths)
+    assert not any(w.exists() for w in wheres)
     del kept
     gc.garbage.clear()
 
@@ -391,6 +395,7 @@ def test_write_many_refuses_sizes_whose_sum_wraps(cache):
     assert rc == -errno.EOVERFLOW
 
 
+@files_only  # about linkat naming a file through /proc; a packed page gets no name
 def test_a_thread_with_its_own_fd_table_names_its_own_file(root, tmp_path):
     """/proc/self/fd is the thread-group leader's table: after unshare(CLONE_FILES) a
     thread's fd N there can be another file, which the page's name would then be given to."""
@@ -399,7 +404,7 @@ def test_a_thread_with_its_own_fd_table_names_its_own_file(root, tmp_path):
     libc = ctypes.CDLL(None, use_errno=True)
     CLONE_FILES = 0x400
     (tmp_path / "decoy").write_bytes(b"not the page")
-    with PageCache(root) as cache:
+    with PageCache(root, pack_max=0) as cache:
         decoy = os.open(tmp_path / "decoy", os.O_RDONLY)  # the lowest free number
         result = []
 
@@ -455,7 +460,7 @@ def test_pages_found_by_live_while_another_thread_finalizes_them(root, bystander
             t.join()
         assert not errors, errors[:3]
         gc.collect()
-        assert wait_until(lambda: cache.flush() >= 0 and files_in(cache.path) == [])
+        assert wait_until(lambda: cache.flush() >= 0 and page_count_on_disk(cache) == 0)
 
 
 def test_forked_child_with_cyclic_pages_and_cache_dying_together(root):

@@ -504,3 +504,47 @@ def test_a_segment_shrinks_when_its_pages_go(tmp_path):
         assert [p.read() for p in keep] == [b"s" * 4096] * 100
         more = c.write_many([b"m" * 4096] * 1000)  # and it grows again
         assert [p.read() for p in more[::100]] == [b"m" * 4096] * 10
+
+
+def test_a_thread_with_its_own_fd_table_never_makes_the_segment(tmp_path):
+    """A segment's fd is shared by every thread: one made in a thread that unshared its
+    fd table would be another file (or none) everywhere else. That thread's page gets a
+    file instead, and the segment is made by a thread of the process's table."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    decoy_path = tmp_path / "decoy"
+    decoy_path.write_bytes(b"not a page")
+    with PageCache(tmp_path / "root") as c:
+        decoy = os.open(decoy_path, os.O_RDWR)  # its number is free in the thread's table
+        made = []
+
+        def own_table():
+            if libc.unshare(0x400) != 0:  # CLONE_FILES
+                made.append(None)
+                return
+            os.close(decoy)
+            made.append(c.write(b"the page"))
+
+        t = threading.Thread(target=own_table)
+        t.start()
+        t.join()
+        if made == [None]:
+            pytest.skip("unshare(CLONE_FILES) is not allowed here")
+        second = c.write(b"second page")
+        os.close(decoy)
+        assert decoy_path.read_bytes() == b"not a page"
+        assert not made[0].packed and made[0].read() == b"the page"
+        assert second.packed and second.read() == b"second page"
+
+
+def test_a_view_of_a_segment_cut_short_raises_page_lost(tmp_path):
+    with PageCache(tmp_path) as c:
+        page = c.write(b"x" * 8192)
+        size, _ = native.page_slot(page._hold)
+        os.truncate(c.path / native.segment_name(size), native.TAGS_BYTES + 100)
+        with pytest.raises(PageLostError):
+            page.view()  # a mapping past the end would fault (SIGBUS)
+        with pytest.raises(PageLostError):
+            page.read()

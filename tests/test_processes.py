@@ -1,10 +1,13 @@
 """Pages across processes: forks borrow, pickles borrow, killed processes are swept, and
-nothing is printed or left at exit. Every test runs real processes."""
+nothing is printed or left at exit. Every test runs real processes, and (the `packing`
+fixture) for pages with files of their own and for packed pages alike, unless it says
+otherwise."""
 
 import os
 import pickle
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -16,11 +19,28 @@ import pytest
 import diskpages
 from diskpages import BorrowedPage, PageCache, PageLostError, PageReleasedError, UnsafeRootError
 
-from conftest import files_in, run_python, wait_until
+from conftest import (
+    files_in,
+    files_only,
+    on_disk,
+    packing_irrelevant,
+    page_count_on_disk,
+    run_python,
+    wait_until,
+)
 
+pytestmark = pytest.mark.usefixtures("packing")
 
-def page_files(folder):
-    return sorted(n for n in files_in(Path(folder)) if n.endswith(".page"))
+# For the scripts below: pages on disk in a folder, as page_count_on_disk counts them.
+COUNT = """
+def page_count_on_disk(folder):
+    from diskpages._folders import _contents
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return _contents(fd)[0]
+    finally:
+        os.close(fd)
+"""
 
 
 def run_script(tmp_path, code, *args, timeout=120):
@@ -37,7 +57,7 @@ def run_script(tmp_path, code, *args, timeout=120):
 MP_FORK = """
 import gc, multiprocessing as mp, os, sys
 from diskpages import PageCache
-
+{count}
 cache = PageCache({root!r})
 pages = [cache.write(bytes([i]) * 4096) for i in range(50)]
 
@@ -65,25 +85,25 @@ if __name__ == "__main__":
     proc.join(30)
     assert proc.exitcode == 0, proc.exitcode
     assert not os.path.exists(own_path), "the child's own cache outlived the child"
-    assert len(os.listdir(cache.path)) == 50, os.listdir(cache.path)
+    assert page_count_on_disk(cache.path) == 50, os.listdir(cache.path)
     assert all(p.read() == bytes([i]) * 4096 for i, p in enumerate(pages))
     with ctx.Pool(2) as pool:  # pool workers fork too, and exit through os._exit
         assert pool.map(len, [b"x"] * 4) == [1] * 4
-    assert len(os.listdir(cache.path)) == 50
+    assert page_count_on_disk(cache.path) == 50
     print("ok")
 """
 
 
 def test_multiprocessing_fork_children_borrow_and_clean_only_their_own(root, tmp_path):
-    proc = run_script(tmp_path, MP_FORK.format(root=str(root)))
+    proc = run_script(tmp_path, MP_FORK.format(root=str(root), count=COUNT))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ok\n" and proc.stderr == ""
     assert files_in(root) == []
 
 
 FORK_OWN_CACHE = """
-import os, sys, warnings
-from diskpages import PageCache
+import os, pickle, sys, warnings
+from diskpages import PageCache, PageLostError
 warnings.filterwarnings("ignore", "This process", DeprecationWarning)  # 3.12+: fork beside the reaper
 cache = PageCache({root!r})
 page = cache.write(b"parent")
@@ -92,13 +112,17 @@ if pid == 0:
     # the reaper thread did not come along: a child cache of its own works normally
     with PageCache({root!r}, max_delay=0.01) as own:
         p = own.write(b"child")
-        path = p.path
+        borrowed = pickle.loads(pickle.dumps(p))  # reads the page's file or slot until it goes
         assert p.read() == b"child"
         del p
         deadline = __import__("time").monotonic() + 10
-        while path.exists() and __import__("time").monotonic() < deadline:
-            pass
-        assert not path.exists(), "the child's own reaper did not remove its page"
+        gone = False
+        while not gone and __import__("time").monotonic() < deadline:
+            try:
+                borrowed.read()
+            except PageLostError:
+                gone = True
+        assert gone, "the child's own reaper did not remove its page"
     os._exit(0)
 _, status = os.waitpid(pid, 0)
 assert os.waitstatus_to_exitcode(status) == 0, status
@@ -151,22 +175,32 @@ def mapped_paths():
         return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
 
 
-def test_pickled_page_borrows_in_this_process(cache):
+def test_pickled_page_borrows_in_this_process(cache, packing):
     page = cache.write(b"shared bytes")
     other = pickle.loads(pickle.dumps(page))
     assert isinstance(other, BorrowedPage) and other.borrowed and not page.borrowed
-    assert (other.id, other.nbytes, other.path) == (page.id, page.nbytes, page.path)
+    assert (other.id, other.nbytes) == (page.id, page.nbytes)
+    assert other.packed == page.packed == (packing == "packed")
+    if packing == "files":
+        assert other.path == page.path
+    else:
+        with pytest.raises(ValueError, match="packed"):
+            other.path  # noqa: B018
     assert other.read() == b"shared bytes"
     view = other.view()
     assert bytes(view) == b"shared bytes" and view.readonly
-    assert str(page.path) in mapped_paths()  # zero-copy: a mapping of the page's own file
+    if packing == "files":
+        assert str(page.path) in mapped_paths()  # zero-copy: a mapping of the page's own file
+    else:  # a checked copy: the owner may reuse the slot
+        assert isinstance(view.obj, bytes)
+    where = on_disk(page)
     other.release()
     assert other.released and not page.released
     with pytest.raises(PageReleasedError):
         other.read()
     del other
     cache.flush()
-    assert page.path.exists() and page.read() == b"shared bytes"
+    assert where.exists() and page.read() == b"shared bytes"
     again = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(page))))
     assert again.read() == b"shared bytes"
     with pytest.raises(TypeError):
@@ -186,9 +220,19 @@ def test_borrower_after_the_owner_released_gets_page_lost_never_a_crash(cache):
     assert bytes(early[:3]) == b"abc"  # a view taken before stays readable
 
 
-def test_borrower_never_reads_another_file_under_the_same_name(cache):
+def test_borrower_never_reads_another_file_under_the_same_name(cache, packing):
     page = cache.write(b"first")
     other = pickle.loads(pickle.dumps(page))
+    if packing == "packed":
+        # the segment replaced by a copy of itself: the same bytes and tags, another file
+        # (the cache's fd keeps the old inode, so the copy cannot take its number)
+        segment = other._path
+        copy = segment.read_bytes()
+        os.unlink(segment)
+        segment.write_bytes(copy)
+        with pytest.raises(PageLostError, match="not the page"):
+            other.read()
+        return
     os.unlink(page.path)
     time.sleep(0.05)  # past the file system's clock tick: the check is inode + change time
     page.path.write_bytes(b"other")  # same name, same size, another file (often same inode)
@@ -217,12 +261,20 @@ import multiprocessing as mp, os, pickle, sys
 def borrow(blob):
     page = pickle.loads(blob)
     view = page.view()
-    with open("/proc/self/maps") as f:
-        mapped = str(page.path) in f.read()
+    if page.packed:  # a slot the owner may reuse: a checked copy, never a mapping
+        mapped = not isinstance(view.obj, bytes)
+    else:
+        with open("/proc/self/maps") as f:
+            mapped = str(page.path) in f.read()
     data = bytes(view)
+    packed = page.packed
     page.release()
     del page  # its death, too, must leave the file alone
-    return data, mapped
+    return data, mapped, packed
+
+def still_there(page):
+    # the owner's file (or slot) as it was: a new borrower reads it, and checks it
+    return pickle.loads(pickle.dumps(page)).read() == page.read()
 
 if __name__ == "__main__":
     from diskpages import PageCache
@@ -230,15 +282,19 @@ if __name__ == "__main__":
     page = cache.write(b"%d" % os.getpid() * 1000)
     for method in ("spawn", "fork"):
         with mp.get_context(method).Pool(1) as pool:
-            data, mapped = pool.apply(borrow, (pickle.dumps(page),))
+            data, mapped, packed = pool.apply(borrow, (pickle.dumps(page),))
         assert data == page.read(), method
-        assert mapped, method + ": the borrower copied instead of mapping"
-        assert page.path.exists(), method + ": a borrower removed the owner's file"
+        assert packed == page.packed, method
+        if packed:  # a slot the owner may reuse: a checked copy, never a mapping
+            assert not mapped, method + ": the borrower mapped a slot"
+        else:
+            assert mapped, method + ": the borrower copied instead of mapping"
+        assert still_there(page), method + ": a borrower removed the owner's file"
     # a borrower whose process exits normally (atexit runs) leaves it too
     code = "import pickle, sys; p = pickle.loads(sys.stdin.buffer.read()); p.read(); sys.exit(0)"
     import subprocess
     subprocess.run([sys.executable, "-c", code], input=pickle.dumps(page), check=True)
-    assert page.path.exists() and page.read()[:4] == (b"%d" % os.getpid())[:4]
+    assert still_there(page) and page.read()[:4] == (b"%d" % os.getpid())[:4]
     print("ok")
 """
 
@@ -298,7 +354,7 @@ def test_sweep_removes_killed_processes_folders_and_never_a_live_one(root):
         with PageCache(root) as mine:  # and one in this process
             page = mine.write(b"mine")
             dead = killed_caches(root, caches=3)
-            assert all(len(page_files(d)) == 10 for d in dead)
+            assert all(page_count_on_disk(d) == 10 for d in dead)
             removed = diskpages.sweep(root)
             assert sorted(map(str, removed)) == sorted(dead)
             assert not any(os.path.exists(d) for d in dead)
@@ -309,6 +365,7 @@ def test_sweep_removes_killed_processes_folders_and_never_a_live_one(root):
     assert files_in(root) == []
 
 
+@packing_irrelevant
 def test_live_cache_is_safe_whatever_its_pid(root):
     # A live folder renamed to a dead process's pid (pid reuse, in effect): the lock decides.
     holder = Holder(root)
@@ -329,6 +386,7 @@ def test_new_cache_sweeps_its_root(root):
         assert files_in(root) == [cache.path.name]
 
 
+@packing_irrelevant
 def test_sweep_of_a_missing_root_is_empty(tmp_path):
     assert diskpages.sweep(tmp_path / "nothing here") == []
 
@@ -356,6 +414,7 @@ print(made)
 """
 
 
+@packing_irrelevant
 def test_sweep_and_ls_racing_cache_creation_never_break_a_new_cache(root):
     root.mkdir(mode=0o700)
     until = str(time.monotonic() + 4)
@@ -375,6 +434,7 @@ def test_sweep_and_ls_racing_cache_creation_never_break_a_new_cache(root):
     assert files_in(root) == []
 
 
+@packing_irrelevant
 def test_sweep_leaves_what_is_not_a_cache_folder(root, tmp_path):
     root.mkdir(mode=0o700)
     target = tmp_path / "precious"
@@ -434,15 +494,42 @@ while True:
 
 
 def check_whole(folder):
-    """Every file under a page's name has its full size and bytes. (Where the file system
-    has no O_TMPFILE, a page being written is "<id>.part": not a page's name.)"""
-    names = [n for n in files_in(Path(folder)) if not n.endswith(".part")]
-    for name in names:
-        i = int(name.split(".")[0])
-        data = open(os.path.join(folder, name), "rb").read()
-        assert len(data) == (i * 7919 % 97 + 1) * 8192, f"{name} is {len(data)} bytes: half written"
-        assert data == bytes([i % 251]) * len(data), f"{name} has the wrong bytes"
-    return len(names)
+    """Every file under a page's name, and every slot whose tag names a page, has the
+    page's full size and bytes; returns how many pages it checked. (Where the file system
+    has no O_TMPFILE, a page being written is "<id>.part": not a page's name. A slot's tag
+    is set once its bytes are in.)"""
+    pages = 0
+    for name in files_in(Path(folder)):
+        if name.endswith(".slots"):
+            pages += check_whole_slots(Path(folder) / name)
+        elif not name.endswith(".part"):
+            i = int(name.split(".")[0])
+            data = open(os.path.join(folder, name), "rb").read()
+            assert len(data) == (i * 7919 % 97 + 1) * 8192, f"{name} is {len(data)} bytes: half written"
+            assert data == bytes([i % 251]) * len(data), f"{name} has the wrong bytes"
+            pages += 1
+    return pages
+
+
+def check_whole_slots(segment: Path) -> int:
+    """check_whole for a segment of packed pages (csrc/diskpages.h: tags, then slots)."""
+    from diskpages import _bindings as native
+
+    slot_size = int(segment.name.removesuffix(".slots"))
+    pages = 0
+    with open(segment, "rb") as f:
+        slots = max(0, os.fstat(f.fileno()).st_size - native.TAGS_BYTES) // slot_size
+        tags = f.read(slots * native.TAG_BYTES)
+        for slot, (i, nbytes, _, _) in enumerate(struct.iter_unpack("<QQQQ", tags)):
+            if not i:
+                continue
+            where = f"slot {slot} of {segment}: page {i}"
+            assert nbytes == (i * 7919 % 97 + 1) * 8192, f"{where} is {nbytes} bytes"
+            f.seek(native.TAGS_BYTES + slot * slot_size)
+            data = f.read(nbytes)
+            assert data == bytes([i % 251]) * nbytes, f"{where} is half written"
+            pages += 1
+    return pages
 
 
 @pytest.mark.parametrize(
@@ -453,19 +540,20 @@ def check_whole(folder):
 def test_sigkill_while_writing_leaves_no_half_written_page(root, delay, tmpfile):
     survivor = PageCache(root)
     kept = survivor.write(b"survivor")
+    kept_on_disk = on_disk(kept)
     env = dict(os.environ, DISKPAGES_TMPFILE=tmpfile)  # "0": as on a file system without O_TMPFILE
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True, env=env
     )
     try:  # the writer never stops by itself: kill it whatever happens here
         folder = proc.stdout.readline().strip()
-        assert wait_until(lambda: len(files_in(Path(folder))) > 5, timeout=30)
+        assert wait_until(lambda: page_count_on_disk(folder) > 5, timeout=30)
         time.sleep(delay)
     finally:
         proc.kill()
         proc.wait()
     assert check_whole(folder) > 0
-    assert files_in(survivor.path) == [kept.path.name]
+    assert page_count_on_disk(survivor) == 1 and kept_on_disk.exists()
     assert [str(p) for p in diskpages.sweep(root)] == [folder]
     assert kept.read() == b"survivor"
     survivor.close()
@@ -477,14 +565,18 @@ def test_sigkill_while_writing_leaves_no_half_written_page(root, delay, tmpfile)
 
 def test_root_cache_folder_and_pages_are_private(root):
     with PageCache(root) as cache:
-        page = cache.write(b"x")
+        cache.write(b"x")  # a page's file, or a slot of a segment file
         assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(cache.path).st_mode) == 0o700
-        assert stat.S_IMODE(os.stat(page.path).st_mode) == 0o600
         built = cache.allocate(4).seal()
         assert stat.S_IMODE(os.stat(built.path).st_mode) == 0o600
+        names = os.listdir(cache.path)
+        assert len(names) == 2, names
+        for name in names:
+            assert stat.S_IMODE(os.stat(cache.path / name).st_mode) == 0o600, name
 
 
+@packing_irrelevant
 def test_root_that_is_a_symlink_is_refused(root, tmp_path):
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
@@ -496,6 +588,7 @@ def test_root_that_is_a_symlink_is_refused(root, tmp_path):
     assert os.listdir(real) == []
 
 
+@packing_irrelevant
 @pytest.mark.parametrize("mode", [0o777, 0o1777, 0o720, 0o702])
 def test_root_writable_by_others_is_refused(root, mode):
     root.mkdir()
@@ -505,6 +598,7 @@ def test_root_writable_by_others_is_refused(root, mode):
     assert os.listdir(root) == []
 
 
+@packing_irrelevant
 def test_root_of_another_user_is_refused(root):
     if os.geteuid() != 0:
         pytest.skip("making a folder owned by another user needs root")
@@ -547,20 +641,21 @@ if __name__ == "__main__":
         sys.exit(0)  # atexit: the child's own cache goes, the parent's stays
     os.waitpid(pid, 0)
     assert os.listdir(root) == [main.path.name], os.listdir(root)
-    assert len(os.listdir(main.path)) == 2000
+    assert page_count_on_disk(main.path) == 2000
 """
 
 
 def test_exit_with_thousands_of_cyclic_pages_is_silent_and_leaves_nothing(root, tmp_path):
-    proc = run_script(tmp_path, SHUTDOWN, root)
+    proc = run_script(tmp_path, COUNT + SHUTDOWN, root)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
     assert files_in(root) == []
 
 
+@files_only
 def test_without_o_tmpfile_pages_are_written_as_part_files_and_renamed(root, monkeypatch):
     monkeypatch.setenv("DISKPAGES_TMPFILE", "0")
-    with PageCache(root, sync="full") as cache:
+    with PageCache(root, sync="full", pack_max=0) as cache:
         builder = cache.allocate(4)
         assert files_in(cache.path) == [f"{builder.id}.part"]
         builder.view()[:] = b"abcd"
@@ -575,6 +670,7 @@ def test_without_o_tmpfile_pages_are_written_as_part_files_and_renamed(root, mon
         assert files_in(cache.path) == []
 
 
+@files_only
 def test_without_proc_nameless_pages_are_named_through_at_empty_path(root):
     # With no /proc, /proc/self/fd/N cannot be linked; the page is named by
     # linkat(fd, "", AT_EMPTY_PATH) instead. Hide /proc in a mount namespace of its own.
@@ -582,7 +678,7 @@ def test_without_proc_nameless_pages_are_named_through_at_empty_path(root):
         import os, sys
         from diskpages import PageCache
         assert not os.path.exists("/proc/self/fd")
-        with PageCache(sys.argv[1], sync="full") as cache:
+        with PageCache(sys.argv[1], sync="full", pack_max=0) as cache:
             builder = cache.allocate(4)
             assert os.listdir(cache.path) == []  # nameless while unsealed, not a .part file
             builder.view()[:] = b"abcd"
@@ -613,6 +709,7 @@ def test_without_proc_nameless_pages_are_named_through_at_empty_path(root):
     assert files_in(root) == []
 
 
+@packing_irrelevant
 @pytest.mark.parametrize("probe", ["sweep", "ls"])
 def test_a_folder_between_mkdir_and_its_lock_is_left_alone(root, probe):
     """The window a new cache is in, held open: a sweep or ls must wait for it to close
@@ -668,6 +765,7 @@ def lookalikes_of(dead: str) -> list[Path]:
     return made
 
 
+@packing_irrelevant
 @pytest.mark.parametrize("how", ["sweep", "PageCache", "ls"])
 def test_a_folder_only_named_like_a_cache_folder_is_never_swept_or_listed(root, how):
     from diskpages._folders import list_folders

@@ -11,11 +11,17 @@ what must be true and checks it against the public API, the folder and /proc/sel
   every released one is inert: ``released`` is True, read()/view()/array()/pickle raise
   PageReleasedError, release() just returns;
 - every view or array it holds reads its bytes, whatever happened to the page or cache;
-- the folder holds a file for every unreleased page, none for an unsealed builder, and
-  after flush() exactly the unreleased pages' files; stats() counts the live pages and
-  builders and their bytes, and the releases by cause;
+- the folder holds a file for every unreleased page with a file of its own, and a slot
+  whose tag names it for every unreleased packed page, none for an unsealed builder, and
+  after flush() exactly those (the slot of a released page that a view still pins may
+  keep its tag: it is not free until the view dies; the view's bytes never change);
+  stats() counts the live pages and builders and their bytes, and the releases by cause;
 - open fds and mappings of the cache's files never exceed what the builders and views it
-  holds account for, and come back to where they started at teardown.
+  holds (and the segments of packed pages) account for, and come back to where they
+  started at teardown.
+
+Both machines run for pages with files of their own and for packed pages (the `packing`
+fixture).
 
 Collected cycles that resurrect their pages (a ``__del__`` that stores them in a global),
 and gc.DEBUG_SAVEALL, give back Page and PageBuilder objects whose finalizer already ran:
@@ -66,10 +72,13 @@ from diskpages import (
     PageLostError,
     PageReleasedError,
 )
+from diskpages import _bindings as native
+
+from conftest import page_files_on_disk, segment_count, slot_ids_on_disk
 
 np = pytest.importorskip("numpy")
 
-pytestmark = pytest.mark.lifetime
+pytestmark = [pytest.mark.lifetime, pytest.mark.usefixtures("packing")]
 
 ZOMBIES_ENV = "DISKPAGES_SM_ZOMBIES"
 
@@ -136,9 +145,16 @@ class CycleRec:
     resurrect: bool
 
 
+def key_of(obj: Page | PageBuilder) -> str:
+    """A page's (or builder's) key in the model: the path its file has or would have,
+    unique across caches. A packed page has no file (page.path raises), but a key all the
+    same."""
+    return str(obj._cache.path / native.page_name(obj.id))
+
+
 @dataclass(eq=False)
 class PageRec:
-    key: str  # the page's path: unique across caches
+    key: str  # the page's path (see key_of): unique across caches
     gen: int  # which cache (the machine opens a fresh one after close)
     data: bytes
     arr: Any = None  # the expected array, for .npy pages
@@ -146,7 +162,9 @@ class PageRec:
     cycle: CycleRec | None = None  # a cycle (held or dropped) that holds the object
     zombie: Page | None = None  # finalized, but brought back (resurrected or gc.garbage)
     released: bool = False
-    removed: bool = False  # its file is known to be gone
+    removed: bool = False  # its file is known to be gone (its slot freed, unless pinned)
+    packed: bool = False  # a slot in a segment, not a file of its own
+    id: int = 0
     kind = "page"
 
     @property
@@ -187,6 +205,7 @@ class ViewRec:
     view: Any  # memoryview or ndarray
     expect: Any  # bytes, or an ndarray for arrays; None: a builder view, read its rec
     mapped: bool  # holds a mapping of a cache file
+    pins: bool = False  # a page's own view: its bytes (file or slot) stay, pinned, until it dies
 
 
 @dataclass(eq=False)
@@ -331,8 +350,11 @@ class Machine(RuleBasedStateMachine):
 
     def new_page(self, page: Page, data: bytes, arr: Any = None) -> PageRec:
         assert isinstance(page, Page), page
-        rec = PageRec(str(page.path), self.cur.gen, data, arr, obj=page)
-        assert page.path.parent == self.cache.path
+        rec = PageRec(key_of(page), self.cur.gen, data, arr, obj=page, packed=page.packed, id=page.id)
+        if rec.packed:
+            self.expect_error(ValueError, lambda: page.path, "path of a packed page")
+        else:
+            assert page.path.parent == self.cache.path
         assert not any(r.key == rec.key for r in self.pages), f"two pages at {rec.key}"
         assert page.nbytes == len(data)
         self.pages.append(rec)
@@ -387,13 +409,13 @@ class Machine(RuleBasedStateMachine):
         found += [
             o
             for o in gc.garbage[garbage_before:]
-            if isinstance(o, (Page, PageBuilder)) and str(o.path).startswith(self.root + "/")
+            if isinstance(o, (Page, PageBuilder)) and key_of(o).startswith(self.root + "/")
         ]
         del gc.garbage[garbage_before:]
         got: dict[tuple[str, str], Any] = {}
         for obj in found:
             kind = "page" if isinstance(obj, Page) else "builder"
-            got.setdefault((kind, str(obj.path)), obj)
+            got.setdefault((kind, key_of(obj)), obj)
         del found
         if saveall:
             # What DEBUG_SAVEALL kept (the cycles themselves too) is garbage again, and still
@@ -417,13 +439,33 @@ class Machine(RuleBasedStateMachine):
             if rec.gen == gen and rec.released:
                 rec.removed = True
 
+    def pinned(self, rec: PageRec) -> bool:
+        """Whether a view the machine holds pins rec's bytes (its file or its slot)."""
+        return any(v.owner is rec and v.pins for v in self.views)
+
     def check_files_exact(self) -> None:
-        """Right after flush(): the folder holds exactly the unreleased pages' files."""
-        want = {Path(r.key).name for r in self.pages if r.gen == self.cur.gen and not r.released}
-        have = set(os.listdir(self.cache.path))
+        """Right after flush(): the folder holds exactly the unreleased pages' files, and
+        its segments' tags name exactly the unreleased packed pages (and maybe released
+        ones whose slot a view still pins)."""
+        mine = [r for r in self.pages if r.gen == self.cur.gen]
+        want = {Path(r.key).name for r in mine if not r.released and not r.packed}
+        have = page_files_on_disk(self.cache.path)
         assert have == want, f"after flush: extra files {sorted(have - want)}, missing {sorted(want - have)}"
+        # (a released page's slot that a view pins is not free yet: its tag may stay)
+        want_ids = {r.id for r in mine if r.packed and not r.released}
+        may_ids = want_ids | {r.id for r in mine if r.packed and self.pinned(r)}
+        have_ids = slot_ids_on_disk(self.cache.path)
+        assert want_ids <= have_ids <= may_ids, (
+            f"after flush: slots of pages {sorted(have_ids - may_ids)} still tagged, "
+            f"of pages {sorted(want_ids - have_ids)} missing"
+        )
         s = self.cache.stats()
         assert (s.pending, s.pending_bytes) == (0, 0), f"after flush: {s}"
+        # removed pages whose bytes the machine's views hold: pinned, and still charged
+        pinned = [r for r in mine if r.released and self.pinned(r)]
+        assert (s.pinned, s.pinned_bytes) == (len(pinned), sum(r.nbytes for r in pinned)), (
+            f"after flush: {s}; the machine's views pin {[r.key for r in pinned]}"
+        )
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -586,7 +628,7 @@ class Machine(RuleBasedStateMachine):
         lo, hi = sorted((lo % (rec.nbytes + 1), hi % (rec.nbytes + 1)))
         part = view[lo:hi]
         del view
-        self.views.append(ViewRec(rec, part, rec.data[lo:hi], mapped=rec.nbytes > 0))
+        self.views.append(ViewRec(rec, part, rec.data[lo:hi], mapped=rec.nbytes > 0, pins=rec.nbytes > 0))
 
     @precondition(lambda self: any(r.arr is not None for r, _ in self.reachable_pages()))
     @rule(i=index)
@@ -597,7 +639,7 @@ class Machine(RuleBasedStateMachine):
             self.expect_error(PageReleasedError, obj.array, "array() of a released page")
             return
         arr = obj.array()
-        self.views.append(ViewRec(rec, arr, rec.arr, mapped=True))
+        self.views.append(ViewRec(rec, arr, rec.arr, mapped=True, pins=True))
 
     @precondition(lambda self: self.views)
     @rule(i=index)
@@ -716,7 +758,7 @@ class Machine(RuleBasedStateMachine):
         del RESURRECTED[:]
         if cyc.resurrect:
             for rec, item in zip(cyc.members, back, strict=True):
-                assert item.path == Path(rec.key)
+                assert key_of(item) == rec.key
                 if rec.obj is None and not (rec.kind == "builder" and rec.sealed):
                     rec.obj = item  # alive and unreleased: the machine's own again
                     (self.held if rec.kind == "page" else self.builders).append(rec)
@@ -851,7 +893,7 @@ class Machine(RuleBasedStateMachine):
     def live(self, collect_first: bool) -> None:
         if collect_first:
             self.collect()
-        got = {str(lp.page.path) for lp in self.cache.live()}
+        got = {key_of(lp.page) for lp in self.cache.live()}
         want = {r.key for r in self.pages if r.gen == self.cur.gen and not r.released}
         assert got == want, f"live(): extra {sorted(got - want)}, missing {sorted(want - got)}"
 
@@ -931,7 +973,8 @@ class Machine(RuleBasedStateMachine):
             owner = b.owner
             if not owner.released:
                 assert b.handle.read() == owner.data
-            elif owner.removed:
+            elif owner.removed and not (owner.packed and self.pinned(owner)):
+                # (a slot pinned by the owner's view is not freed: it still holds the page)
                 self.expect_error(
                     PageLostError, b.handle.read, f"borrowed read of {owner.key}, released and removed"
                 )
@@ -945,13 +988,17 @@ class Machine(RuleBasedStateMachine):
     @invariant()
     def folder_and_stats_match_the_model(self) -> None:
         cur = self.cur
-        names = set(os.listdir(cur.path))
-        must = {Path(r.key).name for r in self.pages if r.gen == cur.gen and not r.released}
-        may = must | {
-            Path(r.key).name for r in self.pages if r.gen == cur.gen and r.released and not r.removed
-        }
+        mine = [r for r in self.pages if r.gen == cur.gen]
+        names = page_files_on_disk(cur.path)
+        must = {Path(r.key).name for r in mine if not r.released and not r.packed}
+        may = must | {Path(r.key).name for r in mine if r.released and not r.removed and not r.packed}
         assert must <= names, f"files missing for unreleased pages: {sorted(must - names)}"
         assert names <= may, f"files that should be gone: {sorted(names - may)}"
+        ids = slot_ids_on_disk(cur.path)
+        must_ids = {r.id for r in mine if r.packed and not r.released}
+        may_ids = must_ids | {r.id for r in mine if r.packed and (not r.removed or self.pinned(r))}
+        assert must_ids <= ids, f"slots missing for unreleased pages: {sorted(must_ids - ids)}"
+        assert ids <= may_ids, f"slots that should be free: {sorted(ids - may_ids)}"
         live_pages = [r for r in self.pages if r.gen == cur.gen and not r.released]
         live_builders = [r for r in self.builder_recs if r.gen == cur.gen and r.live]
         s = cur.cache.stats()
@@ -979,16 +1026,21 @@ class Machine(RuleBasedStateMachine):
         allowance += sum(1 for v in self.views if v.owner.kind == "builder")
         # a closed cache's folder fd shows as "<folder> (deleted)"
         folders = {str(c.path) for c in self.caches} | {f"{c.path} (deleted)" for c in self.caches}
-        files = [t for t in targets if t.startswith(self.root + "/") and t not in folders]
+        # an open cache keeps an fd on each of its segments
+        segments = {str(p) for c in self.caches if not c.cache.closed for p in c.path.glob("*.slots")}
+        files = [t for t in targets if t.startswith(self.root + "/") and t not in folders | segments]
         assert len(files) <= allowance, f"fds on cache files: {files}, allowed {allowance}"
-        assert len(targets) <= self.fd_baseline + allowance, (
-            f"{len(targets)} fds open, {self.fd_baseline} after the cache opened, {allowance} for builders"
+        assert len(targets) <= self.fd_baseline + len(segments) + allowance, (
+            f"{len(targets)} fds open, {self.fd_baseline} after the cache opened, {len(segments)} "
+            f"for segments, {allowance} for builders"
         )
 
     @invariant()
     def mappings_are_accounted_for(self) -> None:
         maps = mappings_under(self.root + "/")
         allowance = sum(1 for v in self.views if v.mapped)
+        # an open cache maps each of its segments' tags
+        allowance += sum(segment_count(c.path) for c in self.caches if not c.cache.closed)
         allowance += sum(
             1
             for r in self.builder_recs
@@ -1049,7 +1101,7 @@ def test_state_machine() -> None:
     run_state_machine_as_test(Machine, settings=SETTINGS)
 
 
-def test_zombie_state_machine(tmp_path: Path) -> None:
+def test_zombie_state_machine(tmp_path: Path, packing: str) -> None:
     """Resurrected pages and builders, and DEBUG_SAVEALL: in a child interpreter unless
     DISKPAGES_SM_ZOMBIES=1, so that a crash fails this test rather than the session."""
     mode = os.environ.get(ZOMBIES_ENV, "")
@@ -1068,7 +1120,7 @@ def test_zombie_state_machine(tmp_path: Path) -> None:
             "-q",
             "-p",
             "no:cacheprovider",
-            f"{here}::test_zombie_state_machine",
+            f"{here}::test_zombie_state_machine[{packing}]",
         ],
         cwd=here.parent.parent,
         env={**os.environ, ZOMBIES_ENV: "1", LOG_ENV: str(log)},
