@@ -57,7 +57,7 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
                   uint64_t max_bytes, uint64_t pack_max, dp_hold *out)
 {
     if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
-        (remover != DP_REMOVE_AUTO && remover != DP_REMOVE_LOOP) || pack_max > DP_PACK_LIMIT)
+        remover < DP_REMOVE_AUTO || remover > DP_REMOVE_URING || pack_max > DP_PACK_LIMIT)
         return -EINVAL;
     dp_cache *c = calloc(1, sizeof *c);
     if (!c)

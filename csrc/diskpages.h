@@ -26,7 +26,8 @@ typedef struct dp_hold {
 enum { DP_SYNC_NONE = 0, DP_SYNC_DATA = 1, DP_SYNC_FULL = 2 };
 /* how dp_write puts the bytes in the file */
 enum { DP_WRITE_PWRITE = 0, DP_WRITE_MMAP = 1 };
-/* how a drain removes files: asked for (AUTO, LOOP) and in use (LOOP, URING) */
+/* how a drain removes files: asked for (AUTO: measured per batch, LOOP, URING: the ring for
+ * every batch where the kernel allows) and in use (LOOP, URING) */
 enum { DP_REMOVE_AUTO = 0, DP_REMOVE_LOOP = 1, DP_REMOVE_URING = 2 };
 /* our own error codes, returned negated like errno and kept clear of errno's range.
  * DP_ERELEASED: the page was released, its hold let go of it, or its cache closed. */

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -90,6 +91,20 @@ static void clear_bit(uint64_t *map, uint32_t i)
     map[i / WORD_BITS] &= ~(1ull << (i % WORD_BITS));
 }
 
+/* Whether fd means the same file in the process's own fd table (the thread-group
+ * leader's, /proc/self/fd) as in this thread's. True where /proc cannot tell. */
+static bool in_process_table(int fd)
+{
+    char path[48];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    struct stat mine, process;
+    if (fstat(fd, &mine) != 0)
+        return false;
+    if (stat(path, &process) != 0)
+        return access("/proc/self/fd", F_OK) != 0; /* no /proc: nothing to compare */
+    return mine.st_dev == process.st_dev && mine.st_ino == process.st_ino;
+}
+
 /* Make the segment file, its tags' mapping and its bitmaps. Lock held. */
 static int segment_create(dp_cache *c, struct dp_segment *s)
 {
@@ -101,6 +116,14 @@ static int segment_create(dp_cache *c, struct dp_segment *s)
     while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return -errno;
+    if (!in_process_table(fd)) {
+        /* Made by a thread with an fd table of its own (unshare(CLONE_FILES)): the number
+         * means another file, or nothing, to every other thread. Not a segment, then: this
+         * page gets a file, and a thread of the process's table makes the segment. */
+        close(fd);
+        unlinkat(c->dirfd, name, 0);
+        return DP_SEGMENT_FULL;
+    }
     int err = 0;
     /* The tags are sparse until the slots they describe exist (segment_grow reserves
      * their blocks, so a store into the mapping never meets ENOSPC: that would be SIGBUS) */
@@ -181,10 +204,20 @@ static int bitmaps_for(struct dp_segment *s, uint32_t n)
     return 0;
 }
 
-/* Room for one more chunk of slots. Lock held. */
+static int grow_by(struct dp_segment *s, uint32_t chunk);
+
+/* Room for one more chunk of slots (one slot, if the disk has no room for a chunk). */
 static int segment_grow(struct dp_segment *s)
 {
-    uint32_t chunk = chunk_slots(s);
+    int err = grow_by(s, chunk_slots(s));
+    if (err == -ENOSPC && chunk_slots(s) > 1)
+        err = grow_by(s, 1); /* a nearly full disk: a page that fits must still be written */
+    return err;
+}
+
+/* Lock held. */
+static int grow_by(struct dp_segment *s, uint32_t chunk)
+{
     uint32_t n = s->nslots + chunk < DP_MAX_SLOTS ? s->nslots + chunk : DP_MAX_SLOTS;
     if (n == s->nslots)
         return DP_SEGMENT_FULL;

@@ -36,6 +36,7 @@ struct io_uring_cqe;
 struct dp_remover {
     int kind; /* DP_REMOVE_LOOP or DP_REMOVE_URING */
     unsigned trust_ring; /* batches left that take the ring without a probe */
+    bool always_ring;    /* asked for (DP_REMOVE_URING): never probe */
     int ring_fd;
     void *sq_map, *cq_map;
     size_t sq_map_len, cq_map_len;
@@ -137,6 +138,7 @@ dp_remover *dp_remover_new(int mode)
         return NULL;
     r->ring_fd = -1;
     r->kind = DP_REMOVE_LOOP;
+    r->always_ring = mode == DP_REMOVE_URING;
     if (mode != DP_REMOVE_LOOP)
         ring_setup(r); /* on failure r stays a loop remover */
     return r;
@@ -237,7 +239,7 @@ static int ring_round(dp_remover *r, int dirfd, char *const *names, size_t count
 void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count, int *results)
 {
     size_t i = 0;
-    if (r->kind == DP_REMOVE_URING && count > 1 && r->trust_ring == 0) {
+    if (r->kind == DP_REMOVE_URING && count > 1 && r->trust_ring == 0 && !r->always_ring) {
         uint64_t start = dp_now_ns();
         remove_loop(dirfd, names, 1, results);
         i = 1;

@@ -749,8 +749,12 @@ int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
     if (pin->fd >= 0) {
         dp_page *p = pin->rec;
         bool packed = p->cls >= 0, forked = dp_pid() != p->cache->owner;
-        err = packed && forked ? copy_slot(pin, addr, nbytes)
-                               : map_pinned(pin->fd, addr, nbytes, pin->offset);
+        struct stat st;
+        if (packed && (fstat(pin->fd, &st) != 0 || (uint64_t)st.st_size < pin->offset + nbytes))
+            err = -DP_ESIZE; /* a segment cut short under us: a mapping would fault (SIGBUS) */
+        else
+            err = packed && forked ? copy_slot(pin, addr, nbytes)
+                                   : map_pinned(pin->fd, addr, nbytes, pin->offset);
         if (!err && packed && !forked) {
             pin->addr = addr;
             pin->len = (nbytes + 4095) / 4096 * 4096;

@@ -12,7 +12,7 @@ from ._native import ffi, lib
 from .errors import CacheClosedError, CacheFullError, PageReleasedError
 
 SYNC_MODES = {"none": lib.DP_SYNC_NONE, "data": lib.DP_SYNC_DATA, "full": lib.DP_SYNC_FULL}
-REMOVERS = {"auto": lib.DP_REMOVE_AUTO, "loop": lib.DP_REMOVE_LOOP}
+REMOVERS = {"auto": lib.DP_REMOVE_AUTO, "loop": lib.DP_REMOVE_LOOP, "io_uring": lib.DP_REMOVE_URING}
 REMOVER_NAMES = {lib.DP_REMOVE_LOOP: "loop", lib.DP_REMOVE_URING: "io_uring"}
 WRITE_METHODS = {"pwrite": lib.DP_WRITE_PWRITE, "mmap": lib.DP_WRITE_MMAP}
 

@@ -786,8 +786,9 @@ class Page(_PageFile, _Readable):
             skip = native.pin_map(pin[1], mapping, self._nbytes, self._where(), align=align)
         except BaseException as e:
             native.drop_now(pin[1])  # the bytes go now, not with a traceback
-            if isinstance(e, FileNotFoundError):  # a forked child, whose parent reused the slot
-                raise PageLostError(f"page {self._id}: its slot holds another page now") from None
+            if isinstance(e, OSError) and e.errno in (native.ENOENT, native.ESIZE):
+                # a forked child whose parent reused the slot, or a segment cut short
+                raise PageLostError(f"page {self._id}: {self._where()} is not the page's any more") from None
             raise
         return _view_of(mapping, skip, self._nbytes)
 
