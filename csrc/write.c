@@ -516,22 +516,32 @@ int dp_seal(dp_hold *builder, dp_hold *page)
     return err;
 }
 
-static int open_page(dp_cache *c, dp_page *p)
+/* Open name (relative to dirfd) read-only, never following a symlink, and stat it: the fd,
+ * or -errno with nothing open. */
+static int open_stat(int dirfd, const char *name, struct stat *st)
 {
-    char name[DP_NAME_MAX];
-    dp_page_name(p->id, name);
     int fd;
     do
-        fd = openat(c->dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return -errno;
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
+    if (fstat(fd, st) != 0) {
         int err = -errno;
         close(fd);
         return err;
     }
+    return fd;
+}
+
+static int open_page(dp_cache *c, dp_page *p)
+{
+    char name[DP_NAME_MAX];
+    dp_page_name(p->id, name);
+    struct stat st;
+    int fd = open_stat(c->dirfd, name, &st);
+    if (fd < 0)
+        return fd;
     /* A mapping past the end of a file faults with SIGBUS: refuse a file of the wrong size. */
     if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != p->nbytes) {
         close(fd);
@@ -543,18 +553,10 @@ static int open_page(dp_cache *c, dp_page *p)
 int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t ctime_ns, int64_t size,
                    int *fd_box)
 {
-    int fd;
-    do
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    while (fd < 0 && errno == EINTR);
-    if (fd < 0)
-        return -errno;
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int err = -errno;
-        close(fd);
-        return err;
-    }
+    int fd = open_stat(AT_FDCWD, path, &st);
+    if (fd < 0)
+        return fd;
     int64_t ctime = (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
     if ((uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino || !S_ISREG(st.st_mode) ||
         (ctime_ns >= 0 && ctime != ctime_ns) || (size >= 0 && st.st_size != size)) {
@@ -789,11 +791,5 @@ int dp_page_slot(dp_hold *page, uint64_t *slot_size, uint64_t *slot)
 
 int dp_map_fixed(int fd, void *addr, size_t nbytes)
 {
-    if (mmap(addr, nbytes, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0) != MAP_FAILED)
-        return 0;
-    int err = -errno;
-    /* A failed MAP_FIXED may leave a hole; fill it again so the owner's later munmap can
-     * never hit a mapping that some other code placed there. */
-    mmap(addr, nbytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-    return err;
+    return map_pinned(fd, addr, nbytes, 0);
 }

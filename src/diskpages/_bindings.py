@@ -230,12 +230,7 @@ def page_read(page: Hold, nbytes: int) -> bytes | int:
 
 def pin_map(pin: Hold, target: Any, nbytes: int, path: str, align: int = 1) -> int:
     """As map_fixed, for pinned bytes (and the pin's fd is closed after)."""
-    with ffi.from_buffer(target) as addr:
-        skip = -int(ffi.cast("uintptr_t", addr)) % align
-        rc = lib.dp_pin_map(pin, addr + skip, nbytes)
-    if rc:
-        raise error(rc, path)
-    return skip
+    return _map_into(target, align, path, lambda at: lib.dp_pin_map(pin, at, nbytes))
 
 
 def page_slot(page: Hold) -> tuple[int, int] | None:
@@ -277,9 +272,15 @@ def map_fixed(fd: int, target: Any, nbytes: int, path: str, align: int = 1) -> i
     """Replace `nbytes` of the pages of `target` (an anonymous mmap.mmap) with a read-only
     shared mapping of fd, starting at the first address in it that is a multiple of
     `align`; return that start's offset into `target`."""
+    return _map_into(target, align, path, lambda at: lib.dp_map_fixed(fd, at, nbytes))
+
+
+def _map_into(target: Any, align: int, path: str, map_at: Any) -> int:
+    """Map at the first address in target that is a multiple of align (map_at(address)
+    returns 0 or a negative C error); that address's offset into target."""
     with ffi.from_buffer(target) as addr:
         skip = -int(ffi.cast("uintptr_t", addr)) % align
-        rc = lib.dp_map_fixed(fd, addr + skip, nbytes)
+        rc = map_at(addr + skip)
     if rc:
         raise error(rc, path)
     return skip
