@@ -134,6 +134,8 @@ static int segment_create(dp_cache *c, struct dp_segment *s)
         tags = mmap(NULL, DP_TAGS_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (tags == MAP_FAILED)
             err = -errno;
+        else /* no readahead: a fault on one tag would fill megabytes of the sparse area */
+            madvise(tags, DP_TAGS_BYTES, MADV_RANDOM);
     }
     if (!err && c->sync == DP_SYNC_FULL && fsync(c->dirfd) != 0)
         err = -errno; /* the segment's name, durable as a page's would be */
