@@ -105,7 +105,7 @@ static bool in_process_table(int fd)
     return mine.st_dev == process.st_dev && mine.st_ino == process.st_ino;
 }
 
-/* Make the segment file, its tags' mapping and its bitmaps. Lock held. */
+/* Make the segment file and its tags' mapping (the bitmaps come with its growth). Lock held. */
 static int segment_create(dp_cache *c, struct dp_segment *s)
 {
     char name[DP_NAME_MAX];
