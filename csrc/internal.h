@@ -58,6 +58,7 @@ struct dp_segment {
     uint32_t used;    /* slots taken (by pages, or reserved by the trim) */
     uint32_t backed;  /* slots that hold blocks on disk (written since the last punch) */
     uint32_t hint;    /* no free slot below 64 * hint */
+    bool cutting;     /* the trim is cutting the tail (unlocked): the segment must not grow */
     uint64_t *taken;  /* DP_MAX_SLOTS bits each */
     uint64_t *hold_blocks;
     /* freed slots that forked children may still see through inherited views (their tag's

@@ -211,6 +211,8 @@ static int grow_by(struct dp_segment *s, uint32_t chunk);
 /* Room for one more chunk of slots (one slot, if the disk has no room for a chunk). */
 static int segment_grow(struct dp_segment *s)
 {
+    if (s->cutting) /* rare, and brief: this one page gets a file rather than wait */
+        return DP_SEGMENT_FULL;
     int err = grow_by(s, chunk_slots(s));
     if (err == -ENOSPC && chunk_slots(s) > 1)
         err = grow_by(s, 1); /* a nearly full disk: a page that fits must still be written */
@@ -574,6 +576,7 @@ static void shrink_tail(struct dp_segment *s)
     for (uint32_t i = keep; i < had; i++)
         set_bit(s->taken, i);
     s->used += had - keep;
+    s->cutting = true; /* nslots stays `had` until we are back, and nobody grows it meanwhile */
     int fd = s->fd;
     pthread_mutex_unlock(&s->lock);
     bool cut = ftruncate(fd, (off_t)slot_offset(s, keep)) == 0;
@@ -589,6 +592,7 @@ static void shrink_tail(struct dp_segment *s)
         }
     }
     s->used -= had - keep;
+    s->cutting = false;
     if (cut)
         s->nslots = keep;
     else if (keep / WORD_BITS < s->hint)

@@ -548,3 +548,35 @@ def test_a_view_of_a_segment_cut_short_raises_page_lost(tmp_path):
             page.view()  # a mapping past the end would fault (SIGBUS)
         with pytest.raises(PageLostError):
             page.read()
+
+
+def test_writers_growing_a_segment_while_the_trim_cuts_its_tail_lose_nothing(tmp_path):
+    """The trim cuts a segment's tail with its lock let go (an ftruncate can wait for the
+    disk): a writer that grows the segment meanwhile must not have its slot cut away."""
+    import threading
+
+    with PageCache(tmp_path, max_delay=0.001) as c:
+        stop = threading.Event()
+        bad: list[int] = []
+
+        def burst():  # grows the segment by thousands of slots, then frees them all
+            while not stop.is_set():
+                pages = c.write_many([b"b" * 4096] * 3000)
+                del pages
+
+        def steady():
+            kept = []
+            for i in range(6000):
+                kept.append(c.write(page_of(i)))
+                if len(kept) > 50:
+                    old = kept.pop(0)
+                    if old.read() != page_of(i - 50):
+                        bad.append(i)
+            stop.set()
+
+        threads = [threading.Thread(target=burst), threading.Thread(target=steady)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert bad == []
