@@ -133,6 +133,10 @@ int dp_pin_map(dp_hold *pin, void *addr, size_t nbytes);
  * 0, or as dp_page_pin. */
 int dp_page_read(dp_hold *page, void *buf, size_t nbytes);
 void dp_pin_drop(dp_hold *pin);
+/* The view's mapping is about to go (mmap.close): forget its address, which a fork would
+ * otherwise copy from; dp_pin_remember undoes it if the mapping stays after all. */
+void dp_pin_forget(dp_hold *pin);
+void dp_pin_remember(dp_hold *pin);
 /* A borrower's file (or segment): open path (never following a symlink) into *fd_box, an
  * int whose finalizer is dp_fd_box_close (so no exception can orphan the fd), if it is
  * still the one pickled: its device and inode, and its change time and size unless they

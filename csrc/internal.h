@@ -100,6 +100,7 @@ struct dp_cache {
     uint64_t pack_max; /* pages up to this size are packed (0: none) */
     struct dp_segment segs[DP_CLASSES];
     atomic_uint_fast64_t pinned, pinned_bytes;
+    atomic_uint_fast64_t deferred; /* freed slots kept for forked children (pack.c) */
 
     atomic_uint_fast64_t live_pages, live_bytes, pending, pending_bytes;
     atomic_uint_fast64_t removed, remove_errors, written;

@@ -302,7 +302,7 @@ static void free_slot(struct dp_segment *s, uint32_t slot)
 }
 
 /* Lock held: keep a freed slot taken until no forked child can still see it. */
-static void defer_slot(struct dp_segment *s, uint32_t slot)
+static void defer_slot(dp_cache *c, struct dp_segment *s, uint32_t slot)
 {
     if (s->ndeferred == s->deferred_cap) {
         size_t cap = s->deferred_cap ? 2 * s->deferred_cap : 16;
@@ -313,6 +313,7 @@ static void defer_slot(struct dp_segment *s, uint32_t slot)
         s->deferred_cap = cap;
     }
     s->deferred[s->ndeferred++] = slot;
+    atomic_fetch_add(&c->deferred, 1); /* the reaper keeps ticking until it is freed */
 }
 
 static void give_back(dp_cache *c, dp_page *p)
@@ -325,7 +326,7 @@ static void give_back(dp_cache *c, dp_page *p)
     if (s->tags) { /* not after close: the segment is gone */
         /* seq_cst, with the fork's increment (under views_lock, while our pin was alive) */
         if (__atomic_load_n(&s->tags[p->slot].viewers, __ATOMIC_SEQ_CST))
-            defer_slot(s, p->slot); /* a child still reads it through an inherited view */
+            defer_slot(c, s, p->slot); /* a child still reads it through an inherited view */
         else
             free_slot(s, p->slot);
     }
@@ -514,10 +515,11 @@ void dp_unpin(dp_page *p, bool removal)
     }
     if (atomic_fetch_sub_explicit(&p->pins, 1, memory_order_acq_rel) != 1)
         return;
+    if (p->cls >= 0)
+        give_back(c, p); /* before pinned drops: a deferred slot is counted by then, so the
+                          * reaper, which reads pinned and then deferred, never sleeps on it */
     atomic_fetch_sub(&c->pinned, 1);
     atomic_fetch_sub(&c->pinned_bytes, p->nbytes);
-    if (p->cls >= 0)
-        give_back(c, p);
     dp_uncharge(c, p->nbytes); /* room again: after the slot is free for the writer */
 }
 
@@ -539,13 +541,14 @@ int64_t dp_drain_slots(dp_cache *c)
 }
 
 /* Lock held: free the deferred slots that no forked child sees any more. */
-static void release_deferred(struct dp_segment *s)
+static void release_deferred(dp_cache *c, struct dp_segment *s)
 {
     for (size_t i = 0; s->tags && i < s->ndeferred;) {
         uint32_t slot = s->deferred[i];
         if (__atomic_load_n(&s->tags[slot].viewers, __ATOMIC_SEQ_CST) == 0) {
             free_slot(s, slot);
             s->deferred[i] = s->deferred[--s->ndeferred];
+            atomic_fetch_sub(&c->deferred, 1);
         } else {
             i++;
         }
@@ -689,11 +692,11 @@ static void punch_runs(struct dp_segment *s)
 }
 
 /* The reaper's: give back what freed slots hold, off every writer's path. */
-static void trim_segment(struct dp_segment *s)
+static void trim_segment(dp_cache *c, struct dp_segment *s)
 {
     pthread_mutex_lock(&s->lock);
     if (s->tags) {
-        release_deferred(s);
+        release_deferred(c, s);
         shrink_tail(s);
         punch_runs(s);
     }
@@ -705,7 +708,7 @@ void dp_trim(dp_cache *c)
     for (int i = 0; i < DP_CLASSES; i++)
         /* set once, under the lock, by the class's first writer */
         if (__atomic_load_n(&c->segs[i].fd, __ATOMIC_ACQUIRE) >= 0)
-            trim_segment(&c->segs[i]);
+            trim_segment(c, &c->segs[i]);
 }
 
 void dp_segments_close(dp_cache *c)

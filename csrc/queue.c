@@ -347,7 +347,10 @@ void *dp_reaper_main(void *arg)
          * live, so reading live == 0 means every release so far already shows in pending.
          * (Read the other way round, a release between the loads would sleep unseen.) */
         uint64_t live = atomic_load(&c->live_pages);
-        if (live == 0 && atomic_load(&c->pending) == 0) {
+        /* Views of removed pages, and slots kept for forked children, free their slots when
+         * they go, with no call to wake us: keep ticking, so the trim sees them. */
+        bool waiting = atomic_load(&c->pinned) || atomic_load(&c->deferred);
+        if (live == 0 && atomic_load(&c->pending) == 0 && !waiting) {
             pthread_mutex_unlock(&c->lock);
             dp_trim(c); /* nothing live: give back what the freed slots hold, then sleep */
             pthread_mutex_lock(&c->lock);

@@ -769,6 +769,25 @@ int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
     return err;
 }
 
+void dp_pin_forget(dp_hold *hold)
+{
+    dp_pin *pin = dp_hold_enter(hold, pin_let_go);
+    if (pin) {
+        dp_unregister_view(pin);
+        dp_hold_leave(hold, pin_let_go);
+    }
+}
+
+void dp_pin_remember(dp_hold *hold)
+{
+    dp_pin *pin = dp_hold_enter(hold, pin_let_go);
+    if (pin) {
+        if (pin->addr && !pin->registered)
+            dp_register_view(pin);
+        dp_hold_leave(hold, pin_let_go);
+    }
+}
+
 void dp_pin_drop(dp_hold *hold)
 {
     if (dp_hold_drop(hold))

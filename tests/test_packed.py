@@ -4,6 +4,7 @@ or a borrower; the bytes on disk follow the live bytes; views count against the 
 a forked child never reuses a parent's slot; ``diskpages ls`` counts packed pages."""
 
 import gc
+import mmap
 import os
 import pickle
 import signal
@@ -580,3 +581,45 @@ def test_writers_growing_a_segment_while_the_trim_cuts_its_tail_lose_nothing(tmp
         for t in threads:
             t.join()
         assert bad == []
+
+
+def test_a_view_mapping_closed_by_hand_is_forgotten_before_a_fork(tmp_path):
+    """view.obj.close() unmaps the view: the fork's copy of views must not read from, or
+    map over, that address (the child crashed, or lost memory placed there since)."""
+    with PageCache(tmp_path) as c:
+        page = c.write(b"x" * 256 * KIB)
+        view = page.view()
+        mapping = view.obj
+        with pytest.raises(BufferError):
+            mapping.close()  # still exported: it stays, and so does its protection
+        view.release()
+        mapping.close()
+        reused = mmap.mmap(-1, 256 * KIB)  # memory that may land where the view was
+        reused[:4] = b"abcd"
+        pid = os.fork()
+        if pid == 0:
+            try:
+                reused[:4] = b"wxyz"  # still ours, and writable
+                os._exit(0 if reused[:4] == b"wxyz" else 5)
+            finally:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with pytest.raises(ValueError):
+            page.view().obj.resize(1)  # a view's mapping never moves
+
+
+def test_the_last_view_of_a_removed_page_gives_its_slot_back_with_nothing_live(tmp_path):
+    """No page live or pending, so nothing wakes the reaper; the views' death still frees
+    their slots, and the trim gives the space back."""
+    with PageCache(tmp_path) as c:
+        pages = c.write_many([b"v" * 256 * KIB] * 200)  # 50 MiB
+        views = [p.view() for p in pages]
+        del pages
+        c.flush()
+        assert c.stats().pinned == 200
+        del views
+        assert wait_until(lambda: disk_bytes(c.path) < 2 * (1 << 20) + 64 * KIB, timeout=1.0), disk_bytes(
+            c.path
+        )
+        assert c.stats().pinned == 0 and c.stats().charged_bytes == 0

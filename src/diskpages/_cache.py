@@ -555,9 +555,31 @@ _READ_IN_ONE_CALL = 1 << 20
 
 class _PinnedMapping(mmap.mmap):
     """A placeholder mapping that holds a pin (dp_page_pin): the page's bytes, file or slot,
-    are not freed or reused, and stay charged, until the last view of the mapping dies."""
+    are not freed or reused, and stay charged, until the last view of the mapping dies, or
+    the mapping is closed (close(), a with block). A fork copies a view of a slot from its
+    address (pack.c), so the pin forgets the address before the mapping goes; and the
+    mapping cannot move (resize)."""
 
     __slots__ = ("_pin",)
+
+    def close(self) -> None:
+        pin = getattr(self, "_pin", None)
+        if pin is not None:
+            native.pin_forget(pin[1])
+        try:
+            super().close()  # BufferError while a view is exported: the mapping stays
+        except BaseException:
+            if pin is not None:
+                native.pin_remember(pin[1])
+            raise
+        if pin is not None:
+            native.drop_now(pin[1])  # nothing maps the bytes any more: let them go
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # mmap's own __exit__ would close without the pin knowing
+
+    def resize(self, newsize: int) -> None:
+        raise ValueError("the mapping of a page's view cannot be resized")
 
 
 def _placeholder(nbytes: int, cls: type[mmap.mmap] = mmap.mmap) -> Any:
