@@ -613,7 +613,7 @@ static int pinned_fd(dp_cache *c, dp_page *p, uint64_t *offset)
 static int page_pin(dp_page *p, dp_hold *hold)
 {
     dp_cache *c = p->cache;
-    dp_pin *pin = malloc(sizeof *pin);
+    dp_pin *pin = calloc(1, sizeof *pin); /* not registered, no view mapped yet */
     if (!pin)
         return -ENOMEM;
     int fd = -DP_ERELEASED;
@@ -638,10 +638,6 @@ static int page_pin(dp_page *p, dp_hold *hold)
     atomic_fetch_add(&p->refs, 1); /* the pin's reference to the record */
     pin->rec = p;
     pin->fd = fd;
-    pin->registered = false;
-    pin->prev = pin->next = NULL;
-    pin->addr = NULL;
-    pin->len = 0;
     hold->ptr = pin;
     return fd;
 }
@@ -673,6 +669,20 @@ static int pread_exactly(int fd, void *buf, size_t nbytes, uint64_t offset)
     return 0;
 }
 
+/* Read a slot's bytes; `check`: in a forked child, whose pins are out of the parent's
+ * sight, the parent may have removed the page and reused the slot: its tag, read before
+ * and after, says whether what was read is the page's (-ENOENT if not). */
+static int read_slot(const dp_page *p, int fd, void *buf, size_t nbytes, uint64_t offset,
+                     bool check)
+{
+    if (check && !dp_slot_is(p))
+        return -ENOENT;
+    int err = pread_exactly(fd, buf, nbytes, offset);
+    if (!err && check && !dp_slot_is(p))
+        err = -ENOENT;
+    return err;
+}
+
 static int page_read(dp_page *p, void *buf, size_t nbytes)
 {
     dp_cache *c = p->cache;
@@ -685,14 +695,8 @@ static int page_read(dp_page *p, void *buf, size_t nbytes)
     if (!atomic_load(&p->released) && !atomic_load(&c->closed) && pin_take(p)) {
         if (p->cls >= 0) {
             struct dp_segment *s = &c->segs[p->cls];
-            /* A forked child's pins are out of the parent's sight: the parent may have
-             * removed the page and reused the slot. Its tag, before and after, says. */
-            err = forked && !dp_slot_is(p) ? -ENOENT : 0;
-            if (!err)
-                err = pread_exactly(s->fd, buf, nbytes,
-                                    DP_TAGS_BYTES + (uint64_t)p->slot * s->slot_size);
-            if (!err && forked && !dp_slot_is(p))
-                err = -ENOENT;
+            err = read_slot(p, s->fd, buf, nbytes,
+                            DP_TAGS_BYTES + (uint64_t)p->slot * s->slot_size, forked);
         } else {
             int fd = open_page(c, p);
             err = fd < 0 ? fd : pread_exactly(fd, buf, nbytes, 0);
@@ -735,9 +739,7 @@ static int copy_slot(dp_pin *pin, void *addr, size_t nbytes)
                     -1, 0);
     if (at == MAP_FAILED)
         return -errno;
-    int err = dp_slot_is(pin->rec) ? pread_exactly(pin->fd, addr, nbytes, pin->offset) : -ENOENT;
-    if (!err && !dp_slot_is(pin->rec))
-        err = -ENOENT;
+    int err = read_slot(pin->rec, pin->fd, addr, nbytes, pin->offset, true);
     mprotect(addr, nbytes, PROT_READ);
     return err;
 }

@@ -810,7 +810,7 @@ class Page(_PageFile, _Readable):
             native.drop_now(pin[1])  # the bytes go now, not with a traceback
             if isinstance(e, OSError) and e.errno in (native.ENOENT, native.ESIZE):
                 # a forked child whose parent reused the slot, or a segment cut short
-                raise PageLostError(f"page {self._id}: {self._where()} is not the page's any more") from None
+                raise self._error(-e.errno) from None
             raise
         return _view_of(mapping, skip, self._nbytes)
 
