@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -257,6 +258,16 @@ def borrow_open(path: str, identity: Sequence[int], size: int) -> Any:
     if rc:
         raise error(rc, path)
     return box
+
+
+def read_tag(fd: int, slot: int) -> tuple[int, int, int]:
+    """(page id, nbytes, written_ns) from the tag of `slot` in the segment open at fd
+    (csrc/diskpages.h, dp_tag); all 0 past the tags written so far."""
+    raw = os.pread(fd, TAG_BYTES, slot * TAG_BYTES)
+    if len(raw) < TAG_BYTES:
+        return 0, 0, 0
+    page_id, nbytes, written_ns, _ = struct.unpack("<QQQQ", raw)
+    return page_id, nbytes, written_ns
 
 
 def segment_name(slot_size: int) -> str:

@@ -18,7 +18,6 @@ import gc
 import math
 import mmap
 import os
-import struct
 import sys
 import threading
 import time
@@ -750,12 +749,11 @@ class Page(_PageFile, _Readable):
                 return os.stat(super().path).st_mtime
             fd = os.open(self._cache._path / native.segment_name(slot[0]), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                tag = os.pread(fd, 24, slot[1] * native.TAG_BYTES)
+                page_id, _, written_ns = native.read_tag(fd, slot[1])
             finally:
                 os.close(fd)
         except OSError:
             return None
-        page_id, _, written_ns = struct.unpack("<QQQ", tag) if len(tag) == 24 else (0, 0, 0)
         return written_ns / 1e9 if page_id == self._id else None
 
     def _pin(self) -> tuple[Any, int, int]:
@@ -938,8 +936,7 @@ class BorrowedPage(_Readable):
 
     def _check_tag(self, fd: int) -> None:
         assert self._slot is not None
-        tag = os.pread(fd, 16, self._slot[1] * native.TAG_BYTES)
-        if len(tag) != 16 or struct.unpack("<QQ", tag) != (self._id, self._nbytes):
+        if native.read_tag(fd, self._slot[1])[:2] != (self._id, self._nbytes):
             raise PageLostError(
                 f"borrowed page {self._id}: its slot in {self._path} holds another page now "
                 "(its owner released it)"
