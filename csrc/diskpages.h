@@ -102,10 +102,16 @@ int64_t dp_write(dp_hold *cache, const void *data, size_t nbytes, int method, dp
  * fsynced once. */
 int dp_write_many(dp_hold *cache, const void *const *data, const size_t *nbytes, size_t count,
                   int method, dp_hold *const *pages, uint64_t *ids, size_t *failed_at);
-/* One page made of `count` buffers laid end to end, with pwritev (a header and its data
- * without joining them in memory); otherwise as dp_write with DP_WRITE_PWRITE. */
+/* One page made of `count` buffers laid end to end, with pwritev, never joined in memory;
+ * otherwise as dp_write with DP_WRITE_PWRITE. pack: a slot if it is small enough (as
+ * dp_write); 0: a file of its own, its blocks reserved first (an array page). */
 int dp_write_parts(dp_hold *cache, const void *const *parts, const size_t *sizes, size_t count,
-                   dp_hold *page, uint64_t *id);
+                   int pack, dp_hold *page, uint64_t *id);
+/* A page of this cache made from another cache's page file, open at src (nbytes long): a
+ * hard link to it where the file systems allow, else a copy of its bytes; filled into
+ * `page`, an empty hold, as the writes do. Returns 1 if linked, 0 if copied, or -errno
+ * (-DP_ESIZE: src is not a regular file of nbytes). */
+int dp_adopt(dp_hold *cache, int src, size_t nbytes, dp_hold *page, uint64_t *id);
 /* A page of nbytes to write in place: returns an O_RDWR fd that the record owns (closed by
  * dp_seal or when the hold lets go), with the blocks already allocated, so stores through a
  * mapping cannot meet ENOSPC. The file has no name until dp_seal gives it one, so a crash or
@@ -139,14 +145,20 @@ void dp_pin_forget(dp_hold *pin);
 void dp_pin_remember(dp_hold *pin);
 /* A borrower's file (or segment): open path (never following a symlink) into *fd_box, an
  * int whose finalizer is dp_fd_box_close (so no exception can orphan the fd), if it is
- * still the one pickled: its device and inode, and its change time and size unless they
- * are -1. 0, -ENOENT if it is gone or another file, or -errno. */
-int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t ctime_ns, int64_t size,
+ * still the one pickled: its device and inode, and its modification time and size unless
+ * they are -1 (not its change time, which a hard link to it changes: Page.hand_over,
+ * PageCache.adopt). 0, -ENOENT if it is gone or another file, or -errno. */
+int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t mtime_ns, int64_t size,
                    int *fd_box);
 void dp_fd_box_close(int *fd_box);
 /* Where a page is: 1 and its slot (size, index) if packed, 0 if a file of its own, or
  * -DP_ERELEASED. */
 int dp_page_slot(dp_hold *page, uint64_t *slot_size, uint64_t *slot);
+/* Hand a page over (Page.hand_over): its bytes get a file of their own, `name` in the
+ * cache's folder, which outlives the page (a hard link to its file; for a packed page, a
+ * copy of its slot); identity[0..3) gets that file's device, inode and modification time.
+ * 0, -DP_ERELEASED, -DP_ECLOSED, -DP_EFORKED, or -errno (EEXIST: the name is taken). */
+int dp_hand_over(dp_hold *page, const char *name, int64_t *identity);
 /* Map fd read-only over [addr, addr + nbytes), an existing mapping the caller owns
  * (MAP_FIXED). */
 int dp_map_fixed(int fd, void *addr, size_t nbytes);

@@ -177,8 +177,10 @@ void dp_segments_init(dp_cache *c);
 void dp_segments_close(dp_cache *c); /* after the folder is emptied: fds and mappings go */
 void dp_segments_free(dp_cache *c);
 int dp_class_of(const dp_cache *c, size_t nbytes); /* -1: not packed */
-/* Write one page into a slot: not published, as create_page. */
-int dp_write_slot(dp_cache *c, int cls, const void *data, size_t nbytes, dp_page *rec);
+/* Write one page, its `count` parts laid end to end (nbytes in all), into a slot: not
+ * published, as create_page. */
+int dp_write_slot(dp_cache *c, int cls, const struct iovec *parts, size_t count, size_t nbytes,
+                  dp_page *rec);
 void dp_discard_slot(dp_cache *c, dp_page *rec); /* a slot written but not published */
 int dp_sync_slots(dp_cache *c, dp_page *const *recs, size_t count); /* fdatasync, once each */
 int64_t dp_drain_slots(dp_cache *c);

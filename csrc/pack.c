@@ -450,28 +450,35 @@ void dp_unregister_view(dp_pin *v)
     pthread_mutex_unlock(&views_lock);
 }
 
-int dp_write_slot(dp_cache *c, int cls, const void *data, size_t nbytes, dp_page *rec)
+int dp_write_slot(dp_cache *c, int cls, const struct iovec *parts, size_t count, size_t nbytes,
+                  dp_page *rec)
 {
     struct dp_segment *s = &c->segs[cls];
-    uint32_t slot;
+    /* Zeros up to the next 4 KiB, as one more part: a view maps whole blocks, which then
+     * hold nothing of the slot's earlier pages. (dp_pwritev_all consumes its iovecs.) */
+    static const char zeros[BLOCK];
+    struct iovec few[8], *iov = count < 8 ? few : malloc((count + 1) * sizeof *iov);
+    if (!iov)
+        return -ENOMEM;
+    memcpy(iov, parts, count * sizeof *iov);
+    iov[count] = (struct iovec){(void *)zeros, (BLOCK - nbytes % BLOCK) % BLOCK};
+    uint32_t slot = 0;
     int err = take_slot(c, s, &slot);
+    if (!err) {
+        rec->cls = cls;
+        rec->slot = slot;
+        err = dp_pwritev_all(s->fd, iov, count + 1, (off_t)slot_offset(s, slot));
+        if (err) {
+            rec->cls = -1;
+            pthread_mutex_lock(&s->lock);
+            free_slot(s, slot);
+            pthread_mutex_unlock(&s->lock);
+        }
+    }
+    if (iov != few)
+        free(iov);
     if (err)
         return err;
-    rec->cls = cls;
-    rec->slot = slot;
-    /* Zeros up to the next 4 KiB: a view maps whole blocks, which then hold nothing of the
-     * slot's earlier pages. */
-    static const char zeros[BLOCK];
-    struct iovec iov[2] = {{(void *)data, nbytes},
-                           {(void *)zeros, (BLOCK - nbytes % BLOCK) % BLOCK}};
-    err = dp_pwritev_all(s->fd, iov, 2, (off_t)slot_offset(s, slot));
-    if (err) {
-        rec->cls = -1;
-        pthread_mutex_lock(&s->lock);
-        free_slot(s, slot);
-        pthread_mutex_unlock(&s->lock);
-        return err;
-    }
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     s->tags[slot].nbytes = nbytes;

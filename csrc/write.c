@@ -217,16 +217,17 @@ static int write_mapped(dp_cache *c, int fd, const void *data, size_t nbytes)
     return err;
 }
 
-/* Create and fill one page (a slot, or a file of its own); not yet published. A slot is
- * synced by the caller, once per segment (dp_sync_slots). */
-static int create_page(dp_cache *c, const void *data, size_t nbytes, int method, dp_page **out)
+/* Create and fill one page (a slot, or a file of its own) from its parts, laid end to end;
+ * not yet published. A slot is synced by the caller, once per segment (dp_sync_slots). */
+static int create_page(dp_cache *c, const struct iovec *parts, size_t count, size_t nbytes,
+                       int method, dp_page **out)
 {
     dp_page *rec;
     int cls = dp_class_of(c, nbytes);
     if (cls >= 0) {
         if (!(rec = new_record(c, nbytes)))
             return -ENOMEM;
-        int err = dp_write_slot(c, cls, data, nbytes, rec);
+        int err = dp_write_slot(c, cls, parts, count, nbytes, rec);
         if (!err) {
             dp_cache_get(c); /* the record's reference, put when the record is freed */
             *out = rec;
@@ -238,12 +239,24 @@ static int create_page(dp_cache *c, const void *data, size_t nbytes, int method,
         /* the class's segment is full, or cannot grow (RLIMIT_FSIZE: a segment starts with
          * DP_TAGS_BYTES of tags): this page gets a file of its own */
     }
+    bool mapped = method == DP_WRITE_MMAP && count == 1;
     /* a shared writable mapping needs the fd open for reading too */
-    int fd = open_new_page(c, nbytes, method == DP_WRITE_MMAP ? O_RDWR : O_WRONLY, &rec);
+    int fd = open_new_page(c, nbytes, mapped ? O_RDWR : O_WRONLY, &rec);
     if (fd < 0)
         return fd;
-    int err = method == DP_WRITE_MMAP ? write_mapped(c, fd, data, nbytes)
-                                      : write_synced(c, fd, data, nbytes);
+    int err;
+    if (mapped) {
+        err = write_mapped(c, fd, parts[0].iov_base, nbytes);
+    } else { /* dp_pwritev_all consumes its iovecs: a copy, on the stack when it is short */
+        struct iovec few[8], *iov = count <= 8 ? few : malloc(count * sizeof *iov);
+        err = iov ? 0 : -ENOMEM;
+        if (iov) {
+            memcpy(iov, parts, count * sizeof *iov);
+            err = writev_synced(c, fd, iov, count);
+            if (iov != few)
+                free(iov);
+        }
+    }
     if (!err)
         err = link_page(c, rec, fd);
     /* close() can report a deferred write error (NFS and friends): it counts. */
@@ -300,19 +313,26 @@ static int sum_sizes(const size_t *sizes, size_t count, size_t *total)
     return 0;
 }
 
-static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
-                      int method, dp_hold *const *holds, uint64_t *ids, size_t *failed_at)
+/* `count` pages, all or nothing; page i is made of the parts iov[first .. first + parts[i])
+ * that follow page i - 1's (parts NULL: one part each). The records stay here until every
+ * page is written and published: a hold is reachable (gc.get_objects() finds its Page), so
+ * it gets only a finished page. */
+static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts, size_t count,
+                       int method, dp_hold *const *holds, uint64_t *ids, size_t *failed_at)
 {
     *failed_at = count; /* a failure before any buffer is nobody's fault */
-    size_t total;
-    int err = sum_sizes(nbytes, count, &total);
-    if (err)
-        return err;
-    /* The records stay here until every page is written and published: a hold is
-     * reachable (gc.get_objects() finds its Page), so it gets only a finished page. */
+    size_t total = 0, nparts = 0;
+    for (size_t i = 0; i < count; i++)
+        nparts += parts ? parts[i] : 1;
+    for (size_t i = 0; i < nparts; i++) { /* a sum that wrapped would charge a few bytes */
+        if (iov[i].iov_len > (size_t)SSIZE_MAX - total)
+            return -EOVERFLOW;
+        total += iov[i].iov_len;
+    }
     dp_page **recs = malloc((count ? count : 1) * sizeof *recs);
     if (!recs)
         return -ENOMEM;
+    int err;
     if ((err = enter_write(c))) {
         free(recs);
         return err;
@@ -323,9 +343,14 @@ static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes
         return err;
     }
     size_t made = 0;
-    for (; made < count; made++)
-        if ((err = create_page(c, data[made], nbytes[made], method, &recs[made])))
+    for (const struct iovec *page = iov; made < count; made++) {
+        size_t n = parts ? parts[made] : 1, nbytes = 0;
+        for (size_t k = 0; k < n; k++)
+            nbytes += page[k].iov_len;
+        if ((err = create_page(c, page, n, nbytes, method, &recs[made])))
             break;
+        page += n;
+    }
     *failed_at = made;
     bool files = false;
     for (size_t i = 0; i < made; i++)
@@ -347,6 +372,22 @@ static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes
     }
     pthread_rwlock_unlock(&c->closing);
     free(recs);
+    return err;
+}
+
+static int write_many(dp_cache *c, const void *const *data, const size_t *nbytes, size_t count,
+                      int method, dp_hold *const *holds, uint64_t *ids, size_t *failed_at)
+{
+    struct iovec one, *iov = count == 1 ? &one : malloc((count ? count : 1) * sizeof *iov);
+    if (!iov) {
+        *failed_at = count;
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < count; i++)
+        iov[i] = (struct iovec){.iov_base = (void *)data[i], .iov_len = nbytes[i]};
+    int err = write_pages(c, iov, NULL, count, method, holds, ids, failed_at);
+    if (iov != &one)
+        free(iov);
     return err;
 }
 
@@ -395,7 +436,7 @@ static void end_page(dp_cache *c, dp_page *rec, int err)
 }
 
 static int write_parts(dp_cache *c, const void *const *parts, const size_t *sizes,
-                       size_t count, dp_hold *page, uint64_t *id)
+                       size_t count, bool pack, dp_hold *page, uint64_t *id)
 {
     size_t total;
     int err = sum_sizes(sizes, count, &total);
@@ -406,6 +447,12 @@ static int write_parts(dp_cache *c, const void *const *parts, const size_t *size
         return -ENOMEM;
     for (size_t i = 0; i < count; i++)
         iov[i] = (struct iovec){.iov_base = (void *)parts[i], .iov_len = sizes[i]};
+    if (pack) { /* a slot if it is small enough, as dp_write */
+        size_t failed_at;
+        err = write_pages(c, iov, &count, 1, DP_WRITE_PWRITE, &page, id, &failed_at);
+        free(iov);
+        return err;
+    }
 
     dp_page *rec;
     int fd = begin_page(c, total, O_WRONLY, &rec);
@@ -435,14 +482,128 @@ static int write_parts(dp_cache *c, const void *const *parts, const size_t *size
 }
 
 int dp_write_parts(dp_hold *cache, const void *const *parts, const size_t *sizes, size_t count,
-                   dp_hold *page, uint64_t *id)
+                   int pack, dp_hold *page, uint64_t *id)
 {
     dp_cache *c = dp_hold_enter(cache, dp_cache_let_go);
     if (!c)
         return -DP_ECLOSED;
-    int err = write_parts(c, parts, sizes, count, page, id);
+    int err = write_parts(c, parts, sizes, count, pack != 0, page, id);
     dp_hold_leave(cache, dp_cache_let_go);
     return err;
+}
+
+/* Copy nbytes of src, from offset `from`, to fd from offset 0: copy_file_range (the kernel
+ * copies, or shares blocks where the file system can), else read and write through a
+ * buffer. */
+static int copy_file(int src, uint64_t from, int fd, size_t nbytes)
+{
+    off_t in = (off_t)from, done = 0; /* copy_file_range advances both */
+    while ((size_t)done < nbytes) {
+        ssize_t n = copy_file_range(src, &in, fd, &done, nbytes - (size_t)done, 0);
+        if (n > 0)
+            continue;
+        if (n == 0)
+            return -DP_ESIZE; /* the source is shorter than it said */
+        if (errno == EINTR)
+            continue;
+        if (errno != EXDEV && errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+            return -errno;
+        break; /* not between these two files: by hand, from where it stopped */
+    }
+    enum { CHUNK = 1 << 20 };
+    char *buf = (size_t)done < nbytes ? malloc(CHUNK) : NULL;
+    if ((size_t)done < nbytes && !buf)
+        return -ENOMEM;
+    int err = 0;
+    while (!err && (size_t)done < nbytes) {
+        size_t want = nbytes - (size_t)done < CHUNK ? nbytes - (size_t)done : CHUNK;
+        ssize_t n = pread(src, buf, want, (off_t)from + done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            err = n < 0 ? -errno : -DP_ESIZE;
+            break;
+        }
+        struct iovec iov = {buf, (size_t)n};
+        if (!(err = dp_pwritev_all(fd, &iov, 1, done)))
+            done += n;
+    }
+    free(buf);
+    return err;
+}
+
+/* Adopt: a hard link to src under a new page's name, or (another file system, or src has no
+ * name any more) a copy of its bytes into a new file. The bytes are the same either way:
+ * nobody writes into a page's file once it has its name. */
+static int adopt(dp_cache *c, int src, size_t nbytes, dp_hold *page, uint64_t *id)
+{
+    struct stat st;
+    if (fstat(src, &st) != 0)
+        return -errno;
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != nbytes)
+        return -DP_ESIZE;
+    int err = enter_write(c);
+    if (err)
+        return err;
+    if ((err = dp_charge(c, nbytes))) {
+        pthread_rwlock_unlock(&c->closing);
+        return err;
+    }
+    /* the source's data on stable storage first, as a write of ours would put it */
+    if (c->sync != DP_SYNC_NONE && fdatasync(src) != 0 && errno != EINVAL) {
+        err = -errno;
+        dp_uncharge(c, nbytes);
+        pthread_rwlock_unlock(&c->closing);
+        return err;
+    }
+    int linked = 0;
+    dp_page *rec = new_record(c, nbytes);
+    if (!rec) {
+        err = -ENOMEM;
+    } else {
+        dp_cache_get(c); /* the record's reference, put when the record is freed */
+        char name[DP_NAME_MAX], proc[48];
+        dp_page_name(rec->id, name);
+        snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", src);
+        linked = linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) == 0;
+        if (!linked) {
+            free(rec);
+            dp_cache_put(c);
+            int fd = open_new_page(c, nbytes, O_WRONLY, &rec);
+            err = fd < 0 ? fd : copy_file(src, 0, fd, nbytes);
+            if (fd >= 0) {
+                if (!err && c->sync != DP_SYNC_NONE && fdatasync(fd) != 0)
+                    err = -errno;
+                if (!err)
+                    err = link_page(c, rec, fd);
+                if (close(fd) != 0 && !err && errno != EINTR)
+                    err = -errno;
+                if (err)
+                    discard_page(c, rec);
+            }
+        }
+        if (!err && (err = sync_folder(c)))
+            discard_page(c, rec);
+    }
+    if (err) {
+        dp_uncharge(c, nbytes);
+    } else {
+        publish(c, rec);
+        *id = rec->id;
+        page->ptr = rec; /* published first: a hold gets only a finished page */
+    }
+    pthread_rwlock_unlock(&c->closing);
+    return err ? err : linked;
+}
+
+int dp_adopt(dp_hold *cache, int src, size_t nbytes, dp_hold *page, uint64_t *id)
+{
+    dp_cache *c = dp_hold_enter(cache, dp_cache_let_go);
+    if (!c)
+        return -DP_ECLOSED;
+    int rc = adopt(c, src, nbytes, page, id);
+    dp_hold_leave(cache, dp_cache_let_go);
+    return rc;
 }
 
 static int allocate(dp_cache *c, size_t nbytes, dp_hold *builder, uint64_t *id)
@@ -550,16 +711,16 @@ static int open_page(dp_cache *c, dp_page *p)
     return fd;
 }
 
-int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t ctime_ns, int64_t size,
+int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t mtime_ns, int64_t size,
                    int *fd_box)
 {
     struct stat st;
     int fd = open_stat(AT_FDCWD, path, &st);
     if (fd < 0)
         return fd;
-    int64_t ctime = (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+    int64_t mtime = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
     if ((uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino || !S_ISREG(st.st_mode) ||
-        (ctime_ns >= 0 && ctime != ctime_ns) || (size >= 0 && st.st_size != size)) {
+        (mtime_ns >= 0 && mtime != mtime_ns) || (size >= 0 && st.st_size != size)) {
         close(fd);
         return -ENOENT; /* another file has the name now */
     }
@@ -652,6 +813,70 @@ int dp_page_pin(dp_hold *page, dp_hold *pin, uint64_t *offset)
         *offset = ((dp_pin *)pin->ptr)->offset;
     dp_hold_leave(page, dp_page_let_go);
     return fd;
+}
+
+/* Hand over: the page's bytes get a file of their own named `name`, outside the page's
+ * lifetime (a hard link to its file; a packed page's slot copied into a new file). */
+static int hand_over(dp_page *p, const char *name, int64_t *identity)
+{
+    dp_cache *c = p->cache;
+    int err = enter_write(c); /* not after close, not in a forked child: a name in our folder */
+    if (err)
+        return err;
+    err = -DP_ERELEASED;
+    if (!atomic_load(&p->released) && pin_take(p)) {
+        uint64_t offset;
+        int fd = pinned_fd(c, p, &offset), file = fd;
+        bool named = false;
+        err = fd < 0 ? fd : 0;
+        if (fd >= 0 && p->cls >= 0) { /* a slot, pinned: nobody reuses it while we copy */
+            do
+                file = openat(c->dirfd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+            while (file < 0 && errno == EINTR);
+            if (file < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) { /* no O_TMPFILE here */
+                file = openat(c->dirfd, name, CREATE_FLAGS | O_RDWR, 0600);
+                named = file >= 0;
+            }
+            err = file < 0 ? -errno : copy_file(fd, offset, file, p->nbytes);
+        }
+        if (!err && c->sync != DP_SYNC_NONE && fdatasync(file) != 0)
+            err = -errno;
+        if (!err && !named) {
+            char proc[48];
+            snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", file);
+            if (linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) != 0)
+                err = -errno;
+        }
+        struct stat st;
+        if (!err && fstat(file, &st) != 0)
+            err = -errno;
+        if (!err && (err = sync_folder(c)))
+            unlinkat(c->dirfd, name, 0);
+        if (!err) {
+            identity[0] = (int64_t)st.st_dev;
+            identity[1] = (int64_t)st.st_ino;
+            identity[2] = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+        } else if (named) {
+            unlinkat(c->dirfd, name, 0);
+        }
+        if (file >= 0 && file != fd)
+            close(file);
+        if (fd >= 0)
+            close(fd);
+        dp_unpin(p, false);
+    }
+    pthread_rwlock_unlock(&c->closing);
+    return err;
+}
+
+int dp_hand_over(dp_hold *page, const char *name, int64_t *identity)
+{
+    dp_page *p = dp_hold_enter(page, dp_page_let_go);
+    if (!p)
+        return -DP_ERELEASED;
+    int err = hand_over(p, name, identity);
+    dp_hold_leave(page, dp_page_let_go);
+    return err;
 }
 
 static int pread_exactly(int fd, void *buf, size_t nbytes, uint64_t offset)

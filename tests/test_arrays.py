@@ -477,11 +477,11 @@ def test_write_parts_with_many_and_empty_parts(cache):
     from diskpages import Page
 
     page = Page._empty(cache)
-    page._id, page._nbytes = _bindings.write_parts(cache._handle, parts, str(cache.path), page._hold)
+    page._id, page._nbytes = _bindings.write_parts(cache._handle, parts, str(cache.path), page._hold, False)
     assert page.nbytes == sum(map(len, parts))
     assert page.read() == b"".join(parts)
     empty = Page._empty(cache)
-    empty._id, empty._nbytes = _bindings.write_parts(cache._handle, [], str(cache.path), empty._hold)
+    empty._id, empty._nbytes = _bindings.write_parts(cache._handle, [], str(cache.path), empty._hold, False)
     assert empty.nbytes == 0 and empty.read() == b""
 
 

@@ -391,7 +391,7 @@ def test_write_many_refuses_sizes_whose_sum_wraps(cache):
     assert all(holds[i].ptr == ffi.NULL for i in range(3))
     assert cache.stats().charged_bytes == 0 and files_in(cache.path) == []
     parts = ffi.new("size_t[]", [2**62, 2**62, 2**62, 2**62])
-    rc = lib.dp_write_parts(cache._handle, ffi.new("void *[]", 4), parts, 4, holds, ids)
+    rc = lib.dp_write_parts(cache._handle, ffi.new("void *[]", 4), parts, 4, 1, holds, ids)
     assert rc == -errno.EOVERFLOW
 
 

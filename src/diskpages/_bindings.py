@@ -170,17 +170,28 @@ def write_many(
     return [(ids[i], len(bufs[i])) for i in range(count)]
 
 
-def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold) -> tuple[int, int]:
-    """One page whose bytes are the parts laid end to end, written without joining them."""
+def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold, pack: bool) -> tuple[int, int]:
+    """One page whose bytes are the parts laid end to end, written without joining them: a
+    slot if ``pack`` and it is small enough, else a file with its blocks reserved first."""
     bufs = [as_buffer(p) for p in parts]
     count = len(bufs)
     data = ffi.new("void *[]", bufs) if count else ffi.NULL
     sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
     page_id = ffi.new("uint64_t *")
-    rc = lib.dp_write_parts(cache, data, sizes, count, page, page_id)
+    rc = lib.dp_write_parts(cache, data, sizes, count, pack, page, page_id)
     if rc:
         raise error(rc, path)
     return page_id[0], sum(len(b) for b in bufs)
+
+
+def adopt(cache: Hold, fd: int, nbytes: int, path: str, page: Hold) -> tuple[int, bool]:
+    """A page of this cache from another's page file open at fd: (id, linked), linked False
+    where its bytes were copied."""
+    page_id = ffi.new("uint64_t *")
+    rc = lib.dp_adopt(cache, fd, nbytes, page, page_id)
+    if rc < 0:
+        raise error(rc, path)
+    return page_id[0], rc == 1
 
 
 def allocate(cache: Hold, nbytes: int, path: str, builder: Hold) -> tuple[int, int]:
@@ -231,6 +242,21 @@ def page_read(page: Hold, nbytes: int) -> bytes | int:
     return bytes(buf) if rc == 0 else int(rc)
 
 
+def hand_over(page: Hold, name: str) -> tuple[int, int, int] | int:
+    """(device, inode, modification time) of the file named ``name`` that the page's bytes
+    now have in its cache's folder (dp_hand_over); or a negative C error, as page_pin."""
+    identity = ffi.new("int64_t[3]")
+    rc = lib.dp_hand_over(page, os.fsencode(name), identity)
+    return (identity[0], identity[1], identity[2]) if rc == 0 else int(rc)
+
+
+def page_read_into(page: Hold, target: Any, nbytes: int) -> int:
+    """Read the whole page into the first nbytes of target, a writable buffer, in one C
+    call under a pin: 0, or a negative C error, as page_pin."""
+    with ffi.from_buffer(target, require_writable=True) as buf:
+        return int(lib.dp_page_read(page, buf, nbytes))
+
+
 def pin_map(pin: Hold, target: Any, nbytes: int, path: str, align: int = 1) -> int:
     """As map_fixed, for pinned bytes (and the pin's fd is closed after)."""
     return _map_into(target, align, path, lambda at: lib.dp_pin_map(pin, at, nbytes))
@@ -247,12 +273,12 @@ def page_slot(page: Hold) -> tuple[int, int] | None:
 
 def borrow_open(path: str, identity: Sequence[int], size: int) -> Any:
     """An fd box (``box[0]`` is the fd) for a borrower's file or segment, if it is still
-    the one pickled (identity: device, inode and, for a file, change time; size: -1 for a
+    the one pickled (identity: device, inode and, for a file, modification time; size: -1 for a
     segment); its finalizer closes the fd, so no exception can orphan it. None if it is
     gone or another file took its name; OSError for anything else."""
     box = ffi.gc(ffi.new("int *", -1), lib.dp_fd_box_close)
-    ctime = identity[2] if len(identity) > 2 else -1
-    rc = lib.dp_borrow_open(os.fsencode(path), identity[0], identity[1], ctime, size, box)
+    mtime = identity[2] if len(identity) > 2 else -1
+    rc = lib.dp_borrow_open(os.fsencode(path), identity[0], identity[1], mtime, size, box)
     if rc == -_errno.ENOENT:
         return None
     if rc:
@@ -306,3 +332,4 @@ def flush(cache: Hold) -> int:
 ENOENT = _errno.ENOENT
 ESIZE = lib.DP_ESIZE
 ERELEASED = lib.DP_ERELEASED
+ECLOSED = lib.DP_ECLOSED

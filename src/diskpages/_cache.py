@@ -194,6 +194,11 @@ class PageCache:
     in place once the page is gone, so writing and dropping one touches no file system
     metadata. Bigger pages, ``write_array()`` pages and ``allocate()`` builders have a file
     of their own. A packed page has no ``path``; everything else works alike.
+
+    ``max_bytes`` caps the bytes on disk (see ``stats().charged_bytes``). A write that would
+    pass it removes the released pages and runs the cycle collector in the writing thread,
+    then tries again; with ``collect_when_full=False`` it raises CacheFullError at once
+    instead and leaves the removal to the reaper (for an event loop's thread).
     """
 
     def __init__(
@@ -206,6 +211,7 @@ class PageCache:
         max_bytes: int | None = None,
         warn_on_gc: bool = False,
         pack_max: int | None = None,
+        collect_when_full: bool = True,
     ) -> None:
         if max_bytes is not None:
             if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
@@ -222,6 +228,8 @@ class PageCache:
             )
         if not isinstance(warn_on_gc, bool):
             raise TypeError(f"warn_on_gc must be True or False, not {warn_on_gc!r}")
+        if not isinstance(collect_when_full, bool):
+            raise TypeError(f"collect_when_full must be True or False, not {collect_when_full!r}")
         if sync not in native.SYNC_MODES:
             raise ValueError(f"sync must be one of {sorted(native.SYNC_MODES)}, not {sync!r}")
         if isinstance(batch, bool) or not isinstance(batch, int):
@@ -275,6 +283,8 @@ class PageCache:
         self._pid = os.getpid()
         self._max_bytes = max_bytes
         self._pack_max = pack_max
+        self._collect_when_full = collect_when_full
+        self._handed = 0  # how many hand_over() names were made (each name is used once)
         self._page_class = _WatchedPage if warn_on_gc else Page
         self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
         self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)
@@ -355,6 +365,68 @@ class PageCache:
             page._id, page._nbytes = page_id, nbytes
         return pages
 
+    def write_parts(self, parts: Iterable[Any]) -> Page:
+        """Write one page whose bytes are ``parts`` (bytes-like objects) laid end to end,
+        with pwritev: never joined in memory (a serializer's frames, a header and its
+        body). Packed like write() if the total is at most ``pack_max``; otherwise as
+        write(): checked against ``max_bytes``, all or nothing."""
+        if isinstance(parts, (bytes, bytearray, memoryview, str)):
+            raise TypeError(
+                f"parts must be an iterable of bytes-like objects, not one {type(parts).__name__} "
+                "(write() writes one buffer)"
+            )
+        self._check_open()
+        items = list(parts)
+        page = self._page_class._empty(self)
+        args = (self._handle, items, str(self._path), page._hold, True)
+        try:
+            page._id, page._nbytes = native.write_parts(*args)
+        except CacheFullError:
+            requested = sum(len(native.as_buffer(b)) for b in items)
+            page._id, page._nbytes = self._make_room(native.write_parts, args, requested)
+        except CacheClosedError:
+            self._check_open()
+            raise
+        return page
+
+    def adopt(self, page: Page | BorrowedPage) -> Page:
+        """A page of this cache with the bytes of ``page``, a page of another cache: most
+        often a BorrowedPage, unpickled from a process that wrote it. The new page is this
+        cache's own, so its owner may then release its page or exit. A page with a file of
+        its own is adopted zero-copy, by a hard link to the file, where both caches are on
+        one file system, and copied otherwise; a packed page is copied (its slot is reused
+        in place once its owner lets go). PageLostError if the page is gone already;
+        otherwise as write()."""
+        if not isinstance(page, (Page, BorrowedPage)):
+            raise TypeError(f"adopt() takes a Page or a BorrowedPage, not {type(page).__name__}")
+        self._check_open()
+        if page.packed:
+            return self.write(page.read())  # read() checks the slot's tag: this page's bytes
+        if isinstance(page, BorrowedPage):
+            box = page._open()
+            owner, fd = box, box[0]
+        else:
+            pin, fd, _ = page._pin()
+            owner = pin[1]
+        try:
+            new = self._page_class._empty(self)
+            args = (self._handle, fd, page.nbytes, str(self._path), new._hold)
+            try:
+                new._id, _ = native.adopt(*args)
+            except CacheFullError:
+                new._id, _ = self._make_room(native.adopt, args, page.nbytes)
+            except OSError as e:
+                if e.errno == native.ESIZE:
+                    raise PageLostError(f"{page!r} changed size: it is not the page any more") from None
+                raise
+        finally:
+            native.drop_now(owner)  # the fd: closed now, not when a traceback lets go
+        new._nbytes = page.nbytes
+        if isinstance(page, BorrowedPage) and page._handed:
+            with contextlib.suppress(FileNotFoundError):  # its cache closed meanwhile
+                os.unlink(page._path)  # moved: the bytes are ours alone now
+        return new
+
     def allocate(self, nbytes: int) -> PageBuilder:
         """A page of ``nbytes`` to fill in place through a writable shared mapping; its
         blocks are allocated now, so filling it cannot run out of space."""
@@ -391,7 +463,7 @@ class PageCache:
             return _arrays.write_strided(self, array)
         header, data = _arrays.npy_parts(array)
         page = self._page_class._empty(self)
-        args = (self._handle, (header, data), str(self._path), page._hold)
+        args = (self._handle, (header, data), str(self._path), page._hold, False)
         try:
             page._id, page._nbytes = native.write_parts(*args)
         except CacheFullError:
@@ -413,6 +485,13 @@ class PageCache:
         anyone: the bytes are held by reachable pages) or COLLECT_WAIT seconds have passed
         in all, and only then raises CacheFullError, having written nothing. Each
         collection is run by this thread (see _collect_here)."""
+        if not self._collect_when_full:
+            native.kick(self._handle)  # the reaper removes what was released, off this thread
+            raise CacheFullError(
+                f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
+                f"{self._max_bytes}; nothing was written (collect_when_full=False: released "
+                "pages are removed by the reaper, and no collection runs in this thread)"
+            )
         deadline = time.monotonic() + COLLECT_WAIT
         self.flush()
         try:
@@ -550,6 +629,8 @@ def _map_read_only(fd: int, nbytes: int, path: Path) -> memoryview:
 # Pages up to this size are read in one C call (into a bytearray, then copied once more);
 # bigger ones by os.pread into the bytes object itself, through a pin.
 _READ_IN_ONE_CALL = 1 << 20
+# The names hand_over() gives the bytes it hands over, in the cache's folder: "<id>-<n>.handed"
+_HANDED = ".handed"
 
 
 class _PinnedMapping(mmap.mmap):
@@ -594,7 +675,8 @@ def _view_of(mapping: mmap.mmap, skip: int, nbytes: int) -> memoryview:
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_dev, st.st_ino, st.st_ctime_ns
+    # the modification time, not the change time, which a hard link changes (hand_over, adopt)
+    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 def _pread_exactly(fd: int, nbytes: int, offset: int, what: str) -> bytes:
@@ -787,6 +869,23 @@ class Page(_PageFile, _Readable):
         finally:
             native.drop_now(pin[1])  # closes the fd, and lets the bytes go if released
 
+    def readinto(self, buffer: Any) -> int:
+        """Copy the page's bytes into ``buffer``, a writable bytes-like object of at least
+        ``nbytes`` bytes, in one call (no intermediate copy); returns ``nbytes``."""
+        with memoryview(buffer) as target:
+            if target.readonly:
+                raise TypeError(
+                    f"readinto() needs a writable buffer, not a read-only {type(buffer).__name__}"
+                )
+            if target.nbytes < self._nbytes:
+                raise ValueError(
+                    f"the buffer holds {target.nbytes} bytes; page {self._id} has {self._nbytes}"
+                )
+            rc = native.page_read_into(self._hold, target, self._nbytes)
+            if rc:
+                raise self._error(rc)
+        return self._nbytes
+
     def view(self) -> memoryview:
         """The page's bytes, zero-copy: a read-only memoryview over a read-only shared
         mapping. It holds no file descriptor, and stays valid after the page is released
@@ -814,7 +913,7 @@ class Page(_PageFile, _Readable):
 
     def __reduce__(self) -> Any:
         # The handle names the file (or the segment and slot) and pins its identity: a
-        # file's device, inode and change time (an inode number alone is reused at once),
+        # file's device, inode and modification time (an inode number alone is reused at once),
         # so a borrower does not read another file that later took the name; a slot's tag
         # (its page's id, checked before and after each read), so a borrower does not read
         # another page that later took the slot. Only the path travels: no bytes.
@@ -828,6 +927,26 @@ class Page(_PageFile, _Readable):
             return BorrowedPage._load, (str(super().path), self._id, self._nbytes, _identity(st))
         segment = str(self._cache._path / native.segment_name(slot[0]))
         return BorrowedPage._load, (segment, self._id, self._nbytes, _identity(st)[:2], slot)
+
+    def hand_over(self) -> BorrowedPage:
+        """A handle for another process to make this page's bytes its own: pickle it, and
+        ``cache.adopt()`` it there. The bytes get a file of their own in this cache's folder
+        (a hard link to the page's file; for a packed page, a copy), which stays when this
+        Page goes, until a receiver adopts it (it moves into the receiver's folder,
+        zero-copy where both are on one file system) or this cache closes. So a pool worker
+        may return ``page.hand_over()`` and drop the page: there is no race with its
+        reaper. The handed bytes count against neither cache's ``max_bytes`` until
+        adopted."""
+        cache = self._cache
+        with cache._close_lock:
+            cache._handed += 1
+            name = f"{self._id}-{cache._handed}{_HANDED}"
+        identity = native.hand_over(self._hold, name)
+        if isinstance(identity, int):
+            if identity == -native.ECLOSED:
+                cache._check_open()
+            raise self._error(identity)
+        return BorrowedPage._load(str(cache._path / name), self._id, self._nbytes, identity, None, True)
 
     def __repr__(self) -> str:
         state = " released" if self.released else ""
@@ -873,7 +992,7 @@ class BorrowedPage(_Readable):
     before and after every read, so a borrower never gets another page's bytes: it gets
     the page's, or PageLostError."""
 
-    __slots__ = ("_path", "_id", "_nbytes", "_identity", "_slot", "_given_up", "__weakref__")
+    __slots__ = ("_path", "_id", "_nbytes", "_identity", "_slot", "_given_up", "_handed", "__weakref__")
 
     borrowed = True
 
@@ -885,6 +1004,7 @@ class BorrowedPage(_Readable):
         nbytes: int,
         identity: tuple[int, ...],
         slot: tuple[int, int] | None = None,
+        handed: bool = False,
     ) -> BorrowedPage:
         self = object.__new__(cls)
         self._path = Path(path)
@@ -893,6 +1013,7 @@ class BorrowedPage(_Readable):
         self._identity = tuple(identity)
         self._slot = None if slot is None else (int(slot[0]), int(slot[1]))
         self._given_up = False
+        self._handed = handed  # by Page.hand_over(): adopt() moves the file
         return self
 
     def __new__(cls, *args: object, **kwargs: object) -> BorrowedPage:
@@ -968,8 +1089,14 @@ class BorrowedPage(_Readable):
             native.drop_now(box)
 
     def __reduce__(self) -> Any:
-        args = (str(self._path), self._id, self._nbytes, self._identity)
-        return BorrowedPage._load, args if self._slot is None else (*args, self._slot)
+        return BorrowedPage._load, (
+            str(self._path),
+            self._id,
+            self._nbytes,
+            self._identity,
+            self._slot,
+            self._handed,
+        )
 
     def __repr__(self) -> str:
         state = " released" if self._given_up else ""

@@ -1,9 +1,11 @@
 """The library's own conditions. I/O failures are plain ``OSError`` subclasses
 (``FileNotFoundError``, ``PermissionError``, ...) carrying errno, message and path."""
 
+import errno
+
 
 class PageCacheError(Exception):
-    """Base of every error diskpages raises that is not an ``OSError``."""
+    """Base of every error of diskpages' own (CacheFullError is an ``OSError`` as well)."""
 
 
 class CacheClosedError(PageCacheError):
@@ -18,9 +20,19 @@ class PageLostError(PageCacheError):
     """The page's file vanished or changed size under the cache (removed by someone else)."""
 
 
-class CacheFullError(PageCacheError):
-    """A write would take the cache past its ``max_bytes`` even after removing every
-    released page and running the cycle collector. Nothing was written."""
+class CacheFullError(PageCacheError, OSError):
+    """A write would take the cache past its ``max_bytes`` (after removing every released
+    page and running the cycle collector, unless the cache was opened with
+    ``collect_when_full=False``). Nothing was written. It is also an ``OSError`` with errno
+    ENOSPC, so code that handles a full disk handles a full budget too."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1:  # a message: errno ENOSPC, and the message as strerror
+            args = (errno.ENOSPC, args[0])
+        super().__init__(*args)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class UnsafeRootError(PageCacheError):
