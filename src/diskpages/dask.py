@@ -1,0 +1,89 @@
+"""``diskpages.dask.SpillBuffer``: a drop-in for ``distributed.spill.SpillBuffer`` whose
+spilled values are pages (``diskpages.zict.File``), so that deleting a spilled key costs
+the worker's event loop a release, not an ``os.remove``.
+
+Wire it into a cluster with ``data=``; the worker then passes its own folder, and spills go
+under ``<worker local directory>/storage`` as with distributed's own::
+
+    LocalCluster(memory_limit="2 GiB",
+                 data=(diskpages.dask.SpillBuffer, {"target": int(0.6 * 2 * 2**30)}))
+
+Everything a worker and its memory manager see is distributed's SpillBuffer: ``fast``,
+``slow``, ``evict()``, ``spilled_total``, ``cumulative_metrics``, ``max_spill``, and a full
+disk keeping the key in memory. Only the store under it differs (``self.file``). Needs
+distributed (``pip install "diskpages[dask]"``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable
+from typing import Any, Literal
+
+import zict
+from distributed.spill import SpillBuffer as _DistributedSpillBuffer
+
+from .zict import File
+
+__all__ = ["SpillBuffer", "SpillFile"]
+
+
+class SpillFile(File):
+    """``diskpages.zict.File`` for dask keys: any hashable key (str, tuple...), as
+    distributed's own spill file takes."""
+
+    def _check_key(self, key: object) -> None:
+        if not isinstance(key, Hashable):
+            raise TypeError(f"keys must be hashable, not {type(key).__name__}")
+
+
+class SpillBuffer(_DistributedSpillBuffer):
+    """distributed's SpillBuffer, spilling to pages.
+
+    ``spill_directory``, ``target`` and ``max_spill`` mean what they mean there. Given
+    ``worker_local_directory`` instead of ``spill_directory`` (a worker passes it when built
+    through ``data=(SpillBuffer, {...})``), spills go under ``<it>/storage``, removed with
+    the worker's folder by dask. ``cache_options`` go to the PageCache
+    (``self.file.cache``); ``collect_when_full`` is False unless given, so that a
+    ``max_bytes`` reached raises in the event loop's thread (the key stays in memory)
+    instead of running the cycle collector there.
+    """
+
+    def __init__(
+        self,
+        spill_directory: str | os.PathLike[str] | None = None,
+        target: int | None = None,
+        max_spill: int | Literal[False] = False,
+        *,
+        worker_local_directory: str | None = None,
+        **cache_options: Any,
+    ) -> None:
+        if spill_directory is None:
+            if worker_local_directory is None:
+                raise TypeError("SpillBuffer needs spill_directory (or a worker's worker_local_directory)")
+            spill_directory = os.path.join(worker_local_directory, "storage")
+        if target is None:
+            raise TypeError("SpillBuffer needs target: the bytes of managed memory to start spilling at")
+        super().__init__(os.fspath(spill_directory), target, max_spill)
+        cache_options.setdefault("collect_when_full", False)
+        self.file = SpillFile(spill_directory, **cache_options)
+        self._swap_store(self.file)
+
+    def _swap_store(self, file: File) -> None:
+        """Put ``file`` under distributed's spill logic, in place of its zict.File (still
+        empty). Checked, so that a distributed whose spill layers changed fails here, at
+        once, rather than spilling somewhere else."""
+        cached = self.slow
+        slow = getattr(cached, "data", None)
+        store = getattr(slow, "d", None)
+        if not (isinstance(cached, zict.Cache) and isinstance(store, zict.File) and not store):
+            raise RuntimeError(
+                "this version of distributed.spill.SpillBuffer is not laid out as diskpages "
+                "expects (Cache over Func over File); diskpages.dask cannot wrap it"
+            )
+        slow.d = file  # type: ignore[union-attr]
+
+    def __del__(self) -> None:
+        # zict closes a mapping in __del__; here the spill file's cache has a finalizer of
+        # its own, which removes the pages however this buffer dies (half built, too).
+        pass

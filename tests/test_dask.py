@@ -1,0 +1,223 @@
+"""diskpages.dask.SpillBuffer: the same behaviour as distributed's own, seen from a worker
+(checked side by side), removal off the caller's thread, and real clusters, with process
+workers (one killed with SIGKILL) and thread workers, that spill and compute right."""
+
+import gc
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+np = pytest.importorskip("numpy")
+from distributed.spill import SpillBuffer as TheirSpillBuffer  # noqa: E402
+
+from diskpages.dask import SpillBuffer, SpillFile  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def value(i: int, nbytes: int = 100_000):
+    return np.full(nbytes // 8, i, dtype="float64")
+
+
+def state(buf) -> tuple:
+    """What a worker and its memory manager can see of a SpillBuffer."""
+    return (
+        sorted(map(str, buf.fast)),
+        sorted(map(str, buf.slow)),
+        sorted(map(str, buf)),
+        tuple(buf.spilled_total),
+        buf.fast.total_weight,
+    )
+
+
+def run_side_by_side(tmp_path, ops, **options):
+    """The same operations on distributed's SpillBuffer and ours; the states after each."""
+    theirs = TheirSpillBuffer(str(tmp_path / "theirs"), **options)
+    ours = SpillBuffer(str(tmp_path / "ours"), **options)
+    for op, *args in ops:
+        results = []
+        for buf in (theirs, ours):
+            try:
+                if op == "set":
+                    buf[args[0]] = value(*args[1:])
+                    results.append(None)
+                elif op == "get":
+                    results.append(float(buf[args[0]][0]))
+                elif op == "del":
+                    del buf[args[0]]
+                    results.append(None)
+                elif op == "evict":
+                    results.append(buf.evict())
+            except Exception as e:  # the same exception, from both
+                results.append(type(e).__name__)
+        assert results[0] == results[1], (op, args)
+        assert state(theirs) == state(ours), (op, args)
+    return theirs, ours
+
+
+def test_behaves_as_distributeds_own(tmp_path):
+    ops = [("set", f"x{i}", i) for i in range(8)]
+    ops += [("get", "x0"), ("get", "x7"), ("del", "x1"), ("del", "x6"), ("evict",), ("evict",)]
+    ops += [("set", ("tuple-key", 1), 99), ("set", "big", 5, 400_000), ("get", "big")]
+    ops += [("set", "x2", 42), ("get", "x2")]
+    theirs, ours = run_side_by_side(tmp_path, ops, target=300_000)
+    assert ours.cumulative_metrics["disk-write", "count"] == theirs.cumulative_metrics["disk-write", "count"]
+    assert (
+        ours.cumulative_metrics["disk-read", "count"] == theirs.cumulative_metrics["disk-read", "count"] > 0
+    )
+    assert isinstance(ours._slow_uncached.d, SpillFile) and ours._slow_uncached.d is ours.file
+    assert len(ours.file) == len(ours.slow) > 0 and ours.file.cache.stats().live_pages == len(ours.slow)
+    assert os.listdir(tmp_path / "ours") == [ours.file.cache.path.name]
+
+
+def test_max_spill_keeps_keys_in_memory_as_distributeds_own(tmp_path, caplog):
+    ops = [("set", f"x{i}", i) for i in range(10)] + [("evict",), ("get", "x0"), ("get", "x9")]
+    with caplog.at_level(logging.WARNING, logger="distributed.spill"):
+        theirs, ours = run_side_by_side(tmp_path, ops, target=300_000, max_spill=250_000)
+    assert len(ours.slow) == 2 and len(ours.fast) == 8
+    assert "reached capacity" in caplog.text
+    assert float(ours["x5"][0]) == 5
+
+
+def test_a_full_disk_keeps_the_key_in_memory_and_collects_nothing(tmp_path, caplog, no_gc):
+    """max_bytes reached is a CacheFullError, an OSError: distributed's handling of a full
+    disk keeps the key in memory. And no collection runs in the spilling thread."""
+    collections = []
+    buf = SpillBuffer(str(tmp_path), target=150_000, max_bytes=250_000, pack_max=0)
+    gc.callbacks.append(lambda phase, info: collections.append(phase))
+    try:
+        with caplog.at_level(logging.ERROR, logger="distributed.spill"):
+            for i in range(6):
+                buf[f"x{i}"] = value(i)
+            assert buf.evict() in (-1, 100_000)
+    finally:
+        gc.callbacks.pop()
+    assert len(buf.slow) == 2 and len(buf.fast) == 4 and sorted(buf) == [f"x{i}" for i in range(6)]
+    assert "Spill to disk failed" in caplog.text and collections == []
+    # nothing lost: each key is in memory or in a page (read without unspilling: reading
+    # through the buffer would evict, and meet the full disk again, as distributed's does)
+    got = {k: float(v[0]) for k, v in buf.fast.items()}
+    got |= {k: float(buf.slow[k][0]) for k in list(buf.slow)}
+    assert got == {f"x{i}": float(i) for i in range(6)}
+
+
+def test_deleting_spilled_keys_removes_nothing_in_the_callers_thread(tmp_path):
+    buf = SpillBuffer(str(tmp_path), target=1, pack_max=0, max_delay=30.0, batch=100_000)
+    for i in range(50):
+        buf[f"x{i}"] = value(i, 20_000)
+    files = set(os.listdir(buf.file.cache.path))
+    assert len(buf.slow) == 50 and len(files) == 50
+    for i in range(50):
+        del buf[f"x{i}"]
+    assert set(os.listdir(buf.file.cache.path)) == files  # not one removed yet
+    assert buf.file.cache.stats().pending == 50
+    buf.file.cache.flush()
+    assert os.listdir(buf.file.cache.path) == []
+
+
+def test_a_workers_folder_holds_the_spill(tmp_path):
+    buf = SpillBuffer(target=1, worker_local_directory=str(tmp_path))
+    buf["x"] = value(1)
+    assert buf.file.cache.path.parent == tmp_path / "storage"
+    with pytest.raises(TypeError, match="spill_directory"):
+        SpillBuffer(target=1)
+    with pytest.raises(TypeError, match="target"):
+        SpillBuffer(str(tmp_path))
+
+
+# -- real clusters ---------------------------------------------------------------------------
+
+
+CHUNK = 2 * MiB
+NCHUNKS = 96  # 192 MiB in all, 6x the two workers' targets together
+TARGET = 16 * MiB
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Page files and segments anywhere under folder."""
+    return [
+        str(p)
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix in (".page", ".slots", ".part", ".handed")
+    ]
+
+
+def compute(client):
+    """A reduction over NCHUNKS chunks held at once (persisted): several times memory."""
+    import dask.array as da
+
+    n = NCHUNKS * CHUNK // 8
+    x = da.arange(n, chunks=CHUNK // 8, dtype="float64").persist()
+    distributed.wait(x)
+    total = float((x * 2).sum().compute())
+    assert total == float(n) * (n - 1)  # 2 * (0 + 1 + ... + n-1)
+    return x
+
+
+def spilled(client) -> dict[str, float]:
+    return client.run(lambda dask_worker: dask_worker.data.cumulative_metrics.get(("disk-write", "count"), 0))
+
+
+def test_a_process_cluster_spills_computes_and_survives_a_kill(tmp_path):
+    from distributed import Client, LocalCluster
+
+    data = (SpillBuffer, {"target": TARGET})
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit="1 GiB",
+            local_directory=str(tmp_path),
+            data=data,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        x = compute(client)
+        assert all(n > 0 for n in spilled(client).values())  # both workers spilled
+        kinds = client.run(lambda dask_worker: type(dask_worker.data.file).__module__)
+        assert set(kinds.values()) == {"diskpages.dask"}
+        folders = client.run(lambda dask_worker: str(dask_worker.data.file.cache.path))
+        assert all(leftovers(Path(f)) for f in folders.values())
+
+        victim, folder = next(iter(folders.items()))
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        compute(client)  # lost chunks are recomputed; the answer is right again
+        deadline = time.monotonic() + 30
+        while len(client.scheduler_info()["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # the nanny's new worker takes a new folder; dask purges the dead one's
+        while Path(folder).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(folder).exists(), "the killed worker's spill folder was not swept"
+        del x
+    assert leftovers(tmp_path) == []
+
+
+def test_a_thread_cluster_spills_and_computes(tmp_path):
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=False,
+            memory_limit="1 GiB",
+            local_directory=str(tmp_path),
+            data=(SpillBuffer, {"target": TARGET}),
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        x = compute(client)
+        assert all(n > 0 for n in spilled(client).values())
+        del x
+    gc.collect()
+    assert leftovers(tmp_path) == []
