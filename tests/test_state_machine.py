@@ -487,6 +487,30 @@ class Machine(RuleBasedStateMachine):
         for page, data in zip(pages, datas, strict=True):
             self.new_page(page, data)
 
+    @rule(specs=st.lists(st.tuples(st.integers(0, 40000), seeds), max_size=5))
+    @logged
+    def write_parts(self, specs: list[tuple[int, int]]) -> None:
+        parts = [page_bytes(self.unique(), size, seed) for size, seed in specs]
+        self.new_page(self.cache.write_parts(parts), b"".join(parts))
+
+    @precondition(lambda self: any(r.gen == self.cur.gen for r, _ in self.reachable_pages()))
+    @rule(i=index, hand_over=st.booleans())
+    @logged
+    def adopt(self, i: int, hand_over: bool) -> None:
+        """A page of this cache made from another (here, the same cache's: the same code
+        paths), through a handed-over name or a borrower's pickle."""
+        rec, obj = self.pick([(r, o) for r, o in self.reachable_pages() if r.gen == self.cur.gen], i)
+        if rec.released:
+            what = obj.hand_over if hand_over else lambda: pickle.dumps(obj)
+            self.expect_error(PageReleasedError, what, f"hand over / pickle of released {rec.key}")
+            return
+        handle = obj.hand_over() if hand_over else pickle.loads(pickle.dumps(obj))
+        del obj
+        handle = pickle.loads(pickle.dumps(handle))  # as if from another process
+        self.new_page(self.cache.adopt(handle), rec.data)
+        if hand_over:
+            assert not handle.path.exists(), "adopt() left the handed-over name"
+
     @rule(size=sizes, seed=seeds)
     @logged
     def allocate_fill_seal(self, size: int, seed: int) -> None:
