@@ -213,7 +213,8 @@ def test_a_page_handed_over_twice_is_two_handles(root):
         assert mine.read() == yours.read() == b"x" * 2 * MiB
 
 
-def test_adopt_copies_across_file_systems(root):
+@pytest.mark.parametrize("handed", [False, True])
+def test_adopt_copies_across_file_systems(root, handed):
     shm = Path("/dev/shm")
     if not shm.is_dir():
         pytest.skip("no /dev/shm")
@@ -222,8 +223,10 @@ def test_adopt_copies_across_file_systems(root):
         with PageCache(root) as owner, PageCache(other) as mine:
             data = os.urandom(2 * MiB)
             theirs = owner.write(data)
-            page = mine.adopt(pickle.loads(pickle.dumps(theirs)))
+            handle = theirs.hand_over() if handed else pickle.loads(pickle.dumps(theirs))
+            page = mine.adopt(handle)
             assert os.stat(page.path).st_ino != os.stat(theirs.path).st_ino
+            assert handle.path.exists() != handed  # a handed name goes once its bytes are copied
             del theirs
             owner.close()
             assert page.read() == data
