@@ -578,7 +578,7 @@ def removal_section(data: dict, out: list[str]) -> None:
         out.append(table(head, rows, "lll" + "r" * (len(head) - 3)))
         if len(filesystems_in(removal)) > 1:
             out.append(
-                "\nSide by side: the C loop's time per file, and `flush()` through io_uring and"
+                "\nSide by side: the C loop's time per file, and `remove_released()` through io_uring and"
                 " the Python loop against it in the same rounds.\n\n"
             )
             keys = [(d, st) for d in ("written back", "in page cache") for st in STATES]

@@ -115,7 +115,7 @@ def test_large_views_start_on_a_2mib_boundary(cache, nbytes):
     assert all(start % (2 * 1024 * 1024) == 0 and end - start >= nbytes for start, end in spans)
     assert all(len(v) == nbytes and v.readonly and v[-1:] == b"v" for v in views)
     page.release()
-    cache.flush()
+    cache.remove_released()
     assert all(v[:1] == b"v" for v in views)  # a view outlives its page
     del views
     assert file_mappings(page.path) == []  # and the mapping goes with its last view
@@ -213,7 +213,7 @@ def test_unsealed_builder_leaves_no_file(cache):
     assert not path.exists() and os.listdir(cache.path) == []  # nameless until sealed
     assert cache.stats().live_bytes == 4096  # but counted from allocate on
     del builder
-    cache.flush()
+    cache.remove_released()
     assert not path.exists() and os.listdir(cache.path) == []
     assert cache.stats().live_bytes == 0
     assert bytes(view[:4]) == b"abcd"  # the mapping outlives the file
@@ -231,7 +231,7 @@ def test_release_is_idempotent_and_context_manager(cache):
         page.read()
     with pytest.raises(PageReleasedError):
         page.view()
-    assert cache.flush() == 1
+    assert cache.remove_released() == 1
     assert not where.exists()
 
 
@@ -244,7 +244,7 @@ def test_stats_count_pages(cache):
     a.release()
     s = cache.stats()
     assert (s.live_pages, s.live_bytes, s.pending, s.pending_bytes, s.charged_bytes) == (1, 20, 1, 10, 30)
-    cache.flush()
+    cache.remove_released()
     s = cache.stats()
     assert (s.live_pages, s.pending, s.removed, s.charged_bytes) == (1, 0, 1, 20)
     assert s.remover in ("io_uring", "loop")
@@ -272,7 +272,7 @@ def test_close_removes_everything(root):
     with pytest.raises(CacheClosedError):
         builder.seal()
     assert bytes(view) == b"p" * 100
-    assert cache.flush() == 0
+    assert cache.remove_released() == 0
     cache.close()  # idempotent
     del pages, builder
 

@@ -205,7 +205,7 @@ def test_strided_write_interrupted_leaves_nothing_even_while_its_traceback_lives
             kept = e  # as an interactive session keeps the last traceback
         assert len(calls) == 3
         assert cache.stats().live_pages == 0  # released, not waiting for the traceback
-        cache.flush()
+        cache.remove_released()
         assert files_in(cache.path) == [] and cache.stats().charged_bytes == 0
         assert len(os.listdir("/proc/self/fd")) == fds  # the page's fd is closed too
         del kept
@@ -254,7 +254,7 @@ def test_array_outlives_release_and_close(root):
     page = cache.write_array(array)
     got = page.array()
     page.release()
-    cache.flush()
+    cache.remove_released()
     assert not page.path.exists()
     assert same(got, array)
     cache.close()
@@ -402,7 +402,7 @@ def test_unsealed_array_builder_leaves_no_file(cache):
     builder.array()[...] = 1.0
     assert cache.stats().live_pages == 1  # (whether its file has a name yet is not the point)
     del builder
-    cache.flush()
+    cache.remove_released()
     assert os.listdir(cache.path) == []
     assert cache.stats().live_pages == 0
 

@@ -186,7 +186,8 @@ class PageCache:
     (``self.path``, mode 0700). ``sync`` says what is on stable storage when a write
     returns: ``"none"`` (nothing forced), ``"data"`` (the page's bytes), ``"full"`` (the bytes
     and the page's name in the folder). Released pages are removed by a C thread once
-    ``batch`` are waiting or ``max_delay`` seconds have passed, or at once by ``flush()``.
+    ``batch`` are waiting or ``max_delay`` seconds have passed, or at once by
+    ``remove_released()``.
 
     Pages of at most ``pack_max`` bytes (``PACK_MAX``, 256 KiB, by default, or what the
     environment variable DISKPAGES_PACK_MAX says; at most 1 MiB; 0 for none) are
@@ -414,7 +415,7 @@ class PageCache:
         in all, and only then raises CacheFullError, having written nothing. Each
         collection is run by this thread (see _collect_here)."""
         deadline = time.monotonic() + COLLECT_WAIT
-        self.flush()
+        self.remove_released()
         try:
             return write(*args)
         except CacheFullError:
@@ -423,7 +424,7 @@ class PageCache:
         while unchanged < 2 and time.monotonic() < deadline:
             before = self._progress()
             _collect_here(deadline)  # pages in unreachable cycles hold their bytes until this
-            self.flush()
+            self.remove_released()
             try:
                 return write(*args)
             except CacheFullError:
@@ -440,7 +441,7 @@ class PageCache:
         raise CacheFullError(
             f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
             f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending{held} "
-            "even after flush() and a full collection; nothing was written"
+            "even after remove_released() and a full collection; nothing was written"
         ) from None
 
     def _progress(self) -> tuple[int, int, int]:
@@ -450,17 +451,31 @@ class PageCache:
 
     # -- removal ----------------------------------------------------------------------
 
-    def flush(self) -> int:
+    def remove_released(self) -> int:
         """Remove every released page's file now, in this thread; returns how many this
         call removed (the reaper may have removed others meanwhile). A removal that fails
         counts in ``stats().remove_errors``, and its bytes stay charged until close."""
         return native.flush(self._handle)  # 0 once closed
 
+    def flush(self) -> int:
+        """Deprecated alias of ``remove_released()``, kept for one release."""
+        warnings.warn(
+            "PageCache.flush() is deprecated: call remove_released(), which does the same",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.remove_released()
+
     def collect(self) -> int:
         """Run the cycle collector, so pages kept alive only by unreachable cycles are
-        released, then ``flush()``."""
+        released, then ``remove_released()``. Returns how many pages of this cache the
+        collection released (``stats().released_by_gc`` before and after; a collection
+        another thread runs meanwhile may add its own), whether their files went in this
+        call or in the reaper, which the collection wakes."""
+        before = self.stats().released_by_gc
         _collect_here(time.monotonic() + COLLECT_WAIT)
-        return self.flush()
+        self.remove_released()
+        return self.stats().released_by_gc - before
 
     def live(self) -> Iterator[LivePage]:
         """The pages of this cache that are alive (not released), oldest id first, with
@@ -709,7 +724,7 @@ class Page(_PageFile, _Readable):
 
     def release(self) -> None:
         """Give the page up now: reads fail from here on and the file goes with the next
-        batch (or ``cache.flush()``). Idempotent; safe from any thread."""
+        batch (or ``cache.remove_released()``). Idempotent; safe from any thread."""
         self._release(self._hold)
 
     @property
