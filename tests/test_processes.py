@@ -593,9 +593,23 @@ def test_root_that_is_a_symlink_is_refused(root, tmp_path):
 def test_root_writable_by_others_is_refused(root, mode):
     root.mkdir()
     os.chmod(root, mode)
-    with pytest.raises(UnsafeRootError, match="written by others"):
+    with pytest.raises(UnsafeRootError, match="written by others") as info:
         PageCache(root)
     assert os.listdir(root) == []
+    # The advice is a private folder under it (made 0700) or the default root, never to
+    # chmod a folder that others may need to write to (/tmp)
+    message = str(info.value)
+    assert "chmod" not in message
+    assert f"{root / 'myapp'}" in message and str(diskpages.default_root()) in message
+    with PageCache(root / "myapp") as cache:  # the advice works
+        assert cache.write(b"x").read() == b"x"
+
+
+@packing_irrelevant
+def test_tmp_itself_as_root_is_refused_with_advice_that_keeps_tmp_as_it_is():
+    with pytest.raises(UnsafeRootError) as info:
+        PageCache("/tmp")
+    assert "chmod" not in str(info.value)
 
 
 @packing_irrelevant
