@@ -413,7 +413,17 @@ class PageCache:
         collections in a row change nothing (no page written, released or removed by
         anyone: the bytes are held by reachable pages) or COLLECT_WAIT seconds have passed
         in all, and only then raises CacheFullError, having written nothing. Each
-        collection is run by this thread (see _collect_here)."""
+        collection is run by this thread (see _collect_here). A write larger than
+        max_bytes on its own raises at once: no removal or collection could make room."""
+        if self._max_bytes is not None and requested > self._max_bytes:
+            what = "this page alone is"
+            if write is native.write_many and len(args[1]) != 1:  # all or nothing: charged as one
+                what = f"these {len(args[1])} pages together are"
+            raise CacheFullError(
+                f"writing {requested} bytes to the cache at {self._path}: {what} larger than "
+                f"max_bytes={self._max_bytes}, so no removal or collection can make room; "
+                "nothing was written"
+            )
         deadline = time.monotonic() + COLLECT_WAIT
         self.remove_released()
         try:
