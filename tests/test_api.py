@@ -182,7 +182,9 @@ def test_seal_refuses_while_a_view_is_alive(cache):
     view = builder.view()
     part = view[1:3]  # a slice holds the export too
     del view
-    with pytest.raises(BufferError):
+    with pytest.raises(
+        BufferError, match=r"view .*of page \d+ is still alive.* drop it \(del\).* before seal\(\)"
+    ):
         builder.seal()
     part[:] = b"zz"  # the builder is still usable
     del part

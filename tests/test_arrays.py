@@ -320,6 +320,17 @@ def test_array_of_page_that_is_not_npy(cache, name):
     assert page.read() == NOT_NPY[name]  # the page itself is fine
 
 
+def test_array_of_page_written_as_raw_bytes_says_which_call_makes_array_pages(cache):
+    raw = cache.write(np.arange(10.0))  # write() keeps the bytes only: no .npy header
+    builder = cache.allocate(80)
+    for owner in (raw, builder, pickle.loads(pickle.dumps(raw))):
+        with pytest.raises(ValueError, match=f"^page {owner.id} is not a .npy array: ") as info:
+            owner.array()
+        assert "write_array()" in str(info.value) and "allocate_array()" in str(info.value)
+        assert "numpy.frombuffer" in str(info.value)
+    assert np.array_equal(np.frombuffer(raw.view(), np.float64), np.arange(10.0))
+
+
 # -- allocate_array ---------------------------------------------------------------------
 
 
@@ -386,7 +397,7 @@ def test_seal_refused_while_an_array_is_alive(cache):
     out = builder.array()
     part = out[2:5]  # a view of the array holds the mapping too
     del out
-    with pytest.raises(BufferError):
+    with pytest.raises(BufferError, match=r"view or array of page \d+ is still alive.* drop it \(del\)"):
         builder.seal()
     assert not builder.sealed
     part[...] = 9

@@ -221,6 +221,12 @@ def array_of(owner: Page | PageBuilder) -> numpy.ndarray:
     view = owner.view()
     reader = _Reader(view)
     not_npy = f"page {owner.id} is not a .npy array"
+    if bytes(view[: len(np.lib.format.MAGIC_PREFIX)]) != np.lib.format.MAGIC_PREFIX:
+        raise ValueError(
+            f"{not_npy}: its bytes do not start with a .npy header. write_array() and "
+            "allocate_array() make array pages; write() and allocate() keep raw bytes, which "
+            "numpy.frombuffer(page.view(), dtype) reads as an array"
+        )
     try:
         shape, fortran_order, dtype = _read_header(np, reader, len(view))
     except ValueError as exc:

@@ -1098,7 +1098,14 @@ class PageBuilder(_PageFile):
             if mapping is not None:
                 if cache._sync != "none":
                     mapping.flush()  # msync(MS_SYNC): the bytes, before the name
-                mapping.close()  # BufferError while a view is exported
+                try:
+                    mapping.close()  # BufferError while a view is exported
+                except BufferError:
+                    raise BufferError(
+                        f"a view or array of page {self._id} is still alive (from the builder's "
+                        "view() or array(), or a slice of one); drop it (del) before seal(), "
+                        "since a sealed page must never change through it"
+                    ) from None
             # The record moves into the new page's hold: from the moment C returns the page
             # owns it, so an interrupt after this line drops the page and orphans nothing.
             page = cache._page_class._empty(cache)
