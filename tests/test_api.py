@@ -221,6 +221,39 @@ def test_unsealed_builder_leaves_no_file(cache):
     assert bytes(view[:4]) == b"abcd"  # the mapping outlives the file
 
 
+def test_builder_as_a_context_manager_seals_or_discards(cache):
+    with cache.allocate(4) as builder:
+        builder.view()[:] = b"abcd"
+        page = builder.seal()
+    assert page.read() == b"abcd" and builder.sealed  # sealed in the block: the page stays
+    with cache.allocate(4096) as builder:  # left without seal(): discarded
+        builder.view()[:4] = b"abcd"
+    with pytest.raises(PageReleasedError, match="discarded"):
+        builder.seal()
+    cache.remove_released()
+    assert cache.stats().live_pages == 1 and cache.stats().charged_bytes == 4
+    assert page_count_on_disk(cache) == 1  # nothing of the builder: only the page sealed above
+    del page
+
+
+def test_builder_left_by_an_exception_is_discarded_and_the_exception_goes_on(cache):
+    with pytest.raises(KeyError, match="boom"):
+        with cache.allocate(4096) as builder:
+            builder.view()[:4] = b"abcd"
+            raise KeyError("boom")
+    with pytest.raises(PageReleasedError):
+        builder.view()
+    view = None
+    with pytest.raises(BufferError):  # seal() itself fails: discarded all the same
+        with cache.allocate(10) as builder:
+            view = builder.view()
+            builder.seal()
+    view[:2] = b"ok"  # the view keeps its mapping; the page is gone
+    assert not builder.sealed
+    cache.remove_released()
+    assert cache.stats().live_pages == 0 and os.listdir(cache.path) == []
+
+
 def test_release_is_idempotent_and_context_manager(cache):
     with cache.write(b"abc") as page:
         assert not page.released

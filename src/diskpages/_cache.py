@@ -1007,7 +1007,8 @@ class PageBuilder(_PageFile):
     shared mapping; ``seal()`` syncs per the cache's mode, gives the file its name, unmaps
     and returns the Page. Until then the file has no name in the folder, so a builder
     dropped unsealed, or a process killed while it fills one, leaves nothing. Its file
-    descriptor belongs to the C record: it closes at seal(), or when the builder goes."""
+    descriptor belongs to the C record: it closes at seal(), or when the builder goes. As a
+    context manager it is discarded at the end of the block unless sealed in it."""
 
     __slots__ = ("_mapping", "_lock", "_busy", "_sealed")
 
@@ -1122,6 +1123,16 @@ class PageBuilder(_PageFile):
             self._mapping = None
             self._sealed = True
             return page
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with cache.allocate(n) as builder:`` leaves nothing unless ``seal()`` ran in
+        the block: left unsealed, normally or by an exception (which goes on), the builder
+        is discarded at once, its fd closed, its file and its bytes in the budget gone."""
+        if not self._sealed:
+            self._discard()
 
     def __reduce__(self) -> Any:
         raise TypeError("a PageBuilder cannot be pickled: seal() it and pickle the Page")
