@@ -331,6 +331,45 @@ def test_array_of_page_written_as_raw_bytes_says_which_call_makes_array_pages(ca
     assert np.array_equal(np.frombuffer(raw.view(), np.float64), np.arange(10.0))
 
 
+def mapping_under(array):
+    """What an array's memory finally belongs to, down its chain of bases."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def test_numpy_array_protocol_is_array_zero_copy_and_read_only(cache):
+    import mmap
+
+    data = np.arange(12, dtype=np.int32).reshape(3, 4)
+    page = cache.write_array(data)
+    for owner in (page, pickle.loads(pickle.dumps(page))):
+        for out in (np.asarray(owner), np.asarray(owner, dtype=np.int32), np.array(owner, copy=False)):
+            assert same(out, data) and same(out, owner.array())
+            assert out.flags.writeable is False  # over the page's read-only mapping
+            assert isinstance(mapping_under(out), mmap.mmap)  # zero-copy
+            with pytest.raises(ValueError, match="read-only"):
+                out[0, 0] = 1
+        for copied in (np.array(owner), np.asarray(owner, copy=True)):
+            assert same(copied, data) and copied.flags.writeable is True
+            assert not isinstance(mapping_under(copied), mmap.mmap)
+            copied[0, 0] = 7  # a copy of its own: the page is unchanged
+        converted = np.asarray(owner, dtype=np.float64)
+        assert converted.dtype == np.float64 and np.array_equal(converted, data)
+        with pytest.raises(ValueError, match="copy"):
+            np.array(owner, dtype=np.float64, copy=False)
+        assert int(np.sum(owner)) == int(data.sum())
+    assert same(page.array(), data)
+
+
+def test_numpy_array_protocol_refuses_a_page_that_is_not_an_array(cache):
+    raw = cache.write(np.arange(4.0))
+    for owner in (raw, pickle.loads(pickle.dumps(raw))):
+        with pytest.raises(ValueError, match=f"^page {owner.id} is not a .npy array: .*write_array"):
+            np.asarray(owner)  # not a 0-d array of objects
+
+
 # -- allocate_array ---------------------------------------------------------------------
 
 

@@ -676,6 +676,12 @@ class _Readable(_Sized):
         page is released. ValueError if the page is not a ``.npy`` file. Needs NumPy."""
         return _arrays.array_of(self)
 
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> numpy.ndarray:
+        """``numpy.asarray(page)`` is ``page.array()``: read-only and zero-copy (a writable
+        copy with ``copy=True`` or another ``dtype``; ValueError for that with
+        ``copy=False``), and ValueError for a page that is not a ``.npy`` file."""
+        return _arrays.as_numpy(self.array(), dtype, copy, self._id)
+
     def __copy__(self) -> Any:
         return self
 
