@@ -1,9 +1,11 @@
 """Shared pieces of the benchmark suite: run size, where files go, the disk's state.
 
-Run:   python -m pytest benchmarks --benchmark-json=bench.json
+Run:   python -m pytest benchmarks --benchmark-json=bench.json --benchmark-quiet
        (DISKPAGES_QUICK=1 for a short run; DISKPAGES_BENCH_SMOKE=1 runs every benchmark
-       once with tiny sizes, which is what tests/test_benchmarks_smoke.py does)
-Report: python benchmarks/report.py bench.json   (writes benchmarks/results/REPORT.md)
+       once with tiny sizes, which is what tests/test_benchmarks_smoke.py does;
+       --benchmark-quiet leaves out pytest-benchmark's own tables)
+Report: python benchmarks/report.py bench.json   (writes benchmarks/results/REPORT.md after
+       a full run of the whole suite, else benchmarks/results/quick/REPORT.md, ignored by git)
 
 Every group holds a baseline measured in the same run, in interleaved rounds
 (harness.py); fresh and steady disk states are made alike for all contenders
@@ -197,6 +199,16 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _whole_suite(config) -> bool:
+    """Whether the session ran every benchmark (no -k, -m, --deselect, --lf, no single
+    file or test): only such a run, in full mode, replaces the committed report (report.py)."""
+    opt = config.option
+    if opt.keyword or opt.markexpr or getattr(opt, "deselect", None) or getattr(opt, "lf", False):
+        return False
+    here = Path(__file__).resolve().parent
+    return all((config.invocation_params.dir / arg).resolve() == here for arg in config.args)
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     """What the report states about the run: machine, disk, Python, command, code."""
     import diskpages
@@ -208,6 +220,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     base.mkdir(parents=True, exist_ok=True)
     machine_info["diskpages_bench"] = {
         "mode": MODE,
+        "whole_suite": _whole_suite(config),
         "rounds": ROUNDS,
         "command": command,
         "cpu_count": os.cpu_count(),

@@ -1,7 +1,12 @@
-"""Turn a benchmark run into benchmarks/results/REPORT.md and its plots.
+"""Turn a benchmark run into REPORT.md and its plots, and print a short summary.
 
-python -m pytest benchmarks --benchmark-json=bench.json
+python -m pytest benchmarks --benchmark-json=bench.json --benchmark-quiet
 python benchmarks/report.py bench.json            # or: --out some/folder
+
+Only a full run of the whole suite writes benchmarks/results/, whose report and plots are
+committed; any other run (DISKPAGES_QUICK=1, a smoke run, a part of the suite) writes
+benchmarks/results/quick/, which git ignores. At the end it prints the headline ratios and
+where the report is; the report holds every table.
 
 Every figure is a median over interleaved rounds; a ratio is the median over rounds of
 the contender's time divided by the other's in the same round, ± half its interquartile
@@ -18,6 +23,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"  # committed: written by full runs of the whole suite only
+QUICK_RESULTS = RESULTS / "quick"  # ignored by git (.gitignore): every other run
 SIZE_ORDER = ["4KiB", "64KiB", "1MiB", "16MiB"]
 SYNC_ORDER = ["none", "data", "full"]
 STATES = ["fresh", "steady"]
@@ -578,7 +585,7 @@ def removal_section(data: dict, out: list[str]) -> None:
         out.append(table(head, rows, "lll" + "r" * (len(head) - 3)))
         if len(filesystems_in(removal)) > 1:
             out.append(
-                "\nSide by side: the C loop's time per file, and `flush()` through io_uring and"
+                "\nSide by side: the C loop's time per file, and `remove_released()` through io_uring and"
                 " the Python loop against it in the same rounds.\n\n"
             )
             keys = [(d, st) for d in ("written back", "in page cache") for st in STATES]
@@ -933,17 +940,70 @@ def render(data: dict, folder: Path) -> str:
     return "".join(out)
 
 
+def default_out(data: dict) -> Path:
+    """benchmarks/results/ for a full run of the whole suite (a run from before conftest.py
+    recorded whole_suite counts as one), benchmarks/results/quick/ for any other."""
+    run = data.get("machine_info", {}).get("diskpages_bench", {})
+    return RESULTS if run.get("mode") == "full" and run.get("whole_suite", True) else QUICK_RESULTS
+
+
+def headlines(data: dict) -> list[str]:
+    """A few ratios that say the most, each from one group of the run (those it has)."""
+    lines = []
+    for f in filesystems_in(groups_of(data, "small_churn")):
+        for state in ("steady", "fresh"):
+            g = find(data, "small_churn", f, state=state, size_label="4KiB")
+            if g is None or "diskpages" not in g["extra_info"]["contenders"]:
+                continue
+            cs = g["extra_info"]["contenders"]
+            against = [a for a in ("python loop", "diskcache", "zict.File") if a in cs]
+            ratios = ", ".join(f"÷ {a} {fmt_ratio(pair_ratio(g, 'diskpages', a))}" for a in against)
+            lines.append(f"churn of 4 KiB pages, {state}, {FS_LABEL.get(f, f)}: {ratios}")
+            break
+    for size in ("4KiB", "1MiB"):
+        g = find_write(data, size, "none", "fresh")
+        if g is not None:
+            ratio = fmt_ratio(pair_ratio(g, "write()", "floor"))
+            lines.append(f"write() of {size} pages, fresh, sync none, this disk: ÷ C floor {ratio}")
+    g = find(data, "removal", "thisdisk", data="written back", state="fresh")
+    if g is not None:
+        ratio = fmt_ratio(pair_ratio(g, "flush, io_uring", g["extra_info"]["baseline"]))
+        lines.append(f"remove_released() of written-back files, fresh, this disk: ÷ C unlinkat loop {ratio}")
+    for g in groups_of(data, "release"):
+        if g["extra_info"]["state"] == "fresh":
+            ratio = fmt_ratio(pair_ratio(g, "diskpages Page", "naive __del__ + os.unlink"))
+            lines.append(f"dropping a page, fresh: ÷ naive __del__ + os.unlink {ratio}")
+    return lines
+
+
+def summary(data: dict, report: Path) -> str:
+    run = data.get("machine_info", {}).get("diskpages_bench", {})
+    elapsed = run.get("elapsed_s")
+    took = f", {elapsed / 60:.1f} minutes" if elapsed else ""
+    out = [f"diskpages benchmarks: {run.get('mode', '?')} run, {run.get('rounds', '?')} rounds a group{took}"]
+    lines = headlines(data)
+    if lines:
+        out.append("diskpages' time ÷ the other's, median over rounds ± half the IQR (below 1: faster):")
+        out += [f"  {line}" for line in lines]
+    out.append(f"report (every table; plots beside it): {report}")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="folder for REPORT.md and the plots")
+    parser.add_argument(
+        "--out",
+        help="folder for REPORT.md and the plots (default: benchmarks/results/ for a full run of "
+        "the whole suite, else benchmarks/results/quick/, which git ignores)",
+    )
     args = parser.parse_args(argv)
     data = json.loads(Path(args.json).read_text())
-    folder = Path(args.out)
+    folder = Path(args.out) if args.out else default_out(data)
     folder.mkdir(parents=True, exist_ok=True)
     report = folder / "REPORT.md"
     report.write_text(render(data, folder))
-    print(f"wrote {report}")
+    print(summary(data, report))
     return report
 
 

@@ -82,7 +82,7 @@ class DiskpagesWrite:
 
     def setup(self):
         self.pages = []  # the previous round's pages die here...
-        self.cache.flush()  # ...and their files go before this round
+        self.cache.remove_released()  # ...and their files go before this round
 
     def run(self):
         array = self.array

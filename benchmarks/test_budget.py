@@ -86,7 +86,7 @@ class Writes:
         self.per_round = n
 
     def setup(self):
-        self.cache.flush()
+        self.cache.remove_released()
 
     def run(self):
         w, data = self.cache.write, b"w" * 4096

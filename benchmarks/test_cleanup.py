@@ -8,7 +8,7 @@ four ways the page can go:
 - cycles, gc automatic: the holder refers to itself, so only the cycle collector frees it;
   gc runs at its default thresholds.
 - cycles, gc off + collect() every K: the same cycles, gc disabled, and the program calls
-  ``cache.collect()`` (gc.collect + flush) every K pages.
+  ``cache.collect()`` (gc.collect + remove_released) every K pages.
 - release(): holders in cycles, and the program calls ``page.release()`` when it drops one.
 
 Each runs with diskpages (default batch and max_delay) and with the naive design of the
@@ -159,7 +159,7 @@ class CleanupArm:
             self.gc_events.append((info["generation"], self.gc_start, time.perf_counter_ns()))
 
     def collect_now(self):
-        """The loop's own collection every EVERY pages: cache.collect() (gc + flush), or
+        """The loop's own collection every EVERY pages: cache.collect() (gc + remove_released), or
         gc.collect() for the naive design, whose __del__ unlinks inside it."""
         self.in_explicit = True
         t = time.perf_counter_ns()
@@ -230,7 +230,7 @@ class CleanupArm:
             gc.enable()
         gc.collect()
         if self.cache is not None:
-            self.cache.flush()
+            self.cache.remove_released()
         self.watcher_realtime = self.watcher.realtime
         events, overflowed = self.watcher.stop()
         self.watcher = None

@@ -6,7 +6,7 @@ and finalizers), per page, against objects with an empty __del__ (the interprete
 cost), a plain slotted object without one, an explicit ``page.release()`` call, and the
 naive design the seed notebook starts from (__del__ unlinks its own file synchronously).
 
-removal: flush() of N released 4 KiB pages through io_uring, the same through the plain
+removal: remove_released() of N released 4 KiB pages through io_uring, the same through the plain
 loop remover (DISKPAGES_REMOVER=loop), a C unlinkat loop (the floor), a Python os.unlink
 loop, and shutil.rmtree of the folder; diskpages with pack_max=0 (a file per page, like the
 others), and with its default (the pages packed in a segment file: no unlink at all). Files
@@ -148,7 +148,7 @@ class FlushPages:
         del pages  # all released, none removed yet
 
     def run(self):
-        assert self.cache.flush() == self.per_round
+        assert self.cache.remove_released() == self.per_round
 
     def finish(self, measured):
         self.cleanup()

@@ -106,7 +106,7 @@ class PythonLoop(peers.PeerWriter):
 
 class DiskpagesWriter(peers.PeerWriter):
     """write() per page, write_many() once per round, or allocate() + fill the view + seal().
-    Files go only at drop() (flush) or close(): the reaper is kept out of the way."""
+    Files go only at drop() (remove_released) or close(): the reaper is kept out of the way."""
 
     def __init__(self, data, n, sync, kind, pack_max=None):
         super().__init__(data, n)
@@ -134,7 +134,7 @@ class DiskpagesWriter(peers.PeerWriter):
 
     def drop(self):
         self.keys = []
-        self.cache.flush()
+        self.cache.remove_released()
 
     def close(self):
         self.keys = []

@@ -115,7 +115,7 @@ def test_large_views_start_on_a_2mib_boundary(cache, nbytes):
     assert all(start % (2 * 1024 * 1024) == 0 and end - start >= nbytes for start, end in spans)
     assert all(len(v) == nbytes and v.readonly and v[-1:] == b"v" for v in views)
     page.release()
-    cache.flush()
+    cache.remove_released()
     assert all(v[:1] == b"v" for v in views)  # a view outlives its page
     del views
     assert file_mappings(page.path) == []  # and the mapping goes with its last view
@@ -182,7 +182,9 @@ def test_seal_refuses_while_a_view_is_alive(cache):
     view = builder.view()
     part = view[1:3]  # a slice holds the export too
     del view
-    with pytest.raises(BufferError):
+    with pytest.raises(
+        BufferError, match=r"view .*of page \d+ is still alive.* drop it \(del\).* before seal\(\)"
+    ):
         builder.seal()
     part[:] = b"zz"  # the builder is still usable
     del part
@@ -213,10 +215,43 @@ def test_unsealed_builder_leaves_no_file(cache):
     assert not path.exists() and os.listdir(cache.path) == []  # nameless until sealed
     assert cache.stats().live_bytes == 4096  # but counted from allocate on
     del builder
-    cache.flush()
+    cache.remove_released()
     assert not path.exists() and os.listdir(cache.path) == []
     assert cache.stats().live_bytes == 0
     assert bytes(view[:4]) == b"abcd"  # the mapping outlives the file
+
+
+def test_builder_as_a_context_manager_seals_or_discards(cache):
+    with cache.allocate(4) as builder:
+        builder.view()[:] = b"abcd"
+        page = builder.seal()
+    assert page.read() == b"abcd" and builder.sealed  # sealed in the block: the page stays
+    with cache.allocate(4096) as builder:  # left without seal(): discarded
+        builder.view()[:4] = b"abcd"
+    with pytest.raises(PageReleasedError, match="discarded"):
+        builder.seal()
+    cache.remove_released()
+    assert cache.stats().live_pages == 1 and cache.stats().charged_bytes == 4
+    assert page_count_on_disk(cache) == 1  # nothing of the builder: only the page sealed above
+    del page
+
+
+def test_builder_left_by_an_exception_is_discarded_and_the_exception_goes_on(cache):
+    with pytest.raises(KeyError, match="boom"):
+        with cache.allocate(4096) as builder:
+            builder.view()[:4] = b"abcd"
+            raise KeyError("boom")
+    with pytest.raises(PageReleasedError):
+        builder.view()
+    view = None
+    with pytest.raises(BufferError):  # seal() itself fails: discarded all the same
+        with cache.allocate(10) as builder:
+            view = builder.view()
+            builder.seal()
+    view[:2] = b"ok"  # the view keeps its mapping; the page is gone
+    assert not builder.sealed
+    cache.remove_released()
+    assert cache.stats().live_pages == 0 and os.listdir(cache.path) == []
 
 
 def test_release_is_idempotent_and_context_manager(cache):
@@ -231,7 +266,7 @@ def test_release_is_idempotent_and_context_manager(cache):
         page.read()
     with pytest.raises(PageReleasedError):
         page.view()
-    assert cache.flush() == 1
+    assert cache.remove_released() == 1
     assert not where.exists()
 
 
@@ -244,7 +279,7 @@ def test_stats_count_pages(cache):
     a.release()
     s = cache.stats()
     assert (s.live_pages, s.live_bytes, s.pending, s.pending_bytes, s.charged_bytes) == (1, 20, 1, 10, 30)
-    cache.flush()
+    cache.remove_released()
     s = cache.stats()
     assert (s.live_pages, s.pending, s.removed, s.charged_bytes) == (1, 0, 1, 20)
     assert s.remover in ("io_uring", "loop")
@@ -272,7 +307,7 @@ def test_close_removes_everything(root):
     with pytest.raises(CacheClosedError):
         builder.seal()
     assert bytes(view) == b"p" * 100
-    assert cache.flush() == 0
+    assert cache.remove_released() == 0
     cache.close()  # idempotent
     del pages, builder
 

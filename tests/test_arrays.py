@@ -205,7 +205,7 @@ def test_strided_write_interrupted_leaves_nothing_even_while_its_traceback_lives
             kept = e  # as an interactive session keeps the last traceback
         assert len(calls) == 3
         assert cache.stats().live_pages == 0  # released, not waiting for the traceback
-        cache.flush()
+        cache.remove_released()
         assert files_in(cache.path) == [] and cache.stats().charged_bytes == 0
         assert len(os.listdir("/proc/self/fd")) == fds  # the page's fd is closed too
         del kept
@@ -254,7 +254,7 @@ def test_array_outlives_release_and_close(root):
     page = cache.write_array(array)
     got = page.array()
     page.release()
-    cache.flush()
+    cache.remove_released()
     assert not page.path.exists()
     assert same(got, array)
     cache.close()
@@ -318,6 +318,56 @@ def test_array_of_page_that_is_not_npy(cache, name):
     with pytest.raises(ValueError, match=f"page {page.id}"):
         page.array()
     assert page.read() == NOT_NPY[name]  # the page itself is fine
+
+
+def test_array_of_page_written_as_raw_bytes_says_which_call_makes_array_pages(cache):
+    raw = cache.write(np.arange(10.0))  # write() keeps the bytes only: no .npy header
+    builder = cache.allocate(80)
+    for owner in (raw, builder, pickle.loads(pickle.dumps(raw))):
+        with pytest.raises(ValueError, match=f"^page {owner.id} is not a .npy array: ") as info:
+            owner.array()
+        assert "write_array()" in str(info.value) and "allocate_array()" in str(info.value)
+        assert "numpy.frombuffer" in str(info.value)
+    assert np.array_equal(np.frombuffer(raw.view(), np.float64), np.arange(10.0))
+
+
+def mapping_under(array):
+    """What an array's memory finally belongs to, down its chain of bases."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def test_numpy_array_protocol_is_array_zero_copy_and_read_only(cache):
+    import mmap
+
+    data = np.arange(12, dtype=np.int32).reshape(3, 4)
+    page = cache.write_array(data)
+    for owner in (page, pickle.loads(pickle.dumps(page))):
+        for out in (np.asarray(owner), np.asarray(owner, dtype=np.int32), np.array(owner, copy=False)):
+            assert same(out, data) and same(out, owner.array())
+            assert out.flags.writeable is False  # over the page's read-only mapping
+            assert isinstance(mapping_under(out), mmap.mmap)  # zero-copy
+            with pytest.raises(ValueError, match="read-only"):
+                out[0, 0] = 1
+        for copied in (np.array(owner), np.asarray(owner, copy=True)):
+            assert same(copied, data) and copied.flags.writeable is True
+            assert not isinstance(mapping_under(copied), mmap.mmap)
+            copied[0, 0] = 7  # a copy of its own: the page is unchanged
+        converted = np.asarray(owner, dtype=np.float64)
+        assert converted.dtype == np.float64 and np.array_equal(converted, data)
+        with pytest.raises(ValueError, match="copy"):
+            np.array(owner, dtype=np.float64, copy=False)
+        assert int(np.sum(owner)) == int(data.sum())
+    assert same(page.array(), data)
+
+
+def test_numpy_array_protocol_refuses_a_page_that_is_not_an_array(cache):
+    raw = cache.write(np.arange(4.0))
+    for owner in (raw, pickle.loads(pickle.dumps(raw))):
+        with pytest.raises(ValueError, match=f"^page {owner.id} is not a .npy array: .*write_array"):
+            np.asarray(owner)  # not a 0-d array of objects
 
 
 # -- allocate_array ---------------------------------------------------------------------
@@ -386,7 +436,7 @@ def test_seal_refused_while_an_array_is_alive(cache):
     out = builder.array()
     part = out[2:5]  # a view of the array holds the mapping too
     del out
-    with pytest.raises(BufferError):
+    with pytest.raises(BufferError, match=r"view or array of page \d+ is still alive.* drop it \(del\)"):
         builder.seal()
     assert not builder.sealed
     part[...] = 9
@@ -402,7 +452,7 @@ def test_unsealed_array_builder_leaves_no_file(cache):
     builder.array()[...] = 1.0
     assert cache.stats().live_pages == 1  # (whether its file has a name yet is not the point)
     del builder
-    cache.flush()
+    cache.remove_released()
     assert os.listdir(cache.path) == []
     assert cache.stats().live_pages == 0
 

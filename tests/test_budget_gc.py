@@ -73,6 +73,36 @@ def test_over_budget_write_raises_and_writes_nothing(root):
         assert cache.allocate(2000).seal().nbytes == 2000
 
 
+def test_a_page_larger_than_max_bytes_says_so_without_collecting(root):
+    np = pytest.importorskip("numpy")
+    started = []
+
+    def count(phase, info):
+        if phase == "start":
+            started.append(info)
+
+    with PageCache(root, max_bytes=10_000) as cache:
+        kept = cache.write(b"k" * 4000)
+        gc.callbacks.append(count)
+        try:
+            for write in (
+                lambda: cache.write(b"x" * 10_001),
+                lambda: cache.allocate(10_001),
+                lambda: cache.write_array(np.zeros(1250)),  # 10,000 bytes of data, plus the header
+                lambda: cache.write_array(np.zeros(2500)[::2]),  # strided: through a builder
+            ):
+                with pytest.raises(CacheFullError, match=r"writing 10\d\d\d bytes") as info:
+                    write()
+                assert "this page alone is larger than max_bytes=10000" in str(info.value)
+                assert "bytes are live" not in str(info.value)  # what other pages hold is not the matter
+            with pytest.raises(CacheFullError, match="these 3 pages together are larger than max_bytes"):
+                cache.write_many([b"a" * 4000] * 3)
+        finally:
+            gc.callbacks.remove(count)
+        assert started == []  # no collection: it could not have helped
+        assert cache.stats().written == 1 and kept.read() == b"k" * 4000
+
+
 @packing_irrelevant  # builders and array pages always have files
 def test_budget_counts_builders_and_array_pages(root):
     np = pytest.importorskip("numpy")

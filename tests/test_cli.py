@@ -88,6 +88,16 @@ def test_ls_of_an_empty_or_missing_root(root):
     assert files_in(root) == []  # ls never creates the root
 
 
+def test_sweep_of_a_missing_root_fails_naming_it(root):
+    # A typo in --root must not look like a sweep that found nothing
+    for args in (["sweep"], ["sweep", "--dry-run"]):
+        proc = cli(*args, root=root)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+        assert proc.stderr.startswith("diskpages: ") and proc.stderr.count("\n") == 1
+        assert str(root) in proc.stderr and "no such folder" in proc.stderr
+    assert not root.exists()  # sweep never creates the root
+
+
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "diskpages"
     if not script.exists():

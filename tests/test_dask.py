@@ -116,7 +116,7 @@ def test_deleting_spilled_keys_removes_nothing_in_the_callers_thread(tmp_path):
         del buf[f"x{i}"]
     assert set(os.listdir(buf.file.cache.path)) == files  # not one removed yet
     assert buf.file.cache.stats().pending == 50
-    buf.file.cache.flush()
+    buf.file.cache.remove_released()
     assert os.listdir(buf.file.cache.path) == []
 
 

@@ -57,7 +57,7 @@ def test_explain_does_not_keep_the_page_alive(cache):
     where = on_disk(page)
     cache.explain(page)
     del page
-    cache.flush()
+    cache.remove_released()
     assert not where.exists()
 
 

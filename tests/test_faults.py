@@ -152,7 +152,7 @@ def test_vanished_file_raises_page_lost(root):
     with pytest.raises(PageLostError):
         page.view()
     page.release()
-    assert cache.flush() == 1
+    assert cache.remove_released() == 1
     assert cache.stats().remove_errors == 0  # already gone counts as removed
     cache.close()
 
@@ -191,7 +191,7 @@ def test_builder_whose_mapping_fails_leaves_no_file(cache, monkeypatch):
         cache.allocate(4096)
     assert info.value.errno == errno.ENOMEM
     monkeypatch.undo()
-    cache.flush()
+    cache.remove_released()
     assert os.listdir(cache.path) == []
     assert cache.stats().live_pages == 0
 
@@ -206,11 +206,11 @@ def test_a_removal_that_fails_is_counted_and_its_bytes_stay_charged(root):
     os.mkdir(path)  # a non-empty folder under the page's name: unlinkat fails (EISDIR)
     (path / "x").write_bytes(b"")
     page.release()
-    assert cache.flush() == 0  # nothing went
+    assert cache.remove_released() == 0  # nothing went
     s = cache.stats()
     assert (s.remove_errors, s.removed, s.pending, s.live_bytes, s.charged_bytes) == (1, 0, 0, 0, 4096)
     cache.write(b"b" * 4096).release()  # what is left of the budget still takes a page
-    assert cache.flush() == 1
+    assert cache.remove_released() == 1
     with pytest.raises(CacheFullError, match="4096 in files that could not be removed"):
         cache.write(b"c" * 4097)
     with pytest.raises(IsADirectoryError):
@@ -253,7 +253,7 @@ def test_view_whose_mapping_fails_raises_and_leaks_no_fd(cache, monkeypatch):
     monkeypatch.undo()
     assert page.view() == b"v" * 8192 and borrowed.view() == b"v" * 8192
     page.release()
-    cache.flush()
+    cache.remove_released()
     s = cache.stats()
     assert (s.pinned, s.charged_bytes) == (0, 0), s  # the failed views' pins went too
 

@@ -184,14 +184,14 @@ def test_adopt_outlives_the_worker_that_wrote_the_page(root, nbytes):
         assert page.read() == data and bytes(page.view()) == data
         path = None if page.packed else page.path
         del page
-        mine.flush()
+        mine.remove_released()
         assert page_count_on_disk(mine) == 0 and (path is None or not path.exists())
 
 
 def test_handed_bytes_stay_until_adopted_or_closed(root):
     with PageCache(root) as owner:
         handed = [owner.write(os.urandom(n)).hand_over() for n in (100, 2 * MiB)]  # pages dropped
-        owner.flush()
+        owner.remove_released()
         assert [h.read() for h in handed] == [h.read() for h in pickle.loads(pickle.dumps(handed))]
         assert all(h.path.exists() for h in handed)
         assert owner.stats().live_pages == 0
@@ -244,7 +244,7 @@ def test_adopt_an_owned_page_of_another_cache(root):
             theirs = a.write(data)
             mine = b.adopt(theirs)
             theirs.release()
-            a.flush()
+            a.remove_released()
             assert mine.read() == data and mine.cache is b
 
 
@@ -254,7 +254,7 @@ def test_adopt_a_page_gone_already_raises_page_lost(root):
             page = owner.write(b"q" * nbytes)
             borrowed = pickle.loads(pickle.dumps(page))
             page.release()
-            owner.flush()
+            owner.remove_released()
             with pytest.raises(PageLostError):
                 mine.adopt(borrowed)
         assert mine.stats().written == 0 and mine.stats().charged_bytes == 0

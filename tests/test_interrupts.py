@@ -102,18 +102,18 @@ def test_an_interrupt_at_every_bytecode_orphans_nothing(root, packing, name):
     with PageCache(root, max_delay=3600) as cache:
         op(cache)  # warm up: first-use imports and caches
         gc.collect()
-        cache.flush()
+        cache.remove_released()
         start_fds = fds()
         start_live = cache.stats().live_pages
         k, interrupted = 1, True
         while interrupted:
             result, interrupted = run_interrupted_at(op, cache, k)
             if interrupted:
-                cache.flush()
+                cache.remove_released()
                 s = cache.stats()
                 if s.live_pages != start_live or fds() != start_fds:
                     gc.collect()  # (slow, so only if needed) a traceback may sit in a cycle
-                    cache.flush()
+                    cache.remove_released()
                     s = cache.stats()
                 assert s.live_pages == start_live, f"{name}, interrupted at opcode {k}: {s}"
                 assert s.charged_bytes == s.live_bytes, f"{name}, opcode {k}: {s}"
@@ -125,7 +125,7 @@ def test_an_interrupt_at_every_bytecode_orphans_nothing(root, packing, name):
         assert result is not None
         del result
         gc.collect()
-        cache.flush()
+        cache.remove_released()
         assert cache.stats().live_pages == start_live
         assert fds() == start_fds
 
@@ -185,7 +185,7 @@ def test_a_signal_handler_raising_every_half_millisecond_orphans_nothing(root):
         for op in OPERATIONS.values():
             op(cache)  # warm up
         gc.collect()
-        cache.flush()
+        cache.remove_released()
         start_fds = fds()
         assert cache.stats().live_pages == 0
         with Interrupter(0.0005) as interrupter:
@@ -196,7 +196,7 @@ def test_a_signal_handler_raising_every_half_millisecond_orphans_nothing(root):
         # (on a loaded machine few calls, or none, may finish within 0.5 ms)
         assert interrupter.interrupted > 100, vars(interrupter)
         gc.collect()
-        cache.flush()
+        cache.remove_released()
         s = cache.stats()
         assert s.live_pages == 0 and s.charged_bytes == 0, s
         assert page_count_on_disk(cache) == 0, os.listdir(cache.path)
@@ -253,6 +253,6 @@ def test_interrupt_in_one_thread_while_another_writes(root):
             t.join()
         assert interrupter.interrupted > 10, vars(interrupter)
         gc.collect()
-        cache.flush()
+        cache.remove_released()
         assert cache.stats().live_pages == 0
         assert page_count_on_disk(cache) == 0

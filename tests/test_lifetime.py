@@ -16,14 +16,14 @@ from conftest import files_in, on_disk, run_python, wait_until
 pytestmark = [pytest.mark.lifetime, pytest.mark.usefixtures("packing")]
 
 
-def test_del_releases_and_flush_removes(cache):
+def test_del_releases_and_remove_released_removes(cache):
     page = cache.write(b"abc")
     where = on_disk(page)
     del page
     stats = cache.stats()
     assert (stats.live_pages, stats.pending) == (0, 1)
     assert where.exists()  # max_delay=30 in this fixture: still queued
-    assert cache.flush() == 1
+    assert cache.remove_released() == 1
     assert not where.exists()
     assert cache.stats().removed == 1
 
@@ -62,7 +62,7 @@ def test_page_in_unreachable_cycle_waits_for_collector(cache):
         holder.append(cache.write(b"cyclic"))
         where = on_disk(holder[1])
         del holder
-        cache.flush()
+        cache.remove_released()
         assert where.exists(), "removed while the cycle was not yet collected"
         assert cache.stats().live_pages == 1
         cache.collect()  # the collection wakes the reaper too: either may remove it
@@ -70,6 +70,29 @@ def test_page_in_unreachable_cycle_waits_for_collector(cache):
         assert cache.stats().removed == 1
     finally:
         gc.enable()
+
+
+def test_collect_returns_the_pages_its_collection_released(cache, no_gc):
+    # Its count is the collection's releases, whoever removes their files: the collection
+    # wakes the reaper, which may remove them before collect() itself gets to.
+    for _ in range(3):
+        for _ in range(3):
+            cache.write(b"gone before").release()  # pending, but not the collection's
+        for _ in range(2):
+            holder: list = []
+            holder.append(holder)
+            holder.append(cache.write(b"cyclic"))
+            del holder
+        assert cache.collect() == 2
+        assert cache.stats().pending == 0
+    assert cache.collect() == 0
+
+
+def test_flush_is_a_deprecated_alias_of_remove_released(cache):
+    cache.write(b"x").release()
+    with pytest.warns(DeprecationWarning, match=r"flush\(\) is deprecated: call remove_released\(\)"):
+        assert cache.flush() == 1
+    assert cache.stats().pending == 0
 
 
 def test_reachable_cycle_is_not_removed(cache):
@@ -168,7 +191,7 @@ NO_CRASH = """
     view = page.view()
     part = view[8:16]
     b = cache.allocate(16); bview = b.view(); bview[:5] = b"build"; del b
-    page.release(); cache.flush()
+    page.release(); cache.remove_released()
     assert bytes(part) == b"survivor", "after release"
     cache.close()
     assert bytes(view[:8]) == b"survivor", "after close"
@@ -246,7 +269,7 @@ FORK = """
         assert len(builder.view()) == 4096, "a refused seal must leave the builder usable"
         page.release()
         del page, builder
-        cache.flush(); cache.collect(); cache.close(); empty.close()
+        cache.remove_released(); cache.collect(); cache.close(); empty.close()
         sys.exit(0)                      # a normal exit: atexit and finalizers run
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, status

@@ -32,7 +32,7 @@ def bystander(request, tmp_path):
         pages = [cache.write(bytes([i]) * 1000) for i in range(50)]
         wheres = [on_disk(p) for p in pages]
         yield cache, pages
-        cache.flush()
+        cache.remove_released()
         for i, (page, where) in enumerate(zip(pages, wheres, strict=True)):
             assert page.read() == bytes([i]) * 1000, f"a live page of another cache lost {where}"
             assert where.exists(), f"a live page of another cache lost {where}"
@@ -133,9 +133,9 @@ def test_a_resurrected_page_is_released_and_inert(cache, bystander, no_gc, order
             call()
     page.release()  # returns
     assert repr(page).endswith("released>")
-    cache.flush()
+    cache.remove_released()
     assert not where.exists()
-    bystander[0].flush()
+    bystander[0].remove_released()
 
 
 def test_pages_kept_by_debug_saveall_are_released_and_inert(cache, bystander, no_gc):
@@ -150,7 +150,7 @@ def test_pages_kept_by_debug_saveall_are_released_and_inert(cache, bystander, no
     finally:
         gc.set_debug(0)
     assert len(kept) == 20
-    cache.flush()  # the records are removed and freed while the pages live on
+    cache.remove_released()  # the records are removed and freed while the pages live on
     for _ in range(5):  # and their memory reused by other pages
         bystander[0].write(b"reuse" * 100)
     for page in kept:
@@ -181,7 +181,7 @@ def test_a_resurrected_builder_is_inert_and_never_touches_another_fd(cache, tmp_
     finally:
         other.close()
     assert (tmp_path / "unrelated").read_bytes() == b"still mine"
-    cache.flush()
+    cache.remove_released()
     assert files_in(cache.path) == []
 
 
@@ -199,7 +199,7 @@ def test_a_resurrected_cache_is_closed_and_its_pages_released(root, no_gc):
         page.read()
     with pytest.raises(diskpages.CacheClosedError):
         cache.write(b"no")
-    assert cache.flush() == 0 and cache.stats().live_pages == 0
+    assert cache.remove_released() == 0 and cache.stats().live_pages == 0
     cache.close()
     assert not path.exists()
 
@@ -317,19 +317,19 @@ def test_seal_called_from_a_finalizer_inside_seal_raises(cache, monkeypatch, no_
     assert page.read() == bytes(100)
 
 
-def test_flush_called_from_a_finalizer_inside_flush_returns(cache, monkeypatch, no_gc):
+def test_remove_released_called_from_a_finalizer_inside_it_returns(cache, monkeypatch, no_gc):
     from diskpages import _bindings
 
     flushed = []
 
     class Flusher(Cycle):
         def __del__(self):
-            flushed.append(cache.flush())
+            flushed.append(cache.remove_released())
 
     cache.write(b"x").release()
     Flusher()
     collects_first(monkeypatch, _bindings, "flush")
-    run_with_timeout(cache.flush)
+    run_with_timeout(cache.remove_released)
     assert len(flushed) == 1 and cache.stats().pending == 0
 
 
@@ -359,7 +359,7 @@ def test_close_and_sweep_in_a_thread_with_a_32_kib_stack(root):
                 pages = [cache.write(b"s" * 10) for _ in range(600)]
                 for i in range(300):  # names as long as a folder can hold
                     open(os.path.join(cache.path, "n" * 200 + str(i)), "w").close()
-                cache.flush()
+                cache.remove_released()
                 cache.close()
                 diskpages.sweep({str(root)!r})
             except BaseException as e:
@@ -460,7 +460,7 @@ def test_pages_found_by_live_while_another_thread_finalizes_them(root, bystander
             t.join()
         assert not errors, errors[:3]
         gc.collect()
-        assert wait_until(lambda: cache.flush() >= 0 and page_count_on_disk(cache) == 0)
+        assert wait_until(lambda: cache.remove_released() >= 0 and page_count_on_disk(cache) == 0)
 
 
 def test_forked_child_with_cyclic_pages_and_cache_dying_together(root):
@@ -553,7 +553,7 @@ def test_a_failing_write_many_never_hands_out_a_record_it_takes_back(root):
         stop.set()
         t.join()
         gc.collect()
-        cache.flush()
+        cache.remove_released()
         s = cache.stats()
         assert failed == 150, failed
         assert s.live_pages == 0 and s.pending == 0 and s.charged_bytes == 0, s

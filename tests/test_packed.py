@@ -84,7 +84,7 @@ def test_freed_slots_are_reused(tmp_path):
         # the writer takes freed slots back before it grows the segment: one growth chunk
         assert segment_slots(c, 4 * KIB) == 256
         assert all(p.read() == page_of(i) for i, p in zip(range(2990, 3000), window, strict=False))
-        c.flush()  # released slots keep their tag until they are freed
+        c.remove_released()  # released slots keep their tag until they are freed
         assert pages_on_disk(c) == (10, 10 * 4 * KIB)
         s = c.stats()
         assert s.written == 3000 and s.live_pages == 10 and s.removed + s.pending == 2990
@@ -95,11 +95,11 @@ def test_a_view_pins_its_slot_until_it_dies(tmp_path):
         page = c.write(page_of(1))
         view = page.view()
         del page
-        c.flush()
+        c.remove_released()
         s = c.stats()
         assert (s.live_pages, s.pinned, s.pinned_bytes, s.charged_bytes) == (0, 1, 4 * KIB, 4 * KIB)
         others = [c.write(page_of(i)) for i in range(2, 600)]  # every free slot, and more
-        c.flush()
+        c.remove_released()
         assert bytes(view) == page_of(1)  # not reused under the view
         assert len({native.page_slot(p._hold) for p in others}) == len(others)
         del view
@@ -121,7 +121,7 @@ def test_an_array_of_a_packed_page_pins_it_too(tmp_path):
         assert page.packed
         array = page.array()
         page.release()
-        c.flush()
+        c.remove_released()
         [c.write(page_of(i, 4 * KIB)) for i in range(300)]
         assert array.tolist() == list(range(100))
         assert c.stats().pinned == 1
@@ -135,7 +135,7 @@ def test_views_of_dropped_file_pages_count_against_max_bytes(tmp_path):
             page = c.write(b"v" * mib)
             views.append(page.view())
             del page
-        c.flush()
+        c.remove_released()
         s = c.stats()
         assert (s.live_pages, s.pinned, s.pinned_bytes, s.charged_bytes) == (0, 10, 10 * mib, 10 * mib)
         with pytest.raises(CacheFullError, match="held by views"):
@@ -182,7 +182,7 @@ def test_a_borrower_gets_the_page_or_page_lost(tmp_path):
         with pytest.raises(ValueError):
             _ = borrowed.path
         del page
-        c.flush()
+        c.remove_released()
         with pytest.raises(PageLostError):
             borrowed.read()  # the slot is free (its tag says so)
         reuse = c.write(page_of(2))
@@ -269,7 +269,7 @@ def test_a_forked_child_never_reuses_or_frees_a_parents_slot(tmp_path):
             try:
                 del keep[:], doomed[:], view
                 gc.collect()
-                c.flush()
+                c.remove_released()
                 try:
                     c.write(b"child")
                     code = 3
@@ -282,7 +282,7 @@ def test_a_forked_child_never_reuses_or_frees_a_parents_slot(tmp_path):
         assert os.waitstatus_to_exitcode(status) == 0
         assert [p.read() for p in keep + doomed] == [page_of(i) for i in range(100)]
         del doomed[1:]
-        c.flush()
+        c.remove_released()
         fresh = [c.write(b"\x00" * 4096) for _ in range(100)]  # reuses what the parent freed
         assert bytes(view) == page_of(50) and [p.read() for p in keep] == [page_of(i) for i in range(50)]
         assert len(fresh) == 100
@@ -295,7 +295,7 @@ def test_ls_counts_packed_pages(tmp_path):
         pages = [c.write(b"x" * n) for n in (10, 5000, 70000, 300000)]
         assert pages_on_disk(c) == (4, 10 + 5000 + 70000 + 300000)
         del pages[0]
-        c.flush()
+        c.remove_released()
         assert pages_on_disk(c) == (3, 5000 + 70000 + 300000)
         infos = {i.path: i for i in _folders.list_folders(tmp_path)}
         assert (infos[c.path].pages, infos[c.path].nbytes) == (3, 375000)
@@ -363,7 +363,7 @@ def test_a_view_a_forked_child_inherits_keeps_its_bytes_and_leaves_the_parents_s
         old = c.write(page_of(1))
         view = old.view()
         del old
-        c.flush()  # removed; the view alone keeps the slot
+        c.remove_released()  # removed; the view alone keeps the slot
         go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -424,7 +424,7 @@ def test_a_forked_child_gets_its_page_or_page_lost_never_the_next_one(tmp_path, 
         try:
             assert os.read(r2, 1) == b"r"
             page.release()
-            c.flush()
+            c.remove_released()
             new = c.write(b"B" * 4096)
             assert native.page_slot(new._hold) == (4 * KIB, 0)
         finally:
@@ -616,7 +616,7 @@ def test_the_last_view_of_a_removed_page_gives_its_slot_back_with_nothing_live(t
         pages = c.write_many([b"v" * 256 * KIB] * 200)  # 50 MiB
         views = [p.view() for p in pages]
         del pages
-        c.flush()
+        c.remove_released()
         assert c.stats().pinned == 200
         del views
         assert wait_until(lambda: disk_bytes(c.path) < 2 * (1 << 20) + 64 * KIB, timeout=1.0), disk_bytes(

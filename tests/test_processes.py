@@ -68,7 +68,7 @@ def child_borrows(q):
         p.release()
     pages = None
     gc.collect()
-    cache.flush(); cache.collect(); cache.close()
+    cache.remove_released(); cache.collect(); cache.close()
     # and a cache of its own, left open with pages in cycles: removed at the child's exit
     own = PageCache({root!r})
     for i in range(200):
@@ -147,12 +147,12 @@ stop = False
 def churn():  # the reaper and this thread hold locks at random moments of the fork
     while not stop:
         cache.write(b"x" * 64).release()
-        cache.flush()
+        cache.remove_released()
 t = threading.Thread(target=churn); t.start()
 for _ in range(20):
     pid = os.fork()
     if pid == 0:
-        cache.flush(); cache.collect(); cache.close()
+        cache.remove_released(); cache.collect(); cache.close()
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -199,7 +199,7 @@ def test_pickled_page_borrows_in_this_process(cache, packing):
     with pytest.raises(PageReleasedError):
         other.read()
     del other
-    cache.flush()
+    cache.remove_released()
     assert where.exists() and page.read() == b"shared bytes"
     again = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(page))))
     assert again.read() == b"shared bytes"
@@ -212,7 +212,7 @@ def test_borrower_after_the_owner_released_gets_page_lost_never_a_crash(cache):
     other = pickle.loads(pickle.dumps(page))
     early = other.view()
     page.release()
-    cache.flush()
+    cache.remove_released()
     with pytest.raises(PageLostError, match="owner"):
         other.read()
     with pytest.raises(PageLostError):
@@ -593,9 +593,23 @@ def test_root_that_is_a_symlink_is_refused(root, tmp_path):
 def test_root_writable_by_others_is_refused(root, mode):
     root.mkdir()
     os.chmod(root, mode)
-    with pytest.raises(UnsafeRootError, match="written by others"):
+    with pytest.raises(UnsafeRootError, match="written by others") as info:
         PageCache(root)
     assert os.listdir(root) == []
+    # The advice is a private folder under it (made 0700) or the default root, never to
+    # chmod a folder that others may need to write to (/tmp)
+    message = str(info.value)
+    assert "chmod" not in message
+    assert f"{root / 'myapp'}" in message and str(diskpages.default_root()) in message
+    with PageCache(root / "myapp") as cache:  # the advice works
+        assert cache.write(b"x").read() == b"x"
+
+
+@packing_irrelevant
+def test_tmp_itself_as_root_is_refused_with_advice_that_keeps_tmp_as_it_is():
+    with pytest.raises(UnsafeRootError) as info:
+        PageCache("/tmp")
+    assert "chmod" not in str(info.value)
 
 
 @packing_irrelevant
@@ -666,7 +680,7 @@ def test_without_o_tmpfile_pages_are_written_as_part_files_and_renamed(root, mon
         dropped = cache.allocate(8)
         del dropped  # unsealed: its .part file goes like a page
         del page, written
-        cache.flush()
+        cache.remove_released()
         assert files_in(cache.path) == []
 
 
@@ -688,7 +702,7 @@ def test_without_proc_nameless_pages_are_named_through_at_empty_path(root):
             assert sorted(os.listdir(cache.path)) == names, os.listdir(cache.path)
             assert [p.read() for p in [page, *written]] == [b"abcd", b"1", b"22", b"333"]
             del page, written
-            cache.flush()
+            cache.remove_released()
             assert os.listdir(cache.path) == []
             print("named", len(names))
     """

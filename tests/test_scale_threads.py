@@ -44,7 +44,7 @@ def test_ten_thousand_live_pages_hold_no_fds_or_mappings(cache):
     del views
     assert mappings() - maps < 50
     del pages, builder_pages
-    cache.flush()
+    cache.remove_released()
     assert page_count_on_disk(cache) == 0
 
 

@@ -13,7 +13,7 @@ what must be true and checks it against the public API, the folder and /proc/sel
 - every view or array it holds reads its bytes, whatever happened to the page or cache;
 - the folder holds a file for every unreleased page with a file of its own, and a slot
   whose tag names it for every unreleased packed page, none for an unsealed builder, and
-  after flush() exactly those (the slot of a released page that a view still pins may
+  after remove_released() exactly those (the slot of a released page that a view still pins may
   keep its tag: it is not free until the view dies; the view's bytes never change);
   stats() counts the live pages and builders and their bytes, and the releases by cause;
 - open fds and mappings of the cache's files never exceed what the builders and views it
@@ -446,7 +446,7 @@ class Machine(RuleBasedStateMachine):
         return any(v.owner is rec and v.pins for v in self.views)
 
     def check_files_exact(self) -> None:
-        """Right after flush(): the folder holds exactly the unreleased pages' files, and
+        """Right after remove_released(): the folder holds exactly the unreleased pages' files, and
         its segments' tags name exactly the unreleased packed pages (and maybe released
         ones whose slot a view still pins)."""
         mine = [r for r in self.pages if r.gen == self.cur.gen]
@@ -501,7 +501,7 @@ class Machine(RuleBasedStateMachine):
         paths), through a handed-over name or a borrower's pickle."""
         rec, obj = self.pick([(r, o) for r, o in self.reachable_pages() if r.gen == self.cur.gen], i)
         if rec.released:
-            what = obj.hand_over if hand_over else lambda: pickle.dumps(obj)
+            what = obj.hand_over if hand_over else functools.partial(pickle.dumps, obj)
             self.expect_error(PageReleasedError, what, f"hand over / pickle of released {rec.key}")
             return
         handle = obj.hand_over() if hand_over else pickle.loads(pickle.dumps(obj))
@@ -834,12 +834,12 @@ class Machine(RuleBasedStateMachine):
             err = (PageReleasedError, CacheClosedError) if closed else PageReleasedError
             self.expect_error(err, rec.zombie.seal, f"seal() of resurrected builder {rec.key}")
 
-    # -- flush, collect, close ----------------------------------------------------------------
+    # -- remove_released, collect, close --------------------------------------------------------
 
     @rule()
     @logged
-    def flush(self) -> None:
-        assert self.cache.flush() >= 0
+    def remove_released(self) -> None:
+        assert self.cache.remove_released() >= 0
         self.flush_model(self.cur.gen)
         if not self.cache.closed:
             self.check_files_exact()

@@ -37,7 +37,7 @@ SCRIPT = """
     mark("end_drop")
     del explicit
     mark("begin_flush")
-    print(c.flush(), c.stats().remover)
+    print(c.remove_released(), c.stats().remover)
     mark("end_flush")
     c.close()
 """
@@ -92,7 +92,7 @@ def test_release_and_drop_make_no_system_call(tmp_path, pack_max):
     assert calls(lines, "begin_drop", "end_drop") == Counter()
 
 
-def test_flush_removes_through_io_uring_in_batches(tmp_path):
+def test_remove_released_removes_through_io_uring_in_batches(tmp_path):
     import os
 
     # io_uring for every batch: "auto" chooses per batch by timing its first unlink

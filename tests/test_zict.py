@@ -122,7 +122,7 @@ def test_delete_and_replace_remove_nothing_in_the_callers_thread(tmp_path, clean
         assert set(os.listdir(f.cache.path)) >= names  # nothing removed here yet
         s = f.cache.stats()
         assert s.pending == 11 and s.live_pages == 10
-        f.cache.flush()
+        f.cache.remove_released()
         assert len(os.listdir(f.cache.path)) == 10
 
 

@@ -9,11 +9,12 @@ Exit status: 0 on success, 2 on bad usage, 1 on failure (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 
-from ._folders import FolderInfo, default_root, list_folders, sweep_folders
+from ._folders import FolderInfo, default_root, list_folders, resolve_root, sweep_folders
 from .errors import PageCacheError
 
 
@@ -58,6 +59,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.root is not None and not os.path.lexists(args.root):
+        # a typo must not pass for a sweep that found nothing (a missing default root is
+        # fine: no cache ever ran here)
+        print(
+            f"diskpages: no such folder {resolve_root(args.root)}: nothing swept; check --root",
+            file=sys.stderr,
+        )
+        return 1
     result = sweep_folders(args.root, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for info in result.removed:

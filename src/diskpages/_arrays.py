@@ -221,6 +221,12 @@ def array_of(owner: Page | PageBuilder) -> numpy.ndarray:
     view = owner.view()
     reader = _Reader(view)
     not_npy = f"page {owner.id} is not a .npy array"
+    if bytes(view[: len(np.lib.format.MAGIC_PREFIX)]) != np.lib.format.MAGIC_PREFIX:
+        raise ValueError(
+            f"{not_npy}: its bytes do not start with a .npy header. write_array() and "
+            "allocate_array() make array pages; write() and allocate() keep raw bytes, which "
+            "numpy.frombuffer(page.view(), dtype) reads as an array"
+        )
     try:
         shape, fortran_order, dtype = _read_header(np, reader, len(view))
     except ValueError as exc:
@@ -246,3 +252,19 @@ def array_of(owner: Page | PageBuilder) -> numpy.ndarray:
         return flat.reshape(shape, order=order)
     except ValueError as exc:  # a shape numpy cannot hold: a size over intp, over 64 dimensions
         raise ValueError(f"{not_npy}: {exc}") from None
+
+
+def as_numpy(array: numpy.ndarray, dtype: Any, copy: bool | None, page_id: int) -> numpy.ndarray:
+    """NumPy's array protocol (``__array__``, NumPy 2's ``copy`` included) for page
+    ``page_id``, whose ``array()`` is ``array``: that array as it is, read-only and
+    zero-copy; a writable copy if ``copy`` is true or ``dtype`` differs (ValueError then
+    if ``copy`` is False)."""
+    np = _numpy()
+    if dtype is not None and np.dtype(dtype) != array.dtype:
+        if copy is False:
+            raise ValueError(
+                f"page {page_id} holds {array.dtype}: giving {np.dtype(dtype)} needs a copy, "
+                "and copy=False was asked"
+            )
+        return array.astype(dtype)
+    return array.copy(order="K") if copy else array

@@ -186,7 +186,8 @@ class PageCache:
     (``self.path``, mode 0700). ``sync`` says what is on stable storage when a write
     returns: ``"none"`` (nothing forced), ``"data"`` (the page's bytes), ``"full"`` (the bytes
     and the page's name in the folder). Released pages are removed by a C thread once
-    ``batch`` are waiting or ``max_delay`` seconds have passed, or at once by ``flush()``.
+    ``batch`` are waiting or ``max_delay`` seconds have passed, or at once by
+    ``remove_released()``.
 
     Pages of at most ``pack_max`` bytes (``PACK_MAX``, 256 KiB, by default, or what the
     environment variable DISKPAGES_PACK_MAX says; at most 1 MiB; 0 for none) are
@@ -484,7 +485,18 @@ class PageCache:
         collections in a row change nothing (no page written, released or removed by
         anyone: the bytes are held by reachable pages) or COLLECT_WAIT seconds have passed
         in all, and only then raises CacheFullError, having written nothing. Each
-        collection is run by this thread (see _collect_here)."""
+        collection is run by this thread (see _collect_here). A write larger than
+        max_bytes on its own raises at once: no removal or collection could make room. With
+        collect_when_full=False it raises at once too, and leaves the removal to the reaper."""
+        if self._max_bytes is not None and requested > self._max_bytes:
+            what = "this page alone is"
+            if write is native.write_many and len(args[1]) != 1:  # all or nothing: charged as one
+                what = f"these {len(args[1])} pages together are"
+            raise CacheFullError(
+                f"writing {requested} bytes to the cache at {self._path}: {what} larger than "
+                f"max_bytes={self._max_bytes}, so no removal or collection can make room; "
+                "nothing was written"
+            )
         if not self._collect_when_full:
             native.kick(self._handle)  # the reaper removes what was released, off this thread
             raise CacheFullError(
@@ -493,7 +505,7 @@ class PageCache:
                 "pages are removed by the reaper, and no collection runs in this thread)"
             )
         deadline = time.monotonic() + COLLECT_WAIT
-        self.flush()
+        self.remove_released()
         try:
             return write(*args)
         except CacheFullError:
@@ -502,7 +514,7 @@ class PageCache:
         while unchanged < 2 and time.monotonic() < deadline:
             before = self._progress()
             _collect_here(deadline)  # pages in unreachable cycles hold their bytes until this
-            self.flush()
+            self.remove_released()
             try:
                 return write(*args)
             except CacheFullError:
@@ -519,7 +531,7 @@ class PageCache:
         raise CacheFullError(
             f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
             f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending{held} "
-            "even after flush() and a full collection; nothing was written"
+            "even after remove_released() and a full collection; nothing was written"
         ) from None
 
     def _progress(self) -> tuple[int, int, int]:
@@ -529,17 +541,31 @@ class PageCache:
 
     # -- removal ----------------------------------------------------------------------
 
-    def flush(self) -> int:
+    def remove_released(self) -> int:
         """Remove every released page's file now, in this thread; returns how many this
         call removed (the reaper may have removed others meanwhile). A removal that fails
         counts in ``stats().remove_errors``, and its bytes stay charged until close."""
         return native.flush(self._handle)  # 0 once closed
 
+    def flush(self) -> int:
+        """Deprecated alias of ``remove_released()``, kept for one release."""
+        warnings.warn(
+            "PageCache.flush() is deprecated: call remove_released(), which does the same",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.remove_released()
+
     def collect(self) -> int:
         """Run the cycle collector, so pages kept alive only by unreachable cycles are
-        released, then ``flush()``."""
+        released, then ``remove_released()``. Returns how many pages of this cache the
+        collection released (``stats().released_by_gc`` before and after; a collection
+        another thread runs meanwhile may add its own), whether their files went in this
+        call or in the reaper, which the collection wakes."""
+        before = self.stats().released_by_gc
         _collect_here(time.monotonic() + COLLECT_WAIT)
-        return self.flush()
+        self.remove_released()
+        return self.stats().released_by_gc - before
 
     def live(self) -> Iterator[LivePage]:
         """The pages of this cache that are alive (not released), oldest id first, with
@@ -733,6 +759,12 @@ class _Readable(_Sized):
         page is released. ValueError if the page is not a ``.npy`` file. Needs NumPy."""
         return _arrays.array_of(self)
 
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> numpy.ndarray:
+        """``numpy.asarray(page)`` is ``page.array()``: read-only and zero-copy (a writable
+        copy with ``copy=True`` or another ``dtype``; ValueError for that with
+        ``copy=False``), and ValueError for a page that is not a ``.npy`` file."""
+        return _arrays.as_numpy(self.array(), dtype, copy, self._id)
+
     def __copy__(self) -> Any:
         return self
 
@@ -791,7 +823,7 @@ class Page(_PageFile, _Readable):
 
     def release(self) -> None:
         """Give the page up now: reads fail from here on and the file goes with the next
-        batch (or ``cache.flush()``). Idempotent; safe from any thread."""
+        batch (or ``cache.remove_released()``). Idempotent; safe from any thread."""
         self._release(self._hold)
 
     @property
@@ -1109,7 +1141,8 @@ class PageBuilder(_PageFile):
     shared mapping; ``seal()`` syncs per the cache's mode, gives the file its name, unmaps
     and returns the Page. Until then the file has no name in the folder, so a builder
     dropped unsealed, or a process killed while it fills one, leaves nothing. Its file
-    descriptor belongs to the C record: it closes at seal(), or when the builder goes."""
+    descriptor belongs to the C record: it closes at seal(), or when the builder goes. As a
+    context manager it is discarded at the end of the block unless sealed in it."""
 
     __slots__ = ("_mapping", "_lock", "_busy", "_sealed")
 
@@ -1200,7 +1233,14 @@ class PageBuilder(_PageFile):
             if mapping is not None:
                 if cache._sync != "none":
                     mapping.flush()  # msync(MS_SYNC): the bytes, before the name
-                mapping.close()  # BufferError while a view is exported
+                try:
+                    mapping.close()  # BufferError while a view is exported
+                except BufferError:
+                    raise BufferError(
+                        f"a view or array of page {self._id} is still alive (from the builder's "
+                        "view() or array(), or a slice of one); drop it (del) before seal(), "
+                        "since a sealed page must never change through it"
+                    ) from None
             # The record moves into the new page's hold: from the moment C returns the page
             # owns it, so an interrupt after this line drops the page and orphans nothing.
             page = cache._page_class._empty(cache)
@@ -1217,6 +1257,16 @@ class PageBuilder(_PageFile):
             self._mapping = None
             self._sealed = True
             return page
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with cache.allocate(n) as builder:`` leaves nothing unless ``seal()`` ran in
+        the block: left unsealed, normally or by an exception (which goes on), the builder
+        is discarded at once, its fd closed, its file and its bytes in the budget gone."""
+        if not self._sealed:
+            self._discard()
 
     def __reduce__(self) -> Any:
         raise TypeError("a PageBuilder cannot be pickled: seal() it and pickle the Page")

@@ -85,9 +85,19 @@ def check_root(fd: int, root: Path) -> None:
             "choose another root"
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # Not "chmod go-w": a root others can write to is most often /tmp, which they need.
+        private = (
+            f"a private folder of your own under it, such as {root / 'myapp'} (diskpages makes it, mode 0700)"
+        )
+        if root != resolve_root(None):
+            advice = f"use as the root {private}, or the default root ({default_root()})"
+        elif os.environ.get("DISKPAGES_ROOT"):
+            advice = f"set DISKPAGES_ROOT to {private}"
+        else:
+            advice = f"use as the root {private}"
         raise UnsafeRootError(
-            f"the root {root} can be written by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"make it private (chmod go-w {root}) or choose another root"
+            f"the root {root} can be written by others (mode {stat.S_IMODE(st.st_mode):o}), so "
+            f"diskpages makes no cache folder in it; {advice}"
         )
 
 
