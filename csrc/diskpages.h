@@ -109,9 +109,11 @@ int dp_write_parts(dp_hold *cache, const void *const *parts, const size_t *sizes
                    int pack, dp_hold *page, uint64_t *id);
 /* A page of this cache made from another cache's page file, open at src (nbytes long): a
  * hard link to it where the file systems allow, else a copy of its bytes; filled into
- * `page`, an empty hold, as the writes do. Returns 1 if linked, 0 if copied, or -errno
+ * `page`, an empty hold, as the writes do; then the path `handed` (a name dp_hand_over
+ * made for src), unless NULL, is unlinked. Returns 1 if linked, 0 if copied, or -errno
  * (-DP_ESIZE: src is not a regular file of nbytes). */
-int dp_adopt(dp_hold *cache, int src, size_t nbytes, dp_hold *page, uint64_t *id);
+int dp_adopt(dp_hold *cache, int src, size_t nbytes, const char *handed, dp_hold *page,
+             uint64_t *id);
 /* A page of nbytes to write in place: returns an O_RDWR fd that the record owns (closed by
  * dp_seal or when the hold lets go), with the blocks already allocated, so stores through a
  * mapping cannot meet ENOSPC. The file has no name until dp_seal gives it one, so a crash or

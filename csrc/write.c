@@ -534,8 +534,11 @@ static int copy_file(int src, uint64_t from, int fd, size_t nbytes)
 
 /* Adopt: a hard link to src under a new page's name, or (another file system, or src has no
  * name any more) a copy of its bytes into a new file. The bytes are the same either way:
- * nobody writes into a page's file once it has its name. */
-static int adopt(dp_cache *c, int src, size_t nbytes, dp_hold *page, uint64_t *id)
+ * nobody writes into a page's file once it has its name. Then `handed`, if not NULL, is
+ * unlinked: here, so that no Python code runs between the page becoming ours and the
+ * handed name going. */
+static int adopt(dp_cache *c, int src, size_t nbytes, const char *handed, dp_hold *page,
+                 uint64_t *id)
 {
     struct stat st;
     if (fstat(src, &st) != 0)
@@ -588,6 +591,8 @@ static int adopt(dp_cache *c, int src, size_t nbytes, dp_hold *page, uint64_t *i
     if (err) {
         dp_uncharge(c, nbytes);
     } else {
+        if (handed)
+            unlink(handed); /* ENOENT: its cache closed meanwhile; the bytes are ours anyway */
         publish(c, rec);
         *id = rec->id;
         page->ptr = rec; /* published first: a hold gets only a finished page */
@@ -596,12 +601,13 @@ static int adopt(dp_cache *c, int src, size_t nbytes, dp_hold *page, uint64_t *i
     return err ? err : linked;
 }
 
-int dp_adopt(dp_hold *cache, int src, size_t nbytes, dp_hold *page, uint64_t *id)
+int dp_adopt(dp_hold *cache, int src, size_t nbytes, const char *handed, dp_hold *page,
+             uint64_t *id)
 {
     dp_cache *c = dp_hold_enter(cache, dp_cache_let_go);
     if (!c)
         return -DP_ECLOSED;
-    int rc = adopt(c, src, nbytes, page, id);
+    int rc = adopt(c, src, nbytes, handed, page, id);
     dp_hold_leave(cache, dp_cache_let_go);
     return rc;
 }

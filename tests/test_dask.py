@@ -15,9 +15,26 @@ distributed = pytest.importorskip("distributed")
 np = pytest.importorskip("numpy")
 from distributed.spill import SpillBuffer as TheirSpillBuffer  # noqa: E402
 
-from diskpages.dask import SpillBuffer, SpillFile  # noqa: E402
+from diskpages.dask import SpillBuffer as _SpillBuffer  # noqa: E402
+from diskpages.dask import SpillFile  # noqa: E402
 
 MiB = 1024 * 1024
+_made: list = []
+
+
+def SpillBuffer(*args, **kwargs):  # noqa: N802 - the class, remembered to be closed
+    buf = _SpillBuffer(*args, **kwargs)
+    _made.append(buf)
+    return buf
+
+
+@pytest.fixture(autouse=True)
+def close_buffers():
+    """Each buffer's cache closes at the end of its test (its reaper thread with it), not
+    whenever a log record's traceback lets go of it."""
+    yield
+    while _made:
+        _made.pop().close()
 
 
 def value(i: int, nbytes: int = 100_000):
@@ -166,7 +183,7 @@ def spilled(client) -> dict[str, float]:
 def test_a_process_cluster_spills_computes_and_survives_a_kill(tmp_path):
     from distributed import Client, LocalCluster
 
-    data = (SpillBuffer, {"target": TARGET})
+    data = (_SpillBuffer, {"target": TARGET})
     with (
         LocalCluster(
             n_workers=2,
@@ -211,7 +228,7 @@ def test_a_thread_cluster_spills_and_computes(tmp_path):
             processes=False,
             memory_limit="1 GiB",
             local_directory=str(tmp_path),
-            data=(SpillBuffer, {"target": TARGET}),
+            data=(_SpillBuffer, {"target": TARGET}),
             dashboard_address=None,
         ) as cluster,
         Client(cluster) as client,
@@ -221,3 +238,27 @@ def test_a_thread_cluster_spills_and_computes(tmp_path):
         del x
     gc.collect()
     assert leftovers(tmp_path) == []
+
+
+def test_a_shared_or_used_spill_directory_works(tmp_path):
+    """Workers may share one spill_directory (each cache makes its own folder in it), and
+    a folder with other files in it is no obstacle."""
+    (tmp_path / "someone-elses-file").write_bytes(b"x")
+    first = SpillBuffer(str(tmp_path), target=1)
+    second = SpillBuffer(str(tmp_path), target=1)
+    first["a"], second["a"] = value(1), value(2)
+    assert float(first["a"][0]) == 1 and float(second["a"][0]) == 2
+    assert first.file.cache.path != second.file.cache.path
+
+
+def test_a_group_writable_umask_is_no_obstacle(tmp_path):
+    """Under umask 002 distributed's own File makes the folder 775, which diskpages would
+    refuse as a root others can write to: the folder is made private first."""
+    old = os.umask(0o002)
+    try:
+        buf = SpillBuffer(target=1, worker_local_directory=str(tmp_path / "worker"))
+        buf["x"] = value(3)
+        assert float(buf["x"][0]) == 3
+        assert (tmp_path / "worker" / "storage").stat().st_mode & 0o077 == 0
+    finally:
+        os.umask(old)

@@ -273,3 +273,18 @@ def test_adopt_counts_against_max_bytes(root):
 def test_adopt_needs_a_page(cache):
     with pytest.raises(TypeError, match="Page or a BorrowedPage"):
         cache.adopt(b"bytes")
+
+
+def test_a_borrower_reads_into_a_buffer(cache):
+    for nbytes in (100, 2 * MiB):
+        data = os.urandom(nbytes)
+        borrowed = pickle.loads(pickle.dumps(page := cache.write(data)))
+        buf = bytearray(nbytes + 1)
+        assert borrowed.readinto(buf) == nbytes and buf[:nbytes] == data
+        with pytest.raises(ValueError):
+            borrowed.readinto(bytearray(nbytes - 1))
+        del page
+
+
+def test_a_cache_full_error_without_a_message_says_nothing_odd():
+    assert str(CacheFullError()) == "" and CacheFullError().errno is None

@@ -48,6 +48,16 @@ def strided(cache):
     return cache.write_array(np.arange(64, dtype="i8").reshape(8, 8)[:, ::2])
 
 
+def read_into(cache):
+    page = cache.write(b"r" * 5000)
+    page.readinto(bytearray(5000))
+    return page
+
+
+def hand_over_and_adopt(cache):
+    return cache.adopt(cache.write(b"h" * 5000).hand_over())
+
+
 OPERATIONS = {
     "write": lambda c: c.write(b"x" * 5000),
     "write_many": lambda c: c.write_many([b"a" * 100, b"b" * 2000, b""]),
@@ -56,6 +66,9 @@ OPERATIONS = {
     "allocate": lambda c: c.allocate(4096),
     "allocate and seal": allocate_and_seal,
     "allocate_array and seal": allocate_array_and_seal,
+    "write_parts": lambda c: c.write_parts([b"a" * 100, b"b" * 3000, b""]),
+    "readinto": read_into,
+    "hand_over and adopt": hand_over_and_adopt,
 }
 
 
@@ -92,7 +105,7 @@ def run_interrupted_at(op, cache, k: int):
 
 
 # write() and write_many() make packed pages or files; the rest always make files
-PACKABLE = ("write", "write_many")
+PACKABLE = ("write", "write_many", "write_parts", "readinto", "hand_over and adopt")
 CASES = [(p, name) for name in OPERATIONS for p in (("files", "packed") if name in PACKABLE else ("packed",))]
 
 

@@ -171,3 +171,29 @@ def test_readers_racing_replacements_never_see_a_released_page(tmp_path, clean_p
         stop.set()
         threads[0].join()
         assert errors == []
+
+
+def test_a_setting_racing_close_is_refused_and_leaves_nothing(tmp_path, clean_process):
+    from diskpages import CacheClosedError
+
+    f = File(tmp_path)
+    write = f.cache.write
+
+    def write_then_close(value):  # another thread's close() lands after the write
+        page = write(value)
+        f.close()
+        return page
+
+    f.cache.write = write_then_close
+    with pytest.raises(CacheClosedError):
+        f["k"] = b"v"
+    assert len(f) == 0 and "k" not in f
+    with pytest.raises(KeyError):
+        f["k"]
+
+
+def test_pickling_says_why_not(z):
+    import pickle
+
+    with pytest.raises(TypeError, match="belong to this process"):
+        pickle.dumps(z)

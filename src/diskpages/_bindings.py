@@ -184,11 +184,11 @@ def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold, pack: 
     return page_id[0], sum(len(b) for b in bufs)
 
 
-def adopt(cache: Hold, fd: int, nbytes: int, path: str, page: Hold) -> tuple[int, bool]:
+def adopt(cache: Hold, fd: int, nbytes: int, handed: str | None, path: str, page: Hold) -> tuple[int, bool]:
     """A page of this cache from another's page file open at fd: (id, linked), linked False
-    where its bytes were copied."""
+    where its bytes were copied; then the path ``handed``, unless None, is unlinked."""
     page_id = ffi.new("uint64_t *")
-    rc = lib.dp_adopt(cache, fd, nbytes, page, page_id)
+    rc = lib.dp_adopt(cache, fd, nbytes, ffi.NULL if handed is None else os.fsencode(handed), page, page_id)
     if rc < 0:
         raise error(rc, path)
     return page_id[0], rc == 1

@@ -403,6 +403,7 @@ class PageCache:
         self._check_open()
         if page.packed:
             return self.write(page.read())  # read() checks the slot's tag: this page's bytes
+        handed = str(page._path) if isinstance(page, BorrowedPage) and page._handed else None
         if isinstance(page, BorrowedPage):
             box = page._open()
             owner, fd = box, box[0]
@@ -411,7 +412,8 @@ class PageCache:
             owner = pin[1]
         try:
             new = self._page_class._empty(self)
-            args = (self._handle, fd, page.nbytes, str(self._path), new._hold)
+            new._nbytes = page.nbytes
+            args = (self._handle, fd, page.nbytes, handed, str(self._path), new._hold)
             try:
                 new._id, _ = native.adopt(*args)
             except CacheFullError:
@@ -422,10 +424,6 @@ class PageCache:
                 raise
         finally:
             native.drop_now(owner)  # the fd: closed now, not when a traceback lets go
-        new._nbytes = page.nbytes
-        if isinstance(page, BorrowedPage) and page._handed:
-            with contextlib.suppress(FileNotFoundError):  # its cache closed meanwhile
-                os.unlink(page._path)  # moved: the bytes are ours alone now
         return new
 
     def allocate(self, nbytes: int) -> PageBuilder:
@@ -700,6 +698,18 @@ def _view_of(mapping: mmap.mmap, skip: int, nbytes: int) -> memoryview:
     return view
 
 
+def _writable(buffer: Any, nbytes: int, what: str) -> memoryview:
+    """A view of the caller's buffer for readinto(), checked to take nbytes. (Not released
+    by hand: an interrupt between two bytecodes would leave a C reader's export on it,
+    and its release would then raise BufferError in place of the interrupt.)"""
+    target = memoryview(buffer)
+    if target.readonly:
+        raise TypeError(f"readinto() needs a writable buffer, not a read-only {type(buffer).__name__}")
+    if target.nbytes < nbytes:
+        raise ValueError(f"the buffer holds {target.nbytes} bytes; {what} has {nbytes}")
+    return target
+
+
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
     # the modification time, not the change time, which a hard link changes (hand_over, adopt)
     return st.st_dev, st.st_ino, st.st_mtime_ns
@@ -904,18 +914,10 @@ class Page(_PageFile, _Readable):
     def readinto(self, buffer: Any) -> int:
         """Copy the page's bytes into ``buffer``, a writable bytes-like object of at least
         ``nbytes`` bytes, in one call (no intermediate copy); returns ``nbytes``."""
-        with memoryview(buffer) as target:
-            if target.readonly:
-                raise TypeError(
-                    f"readinto() needs a writable buffer, not a read-only {type(buffer).__name__}"
-                )
-            if target.nbytes < self._nbytes:
-                raise ValueError(
-                    f"the buffer holds {target.nbytes} bytes; page {self._id} has {self._nbytes}"
-                )
-            rc = native.page_read_into(self._hold, target, self._nbytes)
-            if rc:
-                raise self._error(rc)
+        target = _writable(buffer, self._nbytes, f"page {self._id}")
+        rc = native.page_read_into(self._hold, target, self._nbytes)
+        if rc:
+            raise self._error(rc)
         return self._nbytes
 
     def view(self) -> memoryview:
@@ -1108,6 +1110,12 @@ class BorrowedPage(_Readable):
             return data
         finally:
             native.drop_now(box)
+
+    def readinto(self, buffer: Any) -> int:
+        """Copy the page's bytes into ``buffer`` (as ``Page.readinto``); returns ``nbytes``."""
+        target = _writable(buffer, self._nbytes, f"borrowed page {self._id}")
+        target.cast("B")[: self._nbytes] = self.read()
+        return self._nbytes
 
     def view(self) -> memoryview:
         """A read-only view of the page's bytes: zero-copy for a page with a file (as

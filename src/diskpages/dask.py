@@ -64,19 +64,24 @@ class SpillBuffer(_DistributedSpillBuffer):
             spill_directory = os.path.join(worker_local_directory, "storage")
         if target is None:
             raise TypeError("SpillBuffer needs target: the bytes of managed memory to start spilling at")
-        super().__init__(os.fspath(spill_directory), target, max_spill)
+        spill_directory = os.fspath(spill_directory)
+        # Made private before distributed's own File makes it with the umask's mode (775
+        # under umask 002), which PageCache would refuse as a root others can write to.
+        os.makedirs(spill_directory, mode=0o700, exist_ok=True)
+        super().__init__(spill_directory, target, max_spill)
         cache_options.setdefault("collect_when_full", False)
         self.file = SpillFile(spill_directory, **cache_options)
         self._swap_store(self.file)
 
     def _swap_store(self, file: File) -> None:
-        """Put ``file`` under distributed's spill logic, in place of its zict.File (still
-        empty). Checked, so that a distributed whose spill layers changed fails here, at
-        once, rather than spilling somewhere else."""
+        """Put ``file`` under distributed's spill logic, in place of its zict.File (which
+        only listed the folder: anything in it, other workers' cache folders included, is
+        not this buffer's). Checked, so that a distributed whose spill layers changed fails
+        here, at once, rather than spilling somewhere else."""
         cached = self.slow
         slow = getattr(cached, "data", None)
         store = getattr(slow, "d", None)
-        if not (isinstance(cached, zict.Cache) and isinstance(store, zict.File) and not store):
+        if not (isinstance(cached, zict.Cache) and isinstance(store, zict.File)):
             raise RuntimeError(
                 "this version of distributed.spill.SpillBuffer is not laid out as diskpages "
                 "expects (Cache over Func over File); diskpages.dask cannot wrap it"

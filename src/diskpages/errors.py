@@ -32,7 +32,7 @@ class CacheFullError(PageCacheError, OSError):
         super().__init__(*args)
 
     def __str__(self) -> str:
-        return str(self.strerror)
+        return super().__str__() if self.strerror is None else str(self.strerror)
 
 
 class UnsafeRootError(PageCacheError):

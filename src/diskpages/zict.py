@@ -15,7 +15,7 @@ from collections.abc import Hashable, Iterator, MutableMapping
 from typing import Any
 
 from ._cache import Page, PageCache
-from .errors import PageReleasedError
+from .errors import CacheClosedError, PageReleasedError
 
 try:  # with zict installed, a zict mapping like any other (lock, discard, close, update)
     from zict.common import ZictBase as _Base
@@ -48,6 +48,7 @@ class File(_Base):  # type: ignore[misc,valid-type]
         self.memmap = memmap
         self.cache = PageCache(directory, **cache_options)
         self._pages: dict[Hashable, Page] = {}
+        self._closed = False
 
     def _check_key(self, key: object) -> None:
         if not isinstance(key, (str, bytes)):
@@ -62,8 +63,13 @@ class File(_Base):  # type: ignore[misc,valid-type]
         else:
             page = self.cache.write(value)  # TypeError for what is not bytes-like
         with self.lock:
-            old = self._pages.get(key)
-            self._pages[key] = page
+            closed, old = self._closed, None
+            if not closed:
+                old = self._pages.get(key)
+                self._pages[key] = page
+        if closed:  # close() ran while this page was being written: it is nobody's
+            page.release()
+            raise CacheClosedError(f"{self} is closed")
         if old is not None:
             old.release()
 
@@ -111,6 +117,7 @@ class File(_Base):  # type: ignore[misc,valid-type]
         """Release every page and close the cache: its folder, files, file descriptors
         and thread are gone when this returns. Idempotent."""
         with self.lock:
+            self._closed = True
             pages, self._pages = self._pages, {}
         for page in pages.values():
             page.release()
@@ -126,3 +133,9 @@ class File(_Base):  # type: ignore[misc,valid-type]
         # zict closes a mapping in __del__; here the cache's own finalizer does, and the
         # pages go with this mapping's dict. Nothing to do that could fail at shutdown.
         pass
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled: its pages belong to this process "
+            "(pickle the values, or hand pages over with Page.hand_over())"
+        )
