@@ -105,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)  # exits 2 on bad usage
     try:
-        return args.run(args)
+        status: int = args.run(args)  # the subcommand's cmd_*() function
+        return status
     except (OSError, PageCacheError) as e:
         print(f"diskpages: {e}", file=sys.stderr)
         return 1

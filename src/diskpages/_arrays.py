@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy
 
-    from ._cache import Page, PageBuilder, PageCache
+    from ._cache import Page, PageBuilder, PageCache, _Readable
 
 NEEDS_NUMPY = 'arrays need NumPy: pip install "diskpages[numpy]"'
 
@@ -70,7 +70,7 @@ def _c_order_header(np: Any, dtype: numpy.dtype, shape: tuple[int, ...]) -> byte
 
 def as_array(data: Any) -> numpy.ndarray:
     """``numpy.asarray(data)``, refused if it holds Python objects."""
-    array = _numpy().asarray(data)
+    array: numpy.ndarray = _numpy().asarray(data)
     _refuse_objects(array.dtype)
     return array
 
@@ -213,7 +213,7 @@ def _read_header(np: Any, reader: _Reader, nbytes: int) -> tuple[tuple[int, ...]
     return shape, fortran_order, dtype
 
 
-def array_of(owner: Page | PageBuilder) -> numpy.ndarray:
+def array_of(owner: _Readable | PageBuilder) -> numpy.ndarray:
     """The array a .npy page holds, over ``owner.view()``: no copy, read-only for a Page,
     writable for a PageBuilder. The array holds an export of the view's mapping, so the
     mapping lives (and a builder cannot be sealed) while the array does."""
@@ -244,12 +244,13 @@ def array_of(owner: Page | PageBuilder) -> numpy.ndarray:
     order = "F" if fortran_order else "C"
     try:
         if dtype.itemsize == 0:  # nothing to map; numpy.frombuffer refuses such dtypes
-            array = np.empty(shape, dtype, order=order)
+            array: numpy.ndarray = np.empty(shape, dtype, order=order)
             array.flags.writeable = not view.readonly
             return array
         # frombuffer, not ndarray(buffer=...): only frombuffer keeps an export of the mapping.
         flat = np.frombuffer(view, dtype=dtype, count=count, offset=reader.pos)
-        return flat.reshape(shape, order=order)
+        shaped: numpy.ndarray = flat.reshape(shape, order=order)
+        return shaped
     except ValueError as exc:  # a shape numpy cannot hold: a size over intp, over 64 dimensions
         raise ValueError(f"{not_npy}: {exc}") from None
 

@@ -77,7 +77,8 @@ def page_name(page_id: int) -> str:
     """The file name of a page, from C (dp_page_name), which names the files."""
     buf = ffi.new("char[32]")
     lib.dp_page_name(page_id, buf)
-    return ffi.string(buf).decode()
+    name: bytes = ffi.string(buf)  # a char[] comes back as bytes
+    return name.decode()
 
 
 def cache_open(
@@ -299,7 +300,8 @@ def read_tag(fd: int, slot: int) -> tuple[int, int, int]:
 def segment_name(slot_size: int) -> str:
     buf = ffi.new("char[32]")
     lib.dp_segment_name(slot_size, buf)
-    return ffi.string(buf).decode()
+    name: bytes = ffi.string(buf)
+    return name.decode()
 
 
 TAGS_BYTES = lib.DP_TAGS_BYTES

@@ -23,10 +23,10 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from . import _arrays, _explain, _folders
 from . import _bindings as native
@@ -581,7 +581,7 @@ class PageCache:
         return _explain.explain(page, skip_frames=1)
 
     def stats(self) -> CacheStats:
-        raw = native.cache_stats(self._handle)
+        raw: dict[str, Any] = native.cache_stats(self._handle)  # remover: its name, below
         raw["remover"] = native.REMOVER_NAMES.get(raw["remover"], str(raw["remover"]))
         return CacheStats(**raw)
 
@@ -792,12 +792,15 @@ class _PageFile(_Sized):
     # hold's memory, kept here too because it must outlive that finalizer, which can run
     # before this object dies (resurrection, gc.garbage): the hold is empty then.
     __slots__ = ("_cache", "_hold", "_memory", "_id", "_nbytes")
+    _cache: PageCache
+    _hold: native.Hold
+    _memory: native.Memory
 
     def __new__(cls, *args: object, **kwargs: object) -> _PageFile:
         raise TypeError("pages come from PageCache.write(), write_many() and allocate()")
 
     @classmethod
-    def _empty(cls, cache: PageCache) -> Any:
+    def _empty(cls, cache: PageCache) -> Self:
         self = object.__new__(cls)
         self._memory, self._hold = native.new_hold()
         self._id = self._nbytes = 0  # until C fills the hold
@@ -941,7 +944,7 @@ class Page(_PageFile, _Readable):
             native.drop_now(pin[1])  # the bytes go now, not with a traceback
             if isinstance(e, OSError) and e.errno in (native.ENOENT, native.ESIZE):
                 # a forked child whose parent reused the slot, or a segment cut short
-                raise self._error(-e.errno) from None
+                raise self._error(-cast(int, e.errno)) from None
             raise
         return _view_of(mapping, skip, self._nbytes)
 
@@ -995,10 +998,10 @@ class _WatchedPage(Page):
     __slots__ = ()
 
     _reclaimed_by_gc = native.page_reclaimed_by_gc  # for __del__ at shutdown
-    _warn = warnings.warn
+    _warn: Callable[..., None] = warnings.warn  # a plain attribute: not bound to self
 
     @classmethod
-    def _empty(cls, cache: PageCache) -> Any:
+    def _empty(cls, cache: PageCache) -> Self:
         self = super()._empty(cache)
         cache._watched.add(self)  # type: ignore[union-attr]
         return self
@@ -1027,6 +1030,11 @@ class BorrowedPage(_Readable):
     the page's, or PageLostError."""
 
     __slots__ = ("_path", "_id", "_nbytes", "_identity", "_slot", "_given_up", "_handed", "__weakref__")
+    _path: Path
+    _identity: tuple[int, ...]
+    _slot: tuple[int, int] | None
+    _given_up: bool
+    _handed: bool
 
     borrowed = True
 
@@ -1153,9 +1161,13 @@ class PageBuilder(_PageFile):
     context manager it is discarded at the end of the block unless sealed in it."""
 
     __slots__ = ("_mapping", "_lock", "_busy", "_sealed")
+    _mapping: mmap.mmap | None
+    _lock: threading.RLock
+    _busy: bool
+    _sealed: bool
 
     @classmethod
-    def _empty(cls, cache: PageCache) -> Any:
+    def _empty(cls, cache: PageCache) -> Self:
         self = super()._empty(cache)
         self._sealed = False
         self._mapping = None

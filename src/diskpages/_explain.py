@@ -127,7 +127,7 @@ def _frame_locals(page: Page, skip: int) -> tuple[dict[int, list[str]], list[dic
     roots: dict[int, list[str]] = {}
     snapshots: list[dict[str, Any]] = []
     page_refs = 0
-    f = sys._getframe(2)  # explain()'s caller (explain() counts its own variable)
+    f: types.FrameType | None = sys._getframe(2)  # explain()'s caller (explain() counts its own variable)
     depth = 0
     while f is not None:
         code = f.f_code
@@ -281,7 +281,8 @@ def _pick(chains: list[tuple[object, str]]) -> tuple[list[str], int]:
     shortest chain of every first holder goes before any second chain of one: a list that
     twelve names hold must not hide the dict that holds the page too."""
     firsts: set[object] = set()
-    shortest, others = [], []
+    shortest: list[int] = []
+    others: list[int] = []
     for i, (first, _) in enumerate(chains):
         (others if first in firsts else shortest).append(i)
         firsts.add(first)

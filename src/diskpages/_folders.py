@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from . import _bindings as native
 from .errors import UnsafeRootError
@@ -53,6 +54,10 @@ def resolve_root(root: str | os.PathLike[str] | None) -> Path:
     return (Path(root) if root is not None else default_root()).absolute()
 
 
+@overload
+def open_root(root: Path, create: Literal[True]) -> int: ...
+@overload
+def open_root(root: Path, create: bool) -> int | None: ...
 def open_root(root: Path, create: bool) -> int | None:
     """A directory fd of the root, made (mode 0700) if missing and ``create``; None if it is
     missing and not ``create``. Refuses a root that is a symlink, is not ours, or is

@@ -12,20 +12,23 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Hashable, Iterator, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._cache import Page, PageCache
 from .errors import CacheClosedError, PageReleasedError
 
-try:  # with zict installed, a zict mapping like any other (lock, discard, close, update)
+if TYPE_CHECKING:
     from zict.common import ZictBase as _Base
-except ImportError:  # pragma: no cover - zict is in the test extra
-    _Base = MutableMapping  # type: ignore[misc,assignment]
+else:
+    try:  # with zict installed, a zict mapping like any other (lock, discard, close, update)
+        from zict.common import ZictBase as _Base
+    except ImportError:  # pragma: no cover - zict is in the test extra
+        _Base = MutableMapping
 
 __all__ = ["File"]
 
 
-class File(_Base):  # type: ignore[misc,valid-type]
+class File(_Base[Any, Any]):
     """A mutable mapping of keys to bytes, stored as pages of ``self.cache``, a PageCache
     rooted at ``directory`` (its pages go in a private folder there); ``cache_options``
     go to PageCache (``max_bytes``, ``pack_max``, ``sync``...).
