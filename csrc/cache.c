@@ -123,6 +123,14 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     if (err)
         goto fail_cond;
     c->reaper_started = true;
+    /* Return only once the reaper runs: a thread still starting up allocates (its TLS, the
+     * sanitizers' per-thread state), and a fork meanwhile would leave the child an
+     * allocator lock that nobody will release (glibc's malloc guards fork; AddressSanitizer's
+     * allocator, in gcc 12, does not). */
+    pthread_mutex_lock(&c->lock);
+    while (!c->reaper_running)
+        pthread_cond_wait(&c->wake, &c->lock);
+    pthread_mutex_unlock(&c->lock);
     out->ptr = c;
     return 0;
 

@@ -134,6 +134,7 @@ struct dp_cache {
     bool stop;
     bool kick; /* drain at once: a collection released pages */
     bool reaper_started;
+    bool reaper_running; /* set by the reaper once started: dp_cache_open waits for it */
     pthread_t reaper;
 };
 

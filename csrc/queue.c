@@ -330,8 +330,11 @@ void *dp_reaper_main(void *arg)
     if (tick < MIN_TICK_NS)
         tick = MIN_TICK_NS;
     uint64_t last_empty = dp_now_ns();
+    collecting_here = false; /* this thread's TLS block exists from here on (see dp_cache_open) */
 
     pthread_mutex_lock(&c->lock);
+    c->reaper_running = true;
+    pthread_cond_broadcast(&c->wake);
     while (!c->stop) {
         if (c->kick) {
             c->kick = false;
