@@ -1,7 +1,7 @@
 """The tables of benchmarks/results/dask/REPORT.md from a run of test_dask_spill.py.
 
 python -m pytest benchmarks/test_dask_spill.py --benchmark-json=bench-dask.json
-python benchmarks/dask_report.py bench-dask.json      # prints Markdown
+python benchmarks/dask_report.py bench-dask.json [more.json]   # prints Markdown
 
 Every ratio is ours over distributed's SpillBuffer: the median over rounds of the two
 times in the same round, ± half its interquartile range (report.pair_ratio), so below 1
@@ -109,7 +109,7 @@ def cluster_table(data: dict, out: list[str]) -> None:
         f"{e0['target_per_worker'] >> 20} MiB per worker\n\n"
     )
     head = ["spill", "", "wall", "release", "loop max (all)", "loop max (release)", "lateness sum (release)"]
-    head += ["stalls ≥10 ms", "spilled keys"]
+    head += ["stalls ≥10 ms", "spilled keys", "store write per key", "store read per key"]
     rows = []
     for g in groups:
         e = g["extra_info"]
@@ -127,6 +127,8 @@ def cluster_table(data: dict, out: list[str]) -> None:
                     fmt_time(s["loop_late_sum_release_s"]),
                     f"{s['loop_stalls_10ms']:.0f}",
                     f"{s['spilled']:.0f}",
+                    per_op(loop[name]["rounds"], "write_s", "spilled"),
+                    per_op(loop[name]["rounds"], "read_s", "unspilled"),
                 ]
             )
         ours = loop[OURS]
@@ -146,23 +148,42 @@ def cluster_table(data: dict, out: list[str]) -> None:
                 ratio("loop_late_sum_release_s"),
                 "",
                 "",
+                "",
+                "",
             ]
         )
-    out.append(table(head, rows, "ll" + "r" * 7))
+    out.append(table(head, rows, "ll" + "r" * 9))
     rounds = statistics.median(g["extra_info"]["contenders"][BASELINE]["rounds"] for g in groups)
     out.append(
         f"\nMedians over {rounds:.0f} rounds; a ratio row is the median of per-round ratios. "
-        "*loop max*: the longest lateness of a 2 ms sleep on any worker's event loop.\n"
+        "*loop max*: the longest lateness of a 2 ms sleep on any worker's event loop. *store "
+        "write/read per key*: distributed's own spill metrics (disk-write and disk-read seconds "
+        "over their counts), summed over the workers.\n"
     )
 
 
-def render(data: dict) -> str:
-    info = data.get("machine_info", {}).get("diskpages_bench", {})
-    out = [
-        f"Run: `{info.get('command', '?')}` ({info.get('mode', '?')} mode, {info.get('rounds', '?')} "
-        f"rounds, finished {info.get('finished', '?')}, commit {info.get('git_commit', '?')}"
-        f"{' dirty' if info.get('git_dirty') else ''}, {info.get('elapsed_s', 0):.0f} s)\n"
-    ]
+def per_op(rounds: list[dict], seconds: str, count: str) -> str:
+    """The median over rounds of ``seconds`` per ``count`` (runs from before these were
+    recorded: –)."""
+    xs = [r[seconds] / r[count] for r in rounds if r.get(count) and seconds in r]
+    return fmt_time(statistics.median(xs)) if xs else "–"
+
+
+def render(runs: list[dict]) -> str:
+    """The tables of one run, or of several (e.g. a full run and a rerun of one group): a
+    group is taken from the last run that has it."""
+    out = []
+    for data in runs:
+        info = data.get("machine_info", {}).get("diskpages_bench", {})
+        out.append(
+            f"Run: `{info.get('command', '?')}` ({info.get('mode', '?')} mode, {info.get('rounds', '?')} "
+            f"rounds, finished {info.get('finished', '?')}, commit {info.get('git_commit', '?')}"
+            f"{' dirty' if info.get('git_dirty') else ''}, {info.get('elapsed_s', 0):.0f} s)\n\n"
+        )
+    groups: dict[str, dict] = {}
+    for data in runs:
+        groups.update({b["extra_info"].get("group", b["name"]): b for b in data["benchmarks"]})
+    data = {"benchmarks": list(groups.values())}
     spill_tables(data, out)
     delete_table(data, out)
     cluster_table(data, out)
@@ -171,9 +192,9 @@ def render(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json); later ones win")
     args = parser.parse_args(argv)
-    sys.stdout.write(render(json.loads(Path(args.json).read_text())))
+    sys.stdout.write(render([json.loads(Path(p).read_text()) for p in args.json]))
 
 
 if __name__ == "__main__":
