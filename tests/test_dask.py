@@ -164,6 +164,22 @@ def leftovers(folder: Path) -> list[str]:
     ]
 
 
+def cluster_of(folder: Path, processes: bool):
+    """Two one-thread workers spilling to pages under folder, with memory to spare beyond
+    TARGET (so the memory monitor, pausing and the nanny's kill stay out of it)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=processes,
+        memory_limit="1 GiB",
+        local_directory=str(folder),
+        data=(_SpillBuffer, {"target": TARGET}),
+        dashboard_address=None,
+    )
+
+
 def compute(client):
     """A reduction over NCHUNKS chunks held at once (persisted): several times memory."""
     import dask.array as da
@@ -181,21 +197,9 @@ def spilled(client) -> dict[str, float]:
 
 
 def test_a_process_cluster_spills_computes_and_survives_a_kill(tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    data = (_SpillBuffer, {"target": TARGET})
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit="1 GiB",
-            local_directory=str(tmp_path),
-            data=data,
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with cluster_of(tmp_path, processes=True) as cluster, Client(cluster) as client:
         x = compute(client)
         assert all(n > 0 for n in spilled(client).values())  # both workers spilled
         kinds = client.run(lambda dask_worker: type(dask_worker.data.file).__module__)
@@ -219,20 +223,9 @@ def test_a_process_cluster_spills_computes_and_survives_a_kill(tmp_path):
 
 
 def test_a_thread_cluster_spills_and_computes(tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=False,
-            memory_limit="1 GiB",
-            local_directory=str(tmp_path),
-            data=(_SpillBuffer, {"target": TARGET}),
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with cluster_of(tmp_path, processes=False) as cluster, Client(cluster) as client:
         x = compute(client)
         assert all(n > 0 for n in spilled(client).values())
         del x
