@@ -65,13 +65,11 @@ def test_zicts_bad_key_checks(z):
     utils_test.check_bad_key_types(z)
 
 
-@pytest.mark.parametrize("repeat", range(3))
-def test_zicts_different_keys_threadsafe_check(z, repeat):
+def test_zicts_different_keys_threadsafe_check(z):
     utils_test.check_different_keys_threadsafe(z)
 
 
-@pytest.mark.parametrize("repeat", range(3))
-def test_zicts_same_key_threadsafe_check(z, repeat):
+def test_zicts_same_key_threadsafe_check(z):
     utils_test.check_same_key_threadsafe(z)
     assert z.cache.stats().live_pages == len(z)
 
