@@ -63,13 +63,12 @@ static dp_page *new_record(dp_cache *c, size_t nbytes)
     return p;
 }
 
-static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
+/* A new file in the cache's folder, without a name (O_TMPFILE), or where the file system
+ * has none, named `name` (*named says which): the fd, or -1 with errno set. */
+static int open_nameless(dp_cache *c, int access, const char *name, bool *named)
 {
-    dp_page *p = new_record(c, nbytes);
-    if (!p)
-        return -ENOMEM;
-
     int fd = -1;
+    *named = false;
     if (atomic_load_explicit(&c->tmpfile, memory_order_relaxed)) {
         do
             fd = openat(c->dirfd, ".", O_TMPFILE | O_CLOEXEC | access, 0600);
@@ -79,13 +78,23 @@ static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
             atomic_store_explicit(&c->tmpfile, false, memory_order_relaxed);
     }
     if (fd < 0 && !atomic_load_explicit(&c->tmpfile, memory_order_relaxed)) {
-        char name[DP_NAME_MAX];
-        dp_part_name(p->id, name);
-        p->part = true;
         do
             fd = openat(c->dirfd, name, CREATE_FLAGS | access, 0600);
         while (fd < 0 && errno == EINTR);
+        *named = fd >= 0;
     }
+    return fd;
+}
+
+static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
+{
+    dp_page *p = new_record(c, nbytes);
+    if (!p)
+        return -ENOMEM;
+
+    char part[DP_NAME_MAX];
+    dp_part_name(p->id, part);
+    int fd = open_nameless(c, access, part, &p->part);
     if (fd < 0) {
         int err = -errno;
         struct stat st;
@@ -98,6 +107,24 @@ static int open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out)
     dp_cache_get(c); /* the record's reference, put when the record is freed */
     *out = p;
     return fd;
+}
+
+/* Give the file open at fd the name `name` in the cache's folder (a nameless file, or
+ * another name of a file with one). */
+static int link_fd(dp_cache *c, int fd, const char *name)
+{
+    /* linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on most kernels; the /proc
+     * link is the documented way for everyone else (open(2), O_TMPFILE). thread-self, not
+     * self: /proc/self is the thread-group leader's fd table, which a thread that has its
+     * own (unshare(CLONE_FILES)) does not share, so fd N there is another file. */
+    char proc[48];
+    snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", fd);
+    if (linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) == 0)
+        return 0;
+    int err = -errno;
+    if (err == -ENOENT && linkat(fd, "", c->dirfd, name, AT_EMPTY_PATH) == 0)
+        return 0; /* no /proc mounted */
+    return err;
 }
 
 /* Give a whole page its name. */
@@ -113,18 +140,7 @@ static int link_page(dp_cache *c, dp_page *p, int fd)
         p->part = false; /* its name is the page's now, for the removal too */
         return 0;
     }
-    /* linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on most kernels; the /proc
-     * link is the documented way for everyone else (open(2), O_TMPFILE). thread-self, not
-     * self: /proc/self is the thread-group leader's fd table, which a thread that has its
-     * own (unshare(CLONE_FILES)) does not share, so fd N there is another file. */
-    char proc[48];
-    snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", fd);
-    if (linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) == 0)
-        return 0;
-    int err = -errno;
-    if (err == -ENOENT && linkat(fd, "", c->dirfd, name, AT_EMPTY_PATH) == 0)
-        return 0; /* no /proc mounted */
-    return err;
+    return link_fd(c, fd, name);
 }
 
 static void publish(dp_cache *c, dp_page *p)
@@ -492,6 +508,21 @@ int dp_write_parts(dp_hold *cache, const void *const *parts, const size_t *sizes
     return err;
 }
 
+static int pread_exactly(int fd, void *buf, size_t nbytes, uint64_t offset)
+{
+    for (size_t done = 0; done < nbytes;) {
+        ssize_t n = pread(fd, (char *)buf + done, nbytes - done, (off_t)(offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -DP_ESIZE; /* shorter than the page */
+        done += (size_t)n;
+    }
+    return 0;
+}
+
 /* Copy nbytes of src, from offset `from`, to fd from offset 0: copy_file_range (the kernel
  * copies, or shares blocks where the file system can), else read and write through a
  * buffer. */
@@ -517,16 +548,10 @@ static int copy_file(int src, uint64_t from, int fd, size_t nbytes)
     int err = 0;
     while (!err && (size_t)done < nbytes) {
         size_t want = nbytes - (size_t)done < CHUNK ? nbytes - (size_t)done : CHUNK;
-        ssize_t n = pread(src, buf, want, (off_t)from + done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            err = n < 0 ? -errno : -DP_ESIZE;
-            break;
-        }
-        struct iovec iov = {buf, (size_t)n};
-        if (!(err = dp_pwritev_all(fd, &iov, 1, done)))
-            done += n;
+        struct iovec iov = {buf, want};
+        if (!(err = pread_exactly(src, buf, want, from + (uint64_t)done)) &&
+            !(err = dp_pwritev_all(fd, &iov, 1, done)))
+            done += (off_t)want;
     }
     free(buf);
     return err;
@@ -565,10 +590,7 @@ static int adopt(dp_cache *c, int src, size_t nbytes, const char *handed, dp_hol
         err = -ENOMEM;
     } else {
         dp_cache_get(c); /* the record's reference, put when the record is freed */
-        char name[DP_NAME_MAX], proc[48];
-        dp_page_name(rec->id, name);
-        snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", src);
-        linked = linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) == 0;
+        linked = link_page(c, rec, src) == 0;
         if (!linked) {
             free(rec);
             dp_cache_put(c);
@@ -836,23 +858,13 @@ static int hand_over(dp_page *p, const char *name, int64_t *identity)
         bool named = false;
         err = fd < 0 ? fd : 0;
         if (fd >= 0 && p->cls >= 0) { /* a slot, pinned: nobody reuses it while we copy */
-            do
-                file = openat(c->dirfd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-            while (file < 0 && errno == EINTR);
-            if (file < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) { /* no O_TMPFILE here */
-                file = openat(c->dirfd, name, CREATE_FLAGS | O_RDWR, 0600);
-                named = file >= 0;
-            }
+            file = open_nameless(c, O_RDWR, name, &named);
             err = file < 0 ? -errno : copy_file(fd, offset, file, p->nbytes);
         }
         if (!err && c->sync != DP_SYNC_NONE && fdatasync(file) != 0)
             err = -errno;
-        if (!err && !named) {
-            char proc[48];
-            snprintf(proc, sizeof proc, "/proc/thread-self/fd/%d", file);
-            if (linkat(AT_FDCWD, proc, c->dirfd, name, AT_SYMLINK_FOLLOW) != 0)
-                err = -errno;
-        }
+        if (!err && !named)
+            err = link_fd(c, file, name);
         struct stat st;
         if (!err && fstat(file, &st) != 0)
             err = -errno;
@@ -883,21 +895,6 @@ int dp_hand_over(dp_hold *page, const char *name, int64_t *identity)
     int err = hand_over(p, name, identity);
     dp_hold_leave(page, dp_page_let_go);
     return err;
-}
-
-static int pread_exactly(int fd, void *buf, size_t nbytes, uint64_t offset)
-{
-    for (size_t done = 0; done < nbytes;) {
-        ssize_t n = pread(fd, (char *)buf + done, nbytes - done, (off_t)(offset + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        if (n == 0)
-            return -DP_ESIZE; /* shorter than the page */
-        done += (size_t)n;
-    }
-    return 0;
 }
 
 /* Read a slot's bytes; `check`: in a forked child, whose pins are out of the parent's

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import math
 import mmap
 import os
@@ -285,7 +286,7 @@ class PageCache:
         self._max_bytes = max_bytes
         self._pack_max = pack_max
         self._collect_when_full = collect_when_full
-        self._handed = 0  # how many hand_over() names were made (each name is used once)
+        self._handed = itertools.count(1)  # numbers hand_over()'s names: each is used once
         self._page_class = _WatchedPage if warn_on_gc else Page
         self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
         self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)
@@ -975,9 +976,7 @@ class Page(_PageFile, _Readable):
         reaper. The handed bytes count against neither cache's ``max_bytes`` until
         adopted."""
         cache = self._cache
-        with cache._close_lock:
-            cache._handed += 1
-            name = f"{self._id}-{cache._handed}{_HANDED}"
+        name = f"{self._id}-{next(cache._handed)}{_HANDED}"
         identity = native.hand_over(self._hold, name)
         if isinstance(identity, int):
             if identity == -native.ECLOSED:
