@@ -288,3 +288,18 @@ def test_a_borrower_reads_into_a_buffer(cache):
 
 def test_a_cache_full_error_without_a_message_says_nothing_odd():
     assert str(CacheFullError()) == "" and CacheFullError().errno is None
+
+
+def test_hand_over_and_adopt_without_o_tmpfile(root, monkeypatch):
+    """Where the file system has no O_TMPFILE, a packed page's handed copy is made under its
+    handed name directly, and a copy adopted across file systems as a .part renamed."""
+    monkeypatch.setenv("DISKPAGES_TMPFILE", "0")  # as on a file system without it
+    with PageCache(root) as owner, PageCache(root) as mine:
+        for nbytes in (100, 2 * MiB):  # a slot, copied; a file, linked
+            data = os.urandom(nbytes)
+            handed = owner.write(data).hand_over()
+            owner.remove_released()
+            assert handed.read() == data
+            page = mine.adopt(handed)
+            assert page.read() == data and not handed.path.exists()
+        assert sorted(p.suffix for p in owner.path.iterdir() if p.suffix != ".slots") == []
