@@ -36,6 +36,14 @@ def per_key(g: dict, name: str) -> str:
     return fmt_time(g["extra_info"]["contenders"][name]["median_s"])
 
 
+def contender_cells(g: dict) -> list[str]:
+    """distributed's time, ours and its ratio, ours with pack_max=0 and its ratio."""
+    cells = [per_key(g, BASELINE)]
+    for name in (OURS, OURS_FILES):
+        cells += [per_key(g, name), fmt_ratio(pair_ratio(g, name, BASELINE))]
+    return cells
+
+
 def spill_tables(data: dict, out: list[str]) -> None:
     for kind, title, keys in (
         ("dask_spill", "Spill: `buf[key] = value` (target=1), per key", ("state",)),
@@ -55,11 +63,7 @@ def spill_tables(data: dict, out: list[str]) -> None:
                     e["size_label"],
                     e[keys[0]],
                     FS_LABEL.get(e["fs"], e["fs"]),
-                    per_key(g, BASELINE),
-                    per_key(g, OURS),
-                    fmt_ratio(pair_ratio(g, OURS, BASELINE)),
-                    per_key(g, OURS_FILES),
-                    fmt_ratio(pair_ratio(g, OURS_FILES, BASELINE)),
+                    *contender_cells(g),
                     fmt_ratio(pair_ratio(g, FLOOR, BASELINE)),
                 ]
             )
@@ -82,11 +86,7 @@ def delete_table(data: dict, out: list[str]) -> None:
             [
                 e["data"],
                 FS_LABEL.get(e["fs"], e["fs"]),
-                per_key(g, BASELINE),
-                per_key(g, OURS),
-                fmt_ratio(pair_ratio(g, OURS, BASELINE)),
-                per_key(g, OURS_FILES),
-                fmt_ratio(pair_ratio(g, OURS_FILES, BASELINE)),
+                *contender_cells(g),
                 per_key(g, FLOOR),
                 *(fmt_time(gone.get(n, {}).get("median_s")) for n in (BASELINE, OURS, OURS_FILES)),
             ]

@@ -269,28 +269,42 @@ def skip_reason(size=None, state=None, **_) -> str | None:
     return None
 
 
+def record_on(benchmark, disk, fs, group: str, runners: dict, n: int, **info) -> dict:
+    """record() with what every group here shares: distributed's buffer as the baseline,
+    the disk's warmup and per-round hook, and the file system it ran on."""
+    return record(
+        benchmark,
+        f"{group} on {fs.label}",
+        runners,
+        n,
+        BASELINE,
+        ROUNDS,
+        warmup=disk.warmup,
+        before_round=disk.before_round,
+        fs=fs.name,
+        fs_info=fs.info,
+        **info,
+    )
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 def test_spill(benchmark, disk, state, fs, size):
     steady = state == "steady"
     disk.write_back_each_round = not steady  # fresh: no round pays for another's writeback
     value = array_of(SIZES[size])
     n = KEYS_PER_ROUND[size]
-    record(
+    record_on(
         benchmark,
-        f"dask spill {size}, {state} on {fs.label}",
+        disk,
+        fs,
+        f"dask spill {size}, {state}",
         spill_contenders(disk, steady, value, n),
         n,
-        BASELINE,
-        ROUNDS,
-        warmup=disk.warmup,
-        before_round=disk.before_round,
         kind="dask_spill",
         unit="key spilled (buf[key] = value, target=1)",
         size=SIZES[size],
         size_label=size,
         state=state,
-        fs=fs.name,
-        fs_info=fs.info,
         keys_per_round=n,
     )
 
@@ -302,23 +316,19 @@ def test_unspill(benchmark, disk, state, fs, size, mode):
     value = array_of(SIZES[size])
     n = KEYS_PER_ROUND[size]
     runners = {label: Unspill(label, disk, mode, value, n) for label in [BASELINE, OURS, OURS_FILES, FLOOR]}
-    record(
+    record_on(
         benchmark,
-        f"dask unspill {size}, {mode}, {state} on {fs.label}",
+        disk,
+        fs,
+        f"dask unspill {size}, {mode}, {state}",
         runners,
         n,
-        BASELINE,
-        ROUNDS,
-        warmup=disk.warmup,
-        before_round=disk.before_round,
         kind="dask_unspill",
         unit="key unspilled (buf[key])",
         size=SIZES[size],
         size_label=size,
         mode=mode,
         state=state,
-        fs=fs.name,
-        fs_info=fs.info,
         keys_per_round=n,
     )
 
@@ -370,22 +380,18 @@ def test_delete_spilled(benchmark, disk, state, fs, data):
     n = DELETE_KEYS
     labels = [BASELINE, OURS, OURS_FILES, FLOOR]
     runners = {label: DeleteSpilled(label, disk, data == "written back", value, n) for label in labels}
-    stats = record(
+    stats = record_on(
         benchmark,
-        f"dask delete {n} spilled keys of 64 KiB, {data}, {state} on {fs.label}",
+        disk,
+        fs,
+        f"dask delete {n} spilled keys of 64 KiB, {data}, {state}",
         runners,
         n,
-        BASELINE,
-        ROUNDS,
-        warmup=disk.warmup,
-        before_round=disk.before_round,
         kind="dask_delete",
         unit="key deleted (caller's time)",
         size=DELETE_SIZE,
         data=data,
         state=state,
-        fs=fs.name,
-        fs_info=fs.info,
         keys=n,
     )
     gone = {}
