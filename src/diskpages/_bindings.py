@@ -6,7 +6,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 import struct
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._native import ffi, lib
@@ -118,13 +119,56 @@ def cache_stats(cache: Hold) -> dict[str, int]:
 
 
 def as_buffer(data: Any) -> Any:
-    """A cdata over any C-contiguous bytes-like object; TypeError for anything else."""
+    """A cdata over any C-contiguous bytes-like object; TypeError for anything else. It
+    holds an export of ``data`` until released: every caller releases it before it returns
+    or raises (``with``, or release_all() in a ``finally``), so no traceback, frame or
+    reference cycle keeps the caller's buffer exported (CPython 3.12 before 3.12.7 could
+    crash clearing such a cycle: gh-77894)."""
     try:
         return ffi.from_buffer(data)
     except TypeError:
         raise TypeError(f"a bytes-like object is required, not {type(data).__name__!r}") from None
     except (ValueError, BufferError):
         raise BufferError(f"the {type(data).__name__} is not C-contiguous") from None
+
+
+def release_all(bufs: list[Any], _release: Any = ffi.release) -> None:
+    """Release the exports of as_buffer()'s cdatas, in one call that runs no bytecode
+    between two releases (so an interrupt cannot leave some of them exported)."""
+    deque(map(_release, bufs), 0)
+
+
+def buffers_of(objs: Iterable[Any], into: list[Any]) -> list[Any]:
+    """as_buffer() of each object, appended to ``into`` as it is made, so that the
+    caller's ``finally: release_all(into)`` releases every one made, even when a later one
+    raises; returns ``into``."""
+    into += map(as_buffer, objs)
+    return into
+
+
+def size_of(data: Any) -> int:
+    """The byte size of a bytes-like object, its export released at once."""
+    with as_buffer(data) as buf:
+        return len(buf)
+
+
+def writable(target: Any, nbytes: int, what: str) -> Any:
+    """A cdata over the caller's writable, C-contiguous buffer, checked to take nbytes;
+    the caller releases it (``with``)."""
+    try:
+        buf = ffi.from_buffer(target, require_writable=True)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not {type(target).__name__!r}") from None
+    except (ValueError, BufferError):
+        if memoryview(target).readonly:
+            raise TypeError(
+                f"readinto() needs a writable buffer, not a read-only {type(target).__name__}"
+            ) from None
+        raise BufferError(f"the {type(target).__name__} is not C-contiguous") from None
+    if len(buf) < nbytes:
+        ffi.release(buf)
+        raise ValueError(f"the buffer holds {len(buf)} bytes; {what} has {nbytes}")
+    return buf
 
 
 # Each write fills holds that the caller's new objects already own; it returns the ids.
@@ -137,16 +181,20 @@ def write(
     path: os.PathLike[str] | str,
     page: Hold,
     _from_buffer: Any = ffi.from_buffer,
+    _release: Any = ffi.release,
     _write: Any = lib.dp_write,
 ) -> tuple[int, int]:
     """(id, nbytes). The hot path of small pages: one C call, nothing allocated but the
-    buffer's cdata (dp_write returns the id)."""
+    buffer's cdata (dp_write returns the id), released before this returns or raises."""
     try:
         buf = _from_buffer(data)
     except (TypeError, ValueError, BufferError):
         buf = as_buffer(data)  # raises what a caller should see
-    nbytes = len(buf)
-    page_id = _write(cache, buf, nbytes, method, page)
+    try:
+        nbytes = len(buf)
+        page_id = _write(cache, buf, nbytes, method, page)
+    finally:
+        _release(buf)
     if page_id < 0:
         raise error(page_id, path)
     return page_id, nbytes
@@ -156,33 +204,43 @@ def write_many(
     cache: Hold, buffers: Sequence[Any], method: int, path: str, pages: Sequence[Hold]
 ) -> list[tuple[int, int]]:
     count = len(buffers)
-    bufs = [as_buffer(b) for b in buffers]  # every check happens before any file is made
-    data = ffi.new("void *[]", bufs) if count else ffi.NULL
-    sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
-    holds = ffi.new("dp_hold *[]", list(pages)) if count else ffi.NULL
-    ids = ffi.new("uint64_t[]", max(count, 1))
-    failed_at = ffi.new("size_t *")
-    rc = lib.dp_write_many(cache, data, sizes, count, method, holds, ids, failed_at)
+    bufs: list[Any] = []
+    try:
+        buffers_of(buffers, bufs)  # every check happens before any file is made
+        sizes_list = [len(b) for b in bufs]
+        data = ffi.new("void *[]", bufs) if count else ffi.NULL
+        sizes = ffi.new("size_t[]", sizes_list) if count else ffi.NULL
+        holds = ffi.new("dp_hold *[]", list(pages)) if count else ffi.NULL
+        ids = ffi.new("uint64_t[]", max(count, 1))
+        failed_at = ffi.new("size_t *")
+        rc = lib.dp_write_many(cache, data, sizes, count, method, holds, ids, failed_at)
+    finally:
+        release_all(bufs)
     if rc:
         exc = error(rc, path)
         if failed_at[0] < count:
             exc.add_note(f"writing buffer {failed_at[0]} of {count}; no page of this call was kept")
         raise exc
-    return [(ids[i], len(bufs[i])) for i in range(count)]
+    return [(ids[i], sizes_list[i]) for i in range(count)]
 
 
 def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold, pack: bool) -> tuple[int, int]:
     """One page whose bytes are the parts laid end to end, written without joining them: a
     slot if ``pack`` and it is small enough, else a file with its blocks reserved first."""
-    bufs = [as_buffer(p) for p in parts]
-    count = len(bufs)
-    data = ffi.new("void *[]", bufs) if count else ffi.NULL
-    sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
-    page_id = ffi.new("uint64_t *")
-    rc = lib.dp_write_parts(cache, data, sizes, count, pack, page, page_id)
+    bufs: list[Any] = []
+    try:
+        buffers_of(parts, bufs)
+        count = len(bufs)
+        total = sum(len(b) for b in bufs)
+        data = ffi.new("void *[]", bufs) if count else ffi.NULL
+        sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
+        page_id = ffi.new("uint64_t *")
+        rc = lib.dp_write_parts(cache, data, sizes, count, pack, page, page_id)
+    finally:
+        release_all(bufs)
     if rc:
         raise error(rc, path)
-    return page_id[0], sum(len(b) for b in bufs)
+    return page_id[0], total
 
 
 def adopt(cache: Hold, fd: int, nbytes: int, handed: str | None, path: str, page: Hold) -> tuple[int, bool]:
@@ -239,7 +297,8 @@ def page_read(page: Hold, nbytes: int) -> bytes | int:
     """The page's bytes, read in one C call under a pin; or a negative C error, as
     page_pin. For pages small enough to read through a bytearray (one copy more)."""
     buf = bytearray(nbytes)
-    rc = lib.dp_page_read(page, ffi.from_buffer(buf), nbytes)
+    with ffi.from_buffer(buf) as addr:
+        rc = lib.dp_page_read(page, addr, nbytes)
     return bytes(buf) if rc == 0 else int(rc)
 
 
@@ -251,11 +310,23 @@ def hand_over(page: Hold, name: str) -> tuple[int, int, int] | int:
     return (identity[0], identity[1], identity[2]) if rc == 0 else int(rc)
 
 
-def page_read_into(page: Hold, target: Any, nbytes: int) -> int:
-    """Read the whole page into the first nbytes of target, a writable buffer, in one C
-    call under a pin: 0, or a negative C error, as page_pin."""
-    with ffi.from_buffer(target, require_writable=True) as buf:
+def page_read_into(page: Hold, target: Any, nbytes: int, what: str) -> int:
+    """Read the whole page into the first nbytes of target, a writable buffer (checked as
+    writable() does), in one C call under a pin: 0, or a negative C error, as page_pin."""
+    with writable(target, nbytes, what) as buf:
         return int(lib.dp_page_read(page, buf, nbytes))
+
+
+def writable_check(target: Any, nbytes: int, what: str) -> None:
+    """Raise what writable() raises for target, keeping no export."""
+    with writable(target, nbytes, what):
+        pass
+
+
+def copy_into(target: Any, data: bytes, what: str) -> None:
+    """Copy data into the start of target, a writable buffer (checked as writable() does)."""
+    with writable(target, len(data), what) as buf:
+        ffi.memmove(buf, data, len(data))
 
 
 def pin_map(pin: Hold, target: Any, nbytes: int, path: str, align: int = 1) -> int:

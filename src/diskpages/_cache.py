@@ -345,7 +345,7 @@ class PageCache:
         try:
             page._id, page._nbytes = native.write(*args)
         except CacheFullError:
-            page._id, page._nbytes = self._make_room(native.write, args, len(native.as_buffer(data)))
+            page._id, page._nbytes = self._make_room(native.write, args, native.size_of(data))
         except CacheClosedError:
             self._check_open()  # C says closed (or a forked child's): name the folder
             raise
@@ -362,7 +362,7 @@ class PageCache:
         try:
             made = native.write_many(*args)
         except CacheFullError:
-            made = self._make_room(native.write_many, args, sum(len(native.as_buffer(b)) for b in items))
+            made = self._make_room(native.write_many, args, sum(map(native.size_of, items)))
         for page, (page_id, nbytes) in zip(pages, made, strict=True):
             page._id, page._nbytes = page_id, nbytes
         return pages
@@ -384,7 +384,7 @@ class PageCache:
         try:
             page._id, page._nbytes = native.write_parts(*args)
         except CacheFullError:
-            requested = sum(len(native.as_buffer(b)) for b in items)
+            requested = sum(map(native.size_of, items))
             page._id, page._nbytes = self._make_room(native.write_parts, args, requested)
         except CacheClosedError:
             self._check_open()
@@ -699,18 +699,6 @@ def _view_of(mapping: mmap.mmap, skip: int, nbytes: int) -> memoryview:
     return view
 
 
-def _writable(buffer: Any, nbytes: int, what: str) -> memoryview:
-    """A view of the caller's buffer for readinto(), checked to take nbytes. (Not released
-    by hand: an interrupt between two bytecodes would leave a C reader's export on it,
-    and its release would then raise BufferError in place of the interrupt.)"""
-    target = memoryview(buffer)
-    if target.readonly:
-        raise TypeError(f"readinto() needs a writable buffer, not a read-only {type(buffer).__name__}")
-    if target.nbytes < nbytes:
-        raise ValueError(f"the buffer holds {target.nbytes} bytes; {what} has {nbytes}")
-    return target
-
-
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
     # the modification time, not the change time, which a hard link changes (hand_over, adopt)
     return st.st_dev, st.st_ino, st.st_mtime_ns
@@ -918,8 +906,7 @@ class Page(_PageFile, _Readable):
     def readinto(self, buffer: Any) -> int:
         """Copy the page's bytes into ``buffer``, a writable bytes-like object of at least
         ``nbytes`` bytes, in one call (no intermediate copy); returns ``nbytes``."""
-        target = _writable(buffer, self._nbytes, f"page {self._id}")
-        rc = native.page_read_into(self._hold, target, self._nbytes)
+        rc = native.page_read_into(self._hold, buffer, self._nbytes, f"page {self._id}")
         if rc:
             raise self._error(rc)
         return self._nbytes
@@ -1120,8 +1107,8 @@ class BorrowedPage(_Readable):
 
     def readinto(self, buffer: Any) -> int:
         """Copy the page's bytes into ``buffer`` (as ``Page.readinto``); returns ``nbytes``."""
-        target = _writable(buffer, self._nbytes, f"borrowed page {self._id}")
-        target.cast("B")[: self._nbytes] = self.read()
+        native.writable_check(buffer, self._nbytes, f"borrowed page {self._id}")  # before reading
+        native.copy_into(buffer, self.read(), f"borrowed page {self._id}")
         return self._nbytes
 
     def view(self) -> memoryview:
@@ -1211,9 +1198,9 @@ class PageBuilder(_PageFile):
         """pwrite all of ``data`` at ``offset`` through the builder's fd; returns its length.
         ENOSPC and the like are OSError here, where a store into the mapping would be
         SIGBUS on a file without reserved blocks."""
-        view = memoryview(data).cast("B")
         done = 0
-        with self._using() as fd:
+        # released however this ends: no traceback keeps the caller's buffer exported
+        with memoryview(data) as whole, whole.cast("B") as view, self._using() as fd:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         return done
