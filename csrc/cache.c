@@ -8,6 +8,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -53,8 +57,92 @@ static bool tmpfile_links(int dirfd)
     return ok;
 }
 
+static int cache_open(int dirfd, int rootfd, const char *name, int sync, unsigned batch,
+                      uint64_t max_delay_ns, int remover, uint64_t max_bytes, uint64_t pack_max,
+                      dp_hold *out);
+
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
                   uint64_t max_bytes, uint64_t pack_max, dp_hold *out)
+{
+    return cache_open(dirfd, -1, NULL, sync, batch, max_delay_ns, remover, max_bytes, pack_max,
+                      out);
+}
+
+/* A new cache folder's name: "<pid>-<created, hex seconds>-<random>" (_folders.py reads it) */
+static int folder_name(char *name)
+{
+    uint32_t random;
+    ssize_t n;
+    do
+        n = getrandom(&random, sizeof random, 0);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof random)
+        return n < 0 ? -errno : -EIO;
+    snprintf(name, DP_NAME_MAX, "%d-%08x-%08x", (int)getpid(),
+             (unsigned)((uint64_t)time(NULL) & 0xFFFFFFFFu), (unsigned)random);
+    return 0;
+}
+
+/* Make the folder under the root (0700) and lock it (flock, exclusive: "this folder's cache
+ * is alive", for the sweep), under the root's lock taken shared, so that no sweep picks it
+ * between the mkdir and the lock. Its locked fd, or -errno with nothing left behind. */
+static int make_folder(int rootfd, char *name)
+{
+    int err = 0, fd = -1;
+    if (flock(rootfd, LOCK_SH) != 0)
+        return -errno;
+    for (;;) {
+        if ((err = folder_name(name)))
+            break;
+        if (mkdirat(rootfd, name, 0700) == 0)
+            break;
+        if (errno != EEXIST) {
+            err = -errno;
+            break;
+        }
+    }
+    if (!err) {
+        fd = openat(rootfd, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) != 0) { /* ours: nobody else can hold it */
+            err = -errno;
+            if (fd >= 0)
+                close(fd);
+            fd = -1;
+            unlinkat(rootfd, name, AT_REMOVEDIR);
+        }
+    }
+    flock(rootfd, LOCK_UN);
+    return err ? err : fd;
+}
+
+int dp_cache_create(int rootfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
+                    uint64_t max_bytes, uint64_t pack_max, dp_hold *out, char *name)
+{
+    if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
+        remover < DP_REMOVE_AUTO || remover > DP_REMOVE_URING || pack_max > DP_PACK_LIMIT)
+        return -EINVAL; /* before any folder is made */
+    /* the root's fd of our own, kept to remove the folder by at close */
+    int root = fcntl(rootfd, F_DUPFD_CLOEXEC, 0);
+    if (root < 0)
+        return -errno;
+    int dirfd = make_folder(root, name);
+    if (dirfd < 0) {
+        close(root);
+        return dirfd;
+    }
+    int err = cache_open(dirfd, root, name, sync, batch, max_delay_ns, remover, max_bytes,
+                         pack_max, out);
+    if (err) {
+        close(dirfd);
+        unlinkat(root, name, AT_REMOVEDIR);
+        close(root);
+    }
+    return err;
+}
+
+static int cache_open(int dirfd, int rootfd, const char *name, int sync, unsigned batch,
+                      uint64_t max_delay_ns, int remover, uint64_t max_bytes, uint64_t pack_max,
+                      dp_hold *out)
 {
     if (sync < DP_SYNC_NONE || sync > DP_SYNC_FULL || batch == 0 || max_delay_ns == 0 ||
         remover < DP_REMOVE_AUTO || remover > DP_REMOVE_URING || pack_max > DP_PACK_LIMIT)
@@ -65,6 +153,9 @@ int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, in
     int err = 0;
     atomic_init(&c->refs, 1); /* the hold's */
     c->dirfd = dirfd;
+    c->rootfd = rootfd;
+    if (name)
+        memcpy(c->name, name, DP_NAME_MAX);
     c->owner = dp_pid();
     c->sync = sync;
     c->batch = batch;
@@ -154,6 +245,58 @@ fail_alloc:
     return err; /* dirfd stays the caller's on failure */
 }
 
+int dp_remember_handed(dp_cache *c, const char *name)
+{
+    char *copy = strdup(name);
+    if (!copy)
+        return -ENOMEM;
+    pthread_mutex_lock(&c->lock);
+    if (c->nhanded == c->handed_cap) {
+        size_t cap = c->handed_cap ? 2 * c->handed_cap : 16;
+        struct dp_handed *more = realloc(c->handed, cap * sizeof *more);
+        if (!more) {
+            pthread_mutex_unlock(&c->lock);
+            free(copy);
+            return -ENOMEM;
+        }
+        c->handed = more;
+        c->handed_cap = cap;
+    }
+    c->handed[c->nhanded++].name = copy;
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+/* The handed names still in the folder, and their bytes; the others are forgotten. The
+ * caller holds `closing` shared (so the folder's fd stays open) in the owning process. */
+static void count_handed(dp_cache *c, dp_stats *out)
+{
+    pthread_mutex_lock(&c->lock);
+    for (size_t i = 0; i < c->nhanded;) {
+        struct stat st;
+        int rc = fstatat(c->dirfd, c->handed[i].name, &st, AT_SYMLINK_NOFOLLOW);
+        if (rc != 0 && errno == ENOENT) {
+            free(c->handed[i].name); /* adopted: its receiver unlinked it */
+            c->handed[i] = c->handed[--c->nhanded];
+            continue;
+        }
+        out->handed++;
+        if (rc == 0)
+            out->handed_bytes += (uint64_t)st.st_size;
+        i++;
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void forget_handed(dp_cache *c)
+{
+    for (size_t i = 0; i < c->nhanded; i++)
+        free(c->handed[i].name);
+    free(c->handed);
+    c->handed = NULL;
+    c->nhanded = c->handed_cap = 0;
+}
+
 void dp_cache_stats(dp_hold *h, dp_stats *out)
 {
     memset(out, 0, sizeof *out);
@@ -176,6 +319,8 @@ void dp_cache_stats(dp_hold *h, dp_stats *out)
     out->released_by_gc = atomic_load(&c->released_by[BY_GC]);
     out->released_explicitly = atomic_load(&c->released_by[BY_CALL]);
     out->charged_bytes = atomic_load(&c->charged);
+    out->pending_disk_bytes = atomic_load(&c->pending_disk_bytes);
+    out->live_disk_bytes = atomic_load(&c->live_disk_bytes);
     out->pinned = atomic_load(&c->pinned);
     out->pinned_bytes = atomic_load(&c->pinned_bytes);
     out->released_at_close = 0;
@@ -187,9 +332,27 @@ void dp_cache_stats(dp_hold *h, dp_stats *out)
                                  out->released_by_gc - out->released_explicitly;
         out->live_pages = out->live_bytes = out->pending = out->pending_bytes = 0;
         out->charged_bytes = out->pinned = out->pinned_bytes = 0;
+        out->live_disk_bytes = out->pending_disk_bytes = 0;
     }
     out->remover = c->remover_kind;
+    /* not in a forked child (the locks may be held by a thread that did not come along),
+     * and not once closed: the folder's fd is gone, and so are the names */
+    if (dp_pid() == c->owner && !closed) {
+        pthread_rwlock_rdlock(&c->closing);
+        if (!atomic_load(&c->closed))
+            count_handed(c, out);
+        pthread_rwlock_unlock(&c->closing);
+    }
     dp_hold_leave(h, dp_cache_let_go);
+}
+
+uint64_t dp_charge_for(dp_hold *h, uint64_t nbytes, int pack)
+{
+    dp_cache *c = dp_hold_enter(h, dp_cache_let_go);
+    uint64_t charge = dp_disk_bytes(c, nbytes, pack != 0); /* let go of: a file's */
+    if (c)
+        dp_hold_leave(h, dp_cache_let_go);
+    return charge;
 }
 
 static void stop_reaper(dp_cache *c)
@@ -305,11 +468,20 @@ int dp_close_locked(dp_cache *c)
     int64_t n = 0;
     if (c->dirfd >= 0) {
         dp_drain_locked(c);
+        dp_poll_viewed(c, true); /* closed: nothing is counted any more */
         n = dp_empty_dir(c->remover, c->dirfd);
+        /* the folder itself, where this cache made it (dp_cache_create); ENOENT: removed
+         * under us, which is what close wants anyway */
+        if (n >= 0 && c->rootfd >= 0 && unlinkat(c->rootfd, c->name, AT_REMOVEDIR) != 0 &&
+            errno != ENOENT)
+            n = -errno;
         if (n >= 0) {
             dp_segments_close(c);
             close(c->dirfd);
             c->dirfd = -1;
+            if (c->rootfd >= 0)
+                close(c->rootfd);
+            c->rootfd = -1;
             dp_remover_free(c->remover);
             c->remover = NULL;
         }
@@ -349,9 +521,13 @@ static void cache_free(dp_cache *c)
      * close our copies of the fds, which close() left alone. */
     if (c->remover)
         dp_remover_free(c->remover);
+    forget_handed(c);
+    free(c->viewed); /* (a forked child's copy: close, in the parent, let go of the records) */
     dp_segments_free(c);
     if (c->dirfd >= 0)
         close(c->dirfd);
+    if (c->rootfd >= 0)
+        close(c->rootfd);
     free(c->scratch);
     free(c);
 }

@@ -47,10 +47,16 @@ typedef struct dp_stats {
     uint64_t released_by_gc;       /* the cycle collector freed their object */
     uint64_t released_explicitly;  /* dp_page_release (Page.release(), a with block) */
     uint64_t released_at_close;    /* still live when the cache closed */
-    uint64_t charged_bytes; /* what max_bytes counts: live and pending bytes, writes under
-                             * way, and files whose removal failed (until close) */
-    uint64_t pinned;        /* released and removed, but still read through a view */
-    uint64_t pinned_bytes;  /* (their bytes stay on disk, and charged, until it dies) */
+    uint64_t charged_bytes; /* what max_bytes counts: what live and pending pages, writes
+                             * under way, pinned pages, and files whose removal failed (until
+                             * close) take on disk (dp_charge_for) */
+    uint64_t live_disk_bytes;    /* what the live pages take on disk (charged for them) */
+    uint64_t pending_disk_bytes; /* and the pending ones */
+    uint64_t pinned;        /* released and removed, but still read through a view: one of
+                             * this process's, or a borrower's in any process (a page file) */
+    uint64_t pinned_bytes;  /* what they take on disk, charged until the last view dies */
+    uint64_t handed;        /* names made by dp_hand_over, not yet adopted (unlinked) */
+    uint64_t handed_bytes;  /* their bytes (not charged: see dp_hand_over) */
     int remover;            /* DP_REMOVE_LOOP or DP_REMOVE_URING: what drains use now */
 } dp_stats;
 
@@ -81,6 +87,16 @@ typedef struct dp_tag {
  * bytes of live and pending pages: a write that would pass it fails with -DP_EFULL. */
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
                   uint64_t max_bytes, uint64_t pack_max, dp_hold *out);
+/* Make a cache folder under the root open at rootfd, lock it, and open a cache on it, in one
+ * call, so that no Python bytecode comes between the folder and its owner: the cache goes in
+ * *out (an empty hold whose finalizer exists already) and its folder's name in name (32
+ * bytes). The folder is made 0700 as "<pid>-<created, hex seconds>-<random>", under the
+ * root's flock taken shared (a sweep takes it exclusive to pick folders), and locked with
+ * an exclusive flock for the cache's whole life. The cache keeps an fd of the root of its
+ * own, and its close (or its hold's finalizer) removes the folder too. On failure nothing
+ * is left: no folder, no fd (rootfd stays the caller's either way). */
+int dp_cache_create(int rootfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
+                    uint64_t max_bytes, uint64_t pack_max, dp_hold *out, char *name);
 /* Stop the reaper, remove every queued page and then every file in the folder (the folder
  * itself stays: Python removes it by path), then close the folder's fd and the remover's.
  * Later writes fail with -DP_ECLOSED, reads with -DP_ERELEASED; releases are still
@@ -152,6 +168,19 @@ void dp_pin_remember(dp_hold *pin);
  * PageCache.adopt). 0, -ENOENT if it is gone or another file, or -errno. */
 int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t mtime_ns, int64_t size,
                    int *fd_box);
+/* Before a borrower maps the file open at fd (path: its name in the owner's folder): take an
+ * OFD read lock on it, which every mapping made from fd keeps (in forked children too), and
+ * check the name is still the file. The owner, removing a page it pickled (dp_page_share),
+ * unlinks the name and then looks for such a lock in /proc/locks: if one is held, the
+ * file's bytes stay pinned and charged in the owner's cache until the last mapping goes. 0, -ENOENT (the name
+ * is gone or is another file: the owner removed the page), or -errno. */
+int dp_borrow_view(int fd, const char *path);
+/* The page is pickled: a borrower may map its file, the file dev:ino (see dp_borrow_view). */
+void dp_page_share(dp_hold *page, uint64_t dev, uint64_t ino);
+/* Open `path` read-only (relative to dirfd, or AT_FDCWD: -100), never following a symlink,
+ * into *fd_box, an int whose finalizer is dp_fd_box_close, so that no exception can orphan
+ * the fd: 0 or -errno. directory: it must be a directory (O_DIRECTORY). */
+int dp_open_at(int dirfd, const char *path, int directory, int *fd_box);
 void dp_fd_box_close(int *fd_box);
 /* Where a page is: 1 and its slot (size, index) if packed, 0 if a file of its own, or
  * -DP_ERELEASED. */
@@ -188,6 +217,11 @@ int dp_gc_collecting_here(void);
 uint64_t dp_gc_take_releases(void);
 /* Ask the reaper to drain now (after a collection released pages), without waiting. */
 void dp_kick(dp_hold *cache);
+
+/* What a page of nbytes would take on disk in this cache, and be charged against max_bytes:
+ * its slot's whole size if `pack` and it is packed, else its file's whole 4 KiB blocks, one
+ * at least (an empty file still costs an inode and a folder entry). */
+uint64_t dp_charge_for(dp_hold *cache, uint64_t nbytes, int pack);
 
 /* Remove every queued page now, in the caller's thread; returns how many files went
  * (already gone counts; a removal that fails is counted in remove_errors instead). */

@@ -17,10 +17,15 @@ struct dp_page {
     dp_cache *cache;      /* a counted reference: the cache outlives its records */
     uint64_t id;
     uint64_t nbytes;
+    uint64_t charge; /* what it takes on disk, and is charged: its slot, or its file's blocks */
     /* Two owners: the hold (the Python object) and the removal. The record is freed when
      * both are done, so a release() racing the object's death never touches freed memory. */
     atomic_int refs;
     atomic_bool released;
+    /* pickled (dp_page_share): a borrower may map its file, so its removal looks for one;
+     * dev and ino name the file then (set before `shared`, read after it) */
+    atomic_bool shared;
+    uint64_t dev, ino;
     bool part; /* made as "<id>.part" (no O_TMPFILE here), renamed when whole */
     int fd;    /* a page being written in place: its open file, until sealed or dropped */
     /* What keeps the page's bytes on disk (and charged): 1 for the page itself until it is
@@ -80,11 +85,22 @@ struct dp_drain_scratch {
     dp_page *chunk[DRAIN_CHUNK];
 };
 
+/* A removed page file that a borrower still maps (its open file description holds an OFD
+ * read lock, which lives as long as a mapping of it): its record keeps a pin, so its bytes
+ * stay pinned and charged, until the lock is gone (dp_poll_viewed). Under drain_lock. */
+struct dp_viewed {
+    dp_page *rec;
+};
+
 struct dp_cache {
     /* Who keeps this memory: the hold of the Python PageCache, and every record. The last
      * one out frees it (dp_cache_put); the hold closes it before it lets go. */
     atomic_uint_fast64_t refs;
     int dirfd; /* -1 once close() has emptied the folder */
+    /* the root's fd and the folder's name in it, where dp_cache_create made the folder
+     * (close removes it); -1 where dp_cache_open was given a folder */
+    int rootfd;
+    char name[DP_NAME_MAX];
     pid_t owner; /* a forked child borrows the cache: it never removes, joins or drains */
     int sync;
     unsigned batch;
@@ -103,11 +119,13 @@ struct dp_cache {
     atomic_uint_fast64_t deferred; /* freed slots kept for forked children (pack.c) */
 
     atomic_uint_fast64_t live_pages, live_bytes, pending, pending_bytes;
+    atomic_uint_fast64_t live_disk_bytes, pending_disk_bytes; /* their charges */
     atomic_uint_fast64_t removed, remove_errors, written;
     atomic_uint_fast64_t released_by[3]; /* enum release_cause */
 
-    /* The budget: bytes of live, pending and being-written pages, never above max_bytes
-     * (if not 0). Charged before a file is made, uncharged once it is removed. */
+    /* The budget: what live, pending, pinned and being-written pages take on disk (each
+     * page's charge: its whole slot, or its file's blocks, one at least), never above
+     * max_bytes (if not 0). Charged before a file is made, uncharged once it is removed. */
     uint64_t max_bytes;
     atomic_uint_fast64_t charged;
 
@@ -126,6 +144,8 @@ struct dp_cache {
     dp_remover *remover; /* NULL once closed */
     atomic_int remover_kind; /* what it is, for stats without the lock (a ring can fail) */
     struct dp_drain_scratch *scratch;
+    struct dp_viewed *viewed; /* under drain_lock */
+    size_t nviewed, viewed_cap;
 
     /* The reaper sleeps on `wake` under `lock`; writes wake it when the first page appears
      * and close wakes it to stop. Releases never touch either: the reaper polls. */
@@ -136,6 +156,11 @@ struct dp_cache {
     bool reaper_started;
     bool reaper_running; /* set by the reaper once started: dp_cache_open waits for it */
     pthread_t reaper;
+
+    /* Names dp_hand_over made that may still be there (adopt unlinks them), under `lock`:
+     * stats counts the ones that are, and forgets the others. */
+    struct dp_handed { char *name; } *handed;
+    size_t nhanded, handed_cap;
 };
 
 /* remove.c: unlink names relative to dirfd, overlapping the device waits where it can.
@@ -168,6 +193,9 @@ int dp_close_locked(dp_cache *c); /* the caller has entered the cache's hold */
 /* queue.c: what a page's hold does on letting go (dp_drop_record) */
 void dp_page_let_go(void *p);
 
+/* cache.c: a name dp_hand_over made, for stats (0 or -ENOMEM) */
+int dp_remember_handed(dp_cache *c, const char *name);
+
 /* write.c: pwritev every part at `off`, resuming after short writes and EINTR; consumes
  * iov (advanced in place). 0 or -errno. */
 int dp_pwritev_all(int fd, struct iovec *iov, size_t count, off_t off);
@@ -178,6 +206,10 @@ void dp_segments_init(dp_cache *c);
 void dp_segments_close(dp_cache *c); /* after the folder is emptied: fds and mappings go */
 void dp_segments_free(dp_cache *c);
 int dp_class_of(const dp_cache *c, size_t nbytes); /* -1: not packed */
+/* What a page of nbytes takes on disk, and is charged: its slot's whole size if `pack` and
+ * it is small enough, else its file's blocks (whole 4 KiB blocks, at least one, for the
+ * inode and the folder entry an empty file still costs). Never less than nbytes. */
+uint64_t dp_disk_bytes(const dp_cache *c, uint64_t nbytes, bool pack);
 /* Write one page, its `count` parts laid end to end (nbytes in all), into a slot: not
  * published, as create_page. */
 int dp_write_slot(dp_cache *c, int cls, const struct iovec *parts, size_t count, size_t nbytes,
@@ -199,6 +231,8 @@ bool dp_slot_is(const dp_page *p);
 int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */
 void dp_uncharge(dp_cache *c, uint64_t nbytes);
 int64_t dp_drain_locked(dp_cache *c);
+/* drain_lock held: let go of the viewed files no borrower maps any more (all: at close) */
+void dp_poll_viewed(dp_cache *c, bool all);
 /* the hold lets go: release, close a builder's fd, put; true if the collector released it */
 bool dp_drop_record(dp_page *p);
 void dp_record_put(dp_page *p);

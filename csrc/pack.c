@@ -71,6 +71,16 @@ int dp_class_of(const dp_cache *c, size_t nbytes)
     return -1;
 }
 
+uint64_t dp_disk_bytes(const dp_cache *c, uint64_t nbytes, bool pack)
+{
+    int cls = pack && c ? dp_class_of(c, nbytes) : -1; /* c NULL: a file's */
+    if (cls >= 0)
+        return SLOT_SIZES[cls];
+    if (nbytes > UINT64_MAX - BLOCK)
+        return UINT64_MAX; /* more than any budget holds */
+    return nbytes <= BLOCK ? BLOCK : (nbytes + BLOCK - 1) / BLOCK * BLOCK;
+}
+
 static uint64_t slot_offset(const struct dp_segment *s, uint32_t slot)
 {
     return DP_TAGS_BYTES + (uint64_t)slot * s->slot_size;
@@ -518,7 +528,7 @@ void dp_unpin(dp_page *p, bool removal)
         if (p->cls >= 0)
             untag(c, p);
         atomic_fetch_add(&c->pinned, 1);
-        atomic_fetch_add(&c->pinned_bytes, p->nbytes);
+        atomic_fetch_add(&c->pinned_bytes, p->charge);
     }
     if (atomic_fetch_sub_explicit(&p->pins, 1, memory_order_acq_rel) != 1)
         return;
@@ -526,8 +536,8 @@ void dp_unpin(dp_page *p, bool removal)
         give_back(c, p); /* before pinned drops: a deferred slot is counted by then, so the
                           * reaper, which reads pinned and then deferred, never sleeps on it */
     atomic_fetch_sub(&c->pinned, 1);
-    atomic_fetch_sub(&c->pinned_bytes, p->nbytes);
-    dp_uncharge(c, p->nbytes); /* room again: after the slot is free for the writer */
+    atomic_fetch_sub(&c->pinned_bytes, p->charge);
+    dp_uncharge(c, p->charge); /* room again: after the slot is free for the writer */
 }
 
 int64_t dp_drain_slots(dp_cache *c)
@@ -537,6 +547,7 @@ int64_t dp_drain_slots(dp_cache *c)
     while (p) {
         dp_page *next = p->next;
         atomic_fetch_sub(&c->pending_bytes, p->nbytes);
+        atomic_fetch_sub(&c->pending_disk_bytes, p->charge);
         atomic_fetch_add(&c->removed, 1);
         atomic_fetch_sub(&c->pending, 1);
         dp_unpin(p, true);
@@ -621,16 +632,17 @@ static int longest_first(const void *a, const void *b)
 }
 
 /* Lock held, and given up while punching: once the free slots that hold blocks pass a
- * quarter of the taken slots plus a growth chunk, punch the longest runs of them until
+ * quarter of the taken slots plus a growth chunk (a chunk alone under a budget), punch the longest runs of them until
  * half that slack is left. One punch per run, never per slot; the runs are reserved
  * (taken) meanwhile, so no writer gets a slot under a punch. (Punches of one file
  * serialize on its inode lock, so io_uring would not overlap them; and ext4 writes a
  * dirty range back before it punches it, then waits for the TRIM on a disk mounted
  * `discard`: ~150 us a run here, so survivors scattered one in ten over 100,000 slots
  * take ~1.5 s to give back, where a contiguous drop takes one call.) */
-static void punch_runs(struct dp_segment *s)
+static void punch_runs(struct dp_segment *s, bool budget)
 {
-    uint64_t waste = s->backed - s->used, slack = s->used / 4 + chunk_slots(s);
+    /* Under a budget the bytes on disk must follow the charged ones: no slack but a chunk. */
+    uint64_t waste = s->backed - s->used, slack = (budget ? 0 : s->used / 4) + chunk_slots(s);
     if (waste <= slack)
         return;
     uint64_t target = slack / 2;
@@ -705,7 +717,7 @@ static void trim_segment(dp_cache *c, struct dp_segment *s)
     if (s->tags) {
         release_deferred(c, s);
         shrink_tail(s);
-        punch_runs(s);
+        punch_runs(s, c->max_bytes != 0);
     }
     pthread_mutex_unlock(&s->lock);
 }

@@ -6,8 +6,11 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,29 +46,32 @@ void dp_record_put(dp_page *p)
     }
 }
 
-/* Set by the gc callback around each collection: `collecting` for every thread, and
- * `collecting_here` in the thread that runs it. A page dropped in that thread meanwhile was
- * freed by the collector (finalizers run in the collecting thread); one dropped in another
- * thread, which runs whenever a C call of the collection lets go of the GIL, was freed by
- * refcount. The release path reads the thread-local only while some collection runs. */
-static atomic_int collecting;
-static _Thread_local bool collecting_here;
+/* Set by the gc callback around each collection: the thread that runs it, named by the
+ * address of its `me`. A page dropped in that thread meanwhile was freed by the collector
+ * (finalizers run in the collecting thread); one dropped in another thread, which runs
+ * whenever a C call of the collection lets go of the GIL, was freed by refcount.
+ *
+ * One mark naming one thread, not a flag per thread: an interrupt (a signal handler that
+ * raises) can land on the callback's first instruction, before it calls dp_gc_phase, and
+ * skip the end of a collection. The mark then stays on this thread only until the next
+ * collection starts, in any thread, and takes it over: nothing else is left stale. */
+static _Atomic(const char *) collector;
+static _Thread_local char me;
 static atomic_uint_fast64_t gc_releases;
 
 void dp_gc_phase(int on)
 {
-    collecting_here = on;
-    atomic_store_explicit(&collecting, on, memory_order_relaxed);
+    atomic_store_explicit(&collector, on ? &me : NULL, memory_order_relaxed);
 }
 
 int dp_gc_collecting(void)
 {
-    return atomic_load_explicit(&collecting, memory_order_relaxed);
+    return atomic_load_explicit(&collector, memory_order_relaxed) != NULL;
 }
 
 int dp_gc_collecting_here(void)
 {
-    return atomic_load_explicit(&collecting, memory_order_relaxed) && collecting_here;
+    return atomic_load_explicit(&collector, memory_order_relaxed) == &me;
 }
 
 uint64_t dp_gc_take_releases(void)
@@ -103,6 +109,7 @@ static void reclaim_after_close(dp_cache *c)
         while (p) {
             dp_page *next = p->next;
             atomic_fetch_sub(&c->pending_bytes, p->nbytes);
+            atomic_fetch_sub(&c->pending_disk_bytes, p->charge);
             atomic_fetch_sub(&c->pending, 1);
             dp_record_put(p);
             p = next;
@@ -127,8 +134,10 @@ static bool release_page(dp_page *p, int cause)
      * go the other way round (the reaper never reads them), so that dp_cache_stats, which
      * loads pending_bytes first, never counts a page's bytes as both live and pending. */
     atomic_fetch_sub(&c->live_bytes, p->nbytes);
+    atomic_fetch_sub(&c->live_disk_bytes, p->charge);
     atomic_fetch_add(&c->pending, 1);
     atomic_fetch_add(&c->pending_bytes, p->nbytes);
+    atomic_fetch_add(&c->pending_disk_bytes, p->charge);
     _Atomic(dp_page *) *queue = p->cls >= 0 ? &c->released_slots : &c->released;
     dp_page *head = atomic_load_explicit(queue, memory_order_relaxed);
     do {
@@ -210,6 +219,97 @@ int dp_builder_fd(dp_hold *h)
     return fd;
 }
 
+/* The OFD read locks of the system, from /proc/locks (proc(5)): a borrower's view holds one
+ * on its page's file for as long as the view's mapping lives (dp_borrow_view). Read only
+ * when a pickled page's file goes, or while one removed is still viewed: a file that is not
+ * open here needs no fd of ours to be looked up, so removal opens nothing. NULL: none, or
+ * /proc is not there (then views are not seen, as before this was counted). */
+static char *read_locks(void)
+{
+    int fd = open("/proc/locks", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        ssize_t n = read(fd, buf + len, cap - len - 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        if (len + 1 == cap) {
+            char *more = realloc(buf, cap *= 2);
+            if (!more) {
+                free(buf);
+                buf = NULL;
+            }
+            buf = more;
+        }
+    }
+    close(fd);
+    if (buf)
+        buf[len] = '\0';
+    return buf;
+}
+
+/* Whether an OFD read lock in `locks` (read_locks) is on the file dev:ino. A line reads
+ * "<n>: OFDLCK ADVISORY READ -1 <major>:<minor>:<inode> <start> <end>" (major and minor in
+ * hex, as the kernel prints the file system's device). */
+static bool viewed_by_borrower(const char *locks, uint64_t dev, uint64_t ino)
+{
+    for (const char *line = locks; line && *line;) {
+        char kind[16], mode[16];
+        unsigned major, minor;
+        unsigned long long inode;
+        if (sscanf(line, "%*[^:]: %15s %*s %15s %*s %x:%x:%llu", kind, mode, &major, &minor,
+                   &inode) == 5 &&
+            strcmp(kind, "OFDLCK") == 0 && strcmp(mode, "READ") == 0 && inode == ino &&
+            makedev(major, minor) == dev)
+            return true;
+        line = strchr(line, '\n');
+        if (line)
+            line++;
+    }
+    return false;
+}
+
+/* A removed file that a borrower maps: kept in `viewed`, with a pin of its own, until the
+ * borrower's last view goes. False if it cannot be kept (no memory: then it is not
+ * counted, as before this was). */
+static bool keep_viewed(dp_cache *c, dp_page *p)
+{
+    if (c->nviewed == c->viewed_cap) {
+        size_t cap = c->viewed_cap ? 2 * c->viewed_cap : 16;
+        struct dp_viewed *more = realloc(c->viewed, cap * sizeof *more);
+        if (!more)
+            return false;
+        c->viewed = more;
+        c->viewed_cap = cap;
+    }
+    atomic_fetch_add(&p->pins, 1); /* above 0 still: the page's own pin is not yet dropped */
+    c->viewed[c->nviewed++] = (struct dp_viewed){p};
+    return true;
+}
+
+void dp_poll_viewed(dp_cache *c, bool all)
+{
+    if (c->nviewed == 0)
+        return;
+    char *locks = all ? NULL : read_locks();
+    for (size_t i = 0; i < c->nviewed;) {
+        dp_page *p = c->viewed[i].rec;
+        if (locks && viewed_by_borrower(locks, p->dev, p->ino)) {
+            i++;
+            continue;
+        }
+        c->viewed[i] = c->viewed[--c->nviewed];
+        dp_unpin(p, false); /* the view's pin: its bytes are free (uncharged) now */
+        dp_record_put(p);
+    }
+    free(locks);
+}
+
 /* Remove one chunk of records' files and retire the records; returns how many files
  * went (or were gone already). */
 static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
@@ -222,6 +322,12 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
         s->ptrs[i] = s->names[i];
     }
     dp_remove_names(c->remover, c->dirfd, s->ptrs, n, s->results);
+    /* A pickled page's file may be mapped by a borrower: now that its name is gone, look
+     * for the borrower's lock (dp_borrow_view says why in this order). */
+    char *locks = NULL;
+    for (size_t i = 0; i < n && !locks; i++)
+        if (atomic_load_explicit(&recs[i]->shared, memory_order_acquire) && s->results[i] == 0)
+            locks = read_locks();
     atomic_store_explicit(&c->remover_kind, dp_remover_kind(c->remover), memory_order_relaxed);
     for (size_t i = 0; i < n; i++) {
         /* ENOENT: someone removed it under us; the file is gone either way. */
@@ -230,9 +336,16 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
          * publishes its page only after they have left pending, so live + pending never
          * passes charged, nor charged max_bytes. */
         atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
+        atomic_fetch_sub(&c->pending_disk_bytes, recs[i]->charge);
         if (s->results[i] == 0 || s->results[i] == -ENOENT) {
             removed++;
             atomic_fetch_add(&c->removed, 1);
+            if (locks && atomic_load_explicit(&recs[i]->shared, memory_order_acquire) &&
+                viewed_by_borrower(locks, recs[i]->dev, recs[i]->ino) && keep_viewed(c, recs[i])) {
+                dp_unpin(recs[i], true); /* pinned now: the borrower's view holds a pin */
+                atomic_fetch_sub(&c->pending, 1);
+                continue; /* the removal's reference goes with the view (dp_poll_viewed) */
+            }
             dp_unpin(recs[i], true); /* its name is gone: room again, unless a view holds it */
         } else {
             atomic_fetch_add(&c->remove_errors, 1); /* its bytes stay charged until close */
@@ -248,6 +361,7 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
  * producer, so the reaper, flush() and close() take turns. */
 int64_t dp_drain_locked(dp_cache *c)
 {
+    dp_poll_viewed(c, false);
     int64_t slots = dp_drain_slots(c); /* no system call: first */
     /* seq_cst, like the pushes: it pairs with each push we take (we see its id, size and
      * link), and with close's store of `closed` (see release_page). */
@@ -330,7 +444,7 @@ void *dp_reaper_main(void *arg)
     if (tick < MIN_TICK_NS)
         tick = MIN_TICK_NS;
     uint64_t last_empty = dp_now_ns();
-    collecting_here = false; /* this thread's TLS block exists from here on (see dp_cache_open) */
+    me = 0; /* this thread's TLS block exists from here on (see dp_cache_open) */
 
     pthread_mutex_lock(&c->lock);
     c->reaper_running = true;
@@ -365,6 +479,11 @@ void *dp_reaper_main(void *arg)
         }
         pthread_mutex_unlock(&c->lock);
         dp_trim(c); /* cheap unless freed slots hold far more blocks than needed */
+        if (atomic_load(&c->pinned)) { /* some may be files that borrowers' views held */
+            pthread_mutex_lock(&c->drain_lock);
+            dp_poll_viewed(c, false);
+            pthread_mutex_unlock(&c->drain_lock);
+        }
         pthread_mutex_lock(&c->lock);
         if (c->stop || c->kick)
             continue;

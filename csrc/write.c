@@ -53,12 +53,15 @@ static dp_page *new_record(dp_cache *c, size_t nbytes)
     p->cache = c;
     p->id = atomic_fetch_add(&c->next_id, 1);
     p->nbytes = nbytes;
+    p->charge = dp_disk_bytes(c, nbytes, false); /* a file's, unless it becomes a slot */
     p->part = false;
     p->fd = -1;
     p->cls = -1;
     p->slot = 0;
     atomic_init(&p->refs, 2);
     atomic_init(&p->released, false);
+    atomic_init(&p->shared, false);
+    p->dev = p->ino = 0;
     atomic_init(&p->pins, 1);
     return p;
 }
@@ -146,6 +149,7 @@ static int link_page(dp_cache *c, dp_page *p, int fd)
 static void publish(dp_cache *c, dp_page *p)
 {
     atomic_fetch_add(&c->live_bytes, p->nbytes);
+    atomic_fetch_add(&c->live_disk_bytes, p->charge);
     atomic_fetch_add(&c->written, 1);
     if (atomic_fetch_add(&c->live_pages, 1) == 0)
         dp_wake_reaper(c); /* it sleeps without a timeout while nothing is live */
@@ -345,6 +349,19 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
             return -EOVERFLOW;
         total += iov[i].iov_len;
     }
+    /* What the pages take on disk: each one's slot, or its file's blocks. A page charged
+     * for a slot keeps that charge if its segment is full and it gets a file after all (a
+     * file's blocks are never more than the slot). */
+    uint64_t charge = 0;
+    for (size_t i = 0, k = 0; i < count; i++) {
+        size_t n = parts ? parts[i] : 1, nbytes = 0;
+        for (size_t j = 0; j < n; j++)
+            nbytes += iov[k++].iov_len;
+        uint64_t one = dp_disk_bytes(c, nbytes, true);
+        if (one > UINT64_MAX - charge)
+            return -EOVERFLOW;
+        charge += one;
+    }
     dp_page **recs = malloc((count ? count : 1) * sizeof *recs);
     if (!recs)
         return -ENOMEM;
@@ -353,7 +370,7 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
         free(recs);
         return err;
     }
-    if ((err = dp_charge(c, total))) {
+    if ((err = dp_charge(c, charge))) {
         pthread_rwlock_unlock(&c->closing);
         free(recs);
         return err;
@@ -365,6 +382,7 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
             nbytes += page[k].iov_len;
         if ((err = create_page(c, page, n, nbytes, method, &recs[made])))
             break;
+        recs[made]->charge = dp_disk_bytes(c, nbytes, true); /* as charged above */
         page += n;
     }
     *failed_at = made;
@@ -378,7 +396,7 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
     if (err) {
         while (made)
             discard_page(c, recs[--made]);
-        dp_uncharge(c, total);
+        dp_uncharge(c, charge);
     } else {
         for (size_t i = 0; i < count; i++) {
             publish(c, recs[i]);
@@ -428,12 +446,13 @@ static int begin_page(dp_cache *c, size_t nbytes, int access, dp_page **rec)
     int err = enter_write(c);
     if (err)
         return err;
-    if (!(err = dp_charge(c, nbytes))) {
+    uint64_t charge = dp_disk_bytes(c, nbytes, false); /* the record's (new_record) */
+    if (!(err = dp_charge(c, charge))) {
         int fd = open_new_page(c, nbytes, access, rec);
         if (fd >= 0)
             return fd;
         err = fd;
-        dp_uncharge(c, nbytes);
+        dp_uncharge(c, charge);
     }
     pthread_rwlock_unlock(&c->closing);
     return err;
@@ -443,7 +462,7 @@ static int begin_page(dp_cache *c, size_t nbytes, int access, dp_page **rec)
 static void end_page(dp_cache *c, dp_page *rec, int err)
 {
     if (err) {
-        dp_uncharge(c, rec->nbytes);
+        dp_uncharge(c, rec->charge);
         discard_page(c, rec);
     } else {
         publish(c, rec);
@@ -573,14 +592,15 @@ static int adopt(dp_cache *c, int src, size_t nbytes, const char *handed, dp_hol
     int err = enter_write(c);
     if (err)
         return err;
-    if ((err = dp_charge(c, nbytes))) {
+    uint64_t charge = dp_disk_bytes(c, nbytes, false); /* the record's (new_record) */
+    if ((err = dp_charge(c, charge))) {
         pthread_rwlock_unlock(&c->closing);
         return err;
     }
     /* the source's data on stable storage first, as a write of ours would put it */
     if (c->sync != DP_SYNC_NONE && fdatasync(src) != 0 && errno != EINVAL) {
         err = -errno;
-        dp_uncharge(c, nbytes);
+        dp_uncharge(c, charge);
         pthread_rwlock_unlock(&c->closing);
         return err;
     }
@@ -611,7 +631,7 @@ static int adopt(dp_cache *c, int src, size_t nbytes, const char *handed, dp_hol
             discard_page(c, rec);
     }
     if (err) {
-        dp_uncharge(c, nbytes);
+        dp_uncharge(c, charge);
     } else {
         if (handed)
             unlink(handed); /* ENOENT: its cache closed meanwhile; the bytes are ours anyway */
@@ -756,6 +776,54 @@ int dp_borrow_open(const char *path, uint64_t dev, uint64_t ino, int64_t mtime_n
     return 0;
 }
 
+int dp_open_at(int dirfd, const char *path, int directory, int *fd_box)
+{
+    int fd, flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | (directory ? O_DIRECTORY : 0);
+    do
+        fd = openat(dirfd, path, flags);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -errno;
+    *fd_box = fd;
+    return 0;
+}
+
+int dp_borrow_view(int fd, const char *path)
+{
+    /* An OFD lock belongs to the open file description, which every mapping of it keeps:
+     * it lives exactly as long as the last view made from fd (in forked children too). */
+    struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    int err;
+    do
+        err = fcntl(fd, F_OFD_SETLK, &lock) == 0 ? 0 : -errno;
+    while (err == -EINTR);
+    if (err)
+        return err;
+    /* The owner unlinks a page's name before it looks for locks: the name still being the
+     * file, now that the lock is held, means the owner will see it when it removes it. */
+    struct stat held, named;
+    if (fstat(fd, &held) != 0)
+        return -errno;
+    if (fstatat(AT_FDCWD, path, &named, AT_SYMLINK_NOFOLLOW) != 0)
+        return errno == ENOENT ? -ENOENT : -errno;
+    if (held.st_dev != named.st_dev || held.st_ino != named.st_ino)
+        return -ENOENT;
+    return 0;
+}
+
+void dp_page_share(dp_hold *h, uint64_t dev, uint64_t ino)
+{
+    dp_page *p = dp_hold_enter(h, dp_page_let_go);
+    if (!p)
+        return;
+    if (!atomic_load(&p->shared)) { /* set once: a drain may read them from then on */
+        p->dev = dev;
+        p->ino = ino;
+    }
+    atomic_store_explicit(&p->shared, true, memory_order_release);
+    dp_hold_leave(h, dp_page_let_go);
+}
+
 void dp_fd_box_close(int *fd_box)
 {
     if (*fd_box >= 0)
@@ -869,6 +937,8 @@ static int hand_over(dp_page *p, const char *name, int64_t *identity)
         if (!err && fstat(file, &st) != 0)
             err = -errno;
         if (!err && (err = sync_folder(c)))
+            unlinkat(c->dirfd, name, 0);
+        if (!err && (err = dp_remember_handed(c, name)))
             unlinkat(c->dirfd, name, 0);
         if (!err) {
             identity[0] = (int64_t)st.st_dev;

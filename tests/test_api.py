@@ -231,7 +231,7 @@ def test_builder_as_a_context_manager_seals_or_discards(cache):
     with pytest.raises(PageReleasedError, match="discarded"):
         builder.seal()
     cache.remove_released()
-    assert cache.stats().live_pages == 1 and cache.stats().charged_bytes == 4
+    assert cache.stats().live_pages == 1 and cache.stats().charged_bytes == 4096  # a block
     assert page_count_on_disk(cache) == 1  # nothing of the builder: only the page sealed above
     del page
 
@@ -275,13 +275,15 @@ def test_stats_count_pages(cache):
     b = cache.write(b"y" * 20)
     s = cache.stats()
     assert (s.live_pages, s.live_bytes, s.pending, s.removed, s.written) == (2, 30, 0, 0, 2)
-    assert s.charged_bytes == 30
+    # charged what they take on disk: a 4 KiB slot, or a file's one 4 KiB block, each
+    assert s.charged_bytes == s.live_disk_bytes == 8192
     a.release()
     s = cache.stats()
-    assert (s.live_pages, s.live_bytes, s.pending, s.pending_bytes, s.charged_bytes) == (1, 20, 1, 10, 30)
+    assert (s.live_pages, s.live_bytes, s.pending, s.pending_bytes, s.charged_bytes) == (1, 20, 1, 10, 8192)
+    assert (s.live_disk_bytes, s.pending_disk_bytes) == (4096, 4096)
     cache.remove_released()
     s = cache.stats()
-    assert (s.live_pages, s.pending, s.removed, s.charged_bytes) == (1, 0, 1, 20)
+    assert (s.live_pages, s.pending, s.removed, s.charged_bytes) == (1, 0, 1, 4096)
     assert s.remover in ("io_uring", "loop")
     del b
 

@@ -56,9 +56,10 @@ def test_budget_holds_when_every_page_dies_in_a_cycle_with_gc_disabled(root, no_
 
 def test_over_budget_write_raises_and_writes_nothing(root):
     with PageCache(root, max_bytes=10_000) as cache:
-        kept = [cache.write(b"k" * 4000), cache.write(b"k" * 4000)]
+        kept = [cache.write(b"k" * 4000), cache.write(b"k" * 4000)]  # 4 KiB on disk each
         before = (pages_and_bytes_on_disk(cache), cache.stats().written)
-        with pytest.raises(CacheFullError, match=r"writing 4000 bytes .* 8000 bytes are live") as info:
+        full = r"writing 4000 bytes \(4096 on disk.* 8192 bytes on disk are live"
+        with pytest.raises(CacheFullError, match=full) as info:
             cache.write(b"x" * 4000)
         assert isinstance(info.value, PageCacheError)
         with pytest.raises(CacheFullError):
@@ -106,8 +107,8 @@ def test_a_page_larger_than_max_bytes_says_so_without_collecting(root):
 @packing_irrelevant  # builders and array pages always have files
 def test_budget_counts_builders_and_array_pages(root):
     np = pytest.importorskip("numpy")
-    with PageCache(root, max_bytes=2000) as cache:
-        builder = cache.allocate(1500)
+    with PageCache(root, max_bytes=6000) as cache:
+        builder = cache.allocate(1500)  # a 4 KiB block
         with pytest.raises(CacheFullError):
             cache.write_array(np.zeros(100))  # 800 bytes of data plus the .npy header
         with pytest.raises(CacheFullError):
@@ -381,7 +382,7 @@ def test_warning_that_raises_still_releases_the_page(root, no_gc):
         import gc, sys, warnings
         warnings.simplefilter("error", ResourceWarning)  # -W error: the warning raises
         from diskpages import PageCache
-        cache = PageCache({str(root)!r}, warn_on_gc=True, max_bytes=100)
+        cache = PageCache({str(root)!r}, warn_on_gc=True, max_bytes=4096)
         for _ in range(5):  # each page fills the budget: each must really be released
             a = [cache.write(b"x" * 100)]
             a.append(a)

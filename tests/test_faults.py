@@ -260,16 +260,24 @@ def test_view_whose_mapping_fails_raises_and_leaks_no_fd(cache, monkeypatch):
 
 def test_cache_that_fails_to_open_leaves_no_folder(root, monkeypatch):
     from diskpages import _bindings
+    from diskpages._native import ffi, lib
 
     def refused(*args):
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(_bindings, "cache_open", refused)
+    monkeypatch.setattr(_bindings, "cache_create", refused)
     fds = open_fds()
     with pytest.raises(OSError):
         PageCache(root)
     assert files_in(root) == []
-    assert open_fds() == fds  # the folder's fd was closed too
+    assert open_fds() == fds  # the root's fd was closed too
+    # and C's own refusal, after the root is open: no folder, no fd
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    out, name = ffi.new("dp_hold *"), ffi.new("char[32]")
+    assert lib.dp_cache_create(root_fd, 3, 1, 1, lib.DP_REMOVE_AUTO, 0, 0, out, name) == -errno.EINVAL
+    assert out.ptr == ffi.NULL and files_in(root) == []
+    os.close(root_fd)
+    assert open_fds() == fds
 
 
 def test_c_layer_refuses_bad_arguments(tmp_path):

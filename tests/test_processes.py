@@ -731,8 +731,9 @@ def test_a_folder_between_mkdir_and_its_lock_is_left_alone(root, probe):
     import fcntl
     import threading
 
-    from diskpages._folders import OPEN_DIR, list_folders
+    from diskpages._folders import list_folders
 
+    OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
     root.mkdir(mode=0o700)
     root_fd = os.open(root, OPEN_DIR)
     fcntl.flock(root_fd, fcntl.LOCK_SH)  # as PageCache() holds it from mkdir to lock

@@ -82,28 +82,48 @@ def page_name(page_id: int) -> str:
     return name.decode()
 
 
-def cache_open(
-    dirfd: int,
+def cache_create(
+    root_fd: int,
     sync: int,
     batch: int,
     max_delay_ns: int,
     remover: int,
     max_bytes: int,
     pack_max: int,
-    path: str,
-) -> Hold:
-    """The cache's hold; its finalizer closes the cache and lets go of it. (The
-    PageCache's weakref.finalize keeps the hold until it has run, at exit at the latest.)"""
+    root: str,
+) -> tuple[Hold, str]:
+    """A new cache in a folder of its own under the root open at root_fd, made, locked and
+    opened in one C call (dp_cache_create): (its hold, the folder's name). The hold's
+    finalizer closes the cache and removes the folder, so from the moment C returns no
+    exception can orphan either. (The PageCache's weakref.finalize keeps the hold until it
+    has run, at exit at the latest.)"""
     memory, hold = new_hold(lib.dp_cache_drop)  # ffi.gc keeps memory until it has run
-    rc = lib.dp_cache_open(dirfd, sync, batch, max_delay_ns, remover, max_bytes, pack_max, hold)
+    name = ffi.new("char[32]")
+    rc = lib.dp_cache_create(root_fd, sync, batch, max_delay_ns, remover, max_bytes, pack_max, hold, name)
+    if rc:
+        raise error(rc, root)
+    folder: bytes = ffi.string(name)
+    return hold, folder.decode()
+
+
+def open_at(path: str, dir_fd: int | None = None, directory: bool = True) -> Any:
+    """An fd box (``box[0]`` is the fd) of ``path`` (relative to dir_fd if given), opened
+    read-only, never following a symlink; a directory unless ``directory`` is False. Its
+    finalizer closes the fd, so no exception can orphan it (native.drop_now closes it at
+    once). OSError naming path if it cannot."""
+    box = ffi.gc(ffi.new("int *", -1), lib.dp_fd_box_close)
+    rc = lib.dp_open_at(AT_FDCWD if dir_fd is None else dir_fd, os.fsencode(path), directory, box)
     if rc:
         raise error(rc, path)
-    return hold
+    return box
+
+
+AT_FDCWD = -100
 
 
 def cache_close(cache: Hold, path: str) -> bool:
-    """Empty the cache's folder and close its fds; False (and nothing removed) in a forked
-    child, where the folder is the parent's."""
+    """Empty the cache's folder, remove it, and close its fds; False (and nothing removed)
+    in a forked child, where the folder is the parent's."""
     rc = lib.dp_cache_close(cache)
     if rc == -lib.DP_EFORKED:
         return False
@@ -144,6 +164,11 @@ def buffers_of(objs: Iterable[Any], into: list[Any]) -> list[Any]:
     raises; returns ``into``."""
     into += map(as_buffer, objs)
     return into
+
+
+def charge_for(cache: Hold, nbytes: int, pack: bool) -> int:
+    """What a page of nbytes takes on disk in this cache, and is charged (dp_charge_for)."""
+    return int(lib.dp_charge_for(cache, nbytes, pack))
 
 
 def size_of(data: Any) -> int:
@@ -356,6 +381,20 @@ def borrow_open(path: str, identity: Sequence[int], size: int) -> Any:
     if rc:
         raise error(rc, path)
     return box
+
+
+def borrow_view(fd: int, path: str) -> bool:
+    """Lock a borrower's file open at fd for mapping (dp_borrow_view): False if its name
+    is gone or is another file (the owner removed the page); OSError for anything else."""
+    rc = lib.dp_borrow_view(fd, os.fsencode(path))
+    if rc == -_errno.ENOENT:
+        return False
+    if rc:
+        raise error(rc, path)
+    return True
+
+
+page_share = lib.dp_page_share
 
 
 def read_tag(fd: int, slot: int) -> tuple[int, int, int]:

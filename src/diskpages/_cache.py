@@ -51,7 +51,7 @@ class CacheStats:
     """A snapshot of a cache's counters (each read atomically, not all at one instant)."""
 
     live_pages: int  #: written and not released
-    live_bytes: int
+    live_bytes: int  #: their bytes
     pending: int  #: released, file not yet removed
     pending_bytes: int
     removed: int  #: files removed since the cache opened
@@ -62,13 +62,22 @@ class CacheStats:
     released_by_gc: int  #: the cycle collector freed the Page (it was in a reference cycle)
     released_explicitly: int  #: ``release()`` or the end of a ``with page:`` block
     released_at_close: int  #: still alive when the cache closed (0 until it does)
-    #: what ``max_bytes`` counts, in one atomic read: the bytes of live and pending pages,
-    #: of writes under way, and of files whose removal failed (until close); 0 once closed
+    #: what ``max_bytes`` counts, in one atomic read: what live and pending pages, writes
+    #: under way, pinned pages and files whose removal failed (until close) take on disk.
+    #: A page takes its whole slot if packed (4 KiB for an empty one), else its file's
+    #: whole 4 KiB blocks, one at least. 0 once closed
     charged_bytes: int
-    #: released and removed pages whose bytes a view (or a read under way) still holds:
-    #: they stay on disk, and count in ``charged_bytes``, until the last view dies
+    live_disk_bytes: int  #: what the live pages take on disk (their charge)
+    pending_disk_bytes: int  #: what the pending pages take on disk (their charge)
+    #: released and removed pages whose bytes a view still holds (one of this process's, a
+    #: read under way, or a borrower's view of a page file, in any process): they stay on
+    #: disk, and charged, until the last view dies; ``pinned_bytes`` is what they take
     pinned: int
     pinned_bytes: int
+    #: names ``Page.hand_over()`` made that no receiver has adopted yet, and their bytes
+    #: (in the folder until adopted or closed; not charged against ``max_bytes``)
+    handed: int
+    handed_bytes: int
     remover: str  #: "io_uring" or "loop": how this cache removes files
 
     @property
@@ -86,10 +95,6 @@ def _shutdown(handle: native.Hold, path: str, watched: weakref.WeakSet[Page] | N
     alive = [(p.id, p.nbytes, p._where()) for p in watched if not p.released] if watched is not None else []
     if not native.cache_close(handle, path):
         return  # a forked child borrows its parent's cache; it removes nothing
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass  # removed under us: what close wants anyway
     for page_id, nbytes, page_path in alive:  # after the work: a warning may raise (-W error)
         warnings.warn(
             f"page {page_id} ({nbytes} bytes) was still alive when its cache was finalized "
@@ -141,14 +146,16 @@ def _on_collection(
     _started: _Started = _started,
 ) -> None:
     """gc.callbacks hook: pages dropped in the collecting thread during a collection count
-    as released by the collector, and once it ends the reapers of caches with pending pages drain at once
-    (in their own thread) instead of waiting for the next batch or max_delay. Captures what
-    it needs as defaults: it runs at shutdown too."""
+    as released by the collector, and once it ends the reapers of caches with pending pages
+    drain at once (in their own thread) instead of waiting for the next batch or max_delay.
+    Captures what it needs as defaults: it runs at shutdown too. The C call comes first: an
+    interrupt (a signal handler's exception) can still land before it, on the function's
+    first instruction, and then the next collection's start corrects the mark (see
+    dp_gc_phase)."""
+    _phase(phase == "start")
     if phase == "start":
         _started.count += 1
-        _phase(1)
         return
-    _phase(0)
     if _take():
         try:
             for cache in list(_caches):
@@ -250,28 +257,25 @@ class PageCache:
             raise ValueError(f"DISKPAGES_REMOVER must be one of {sorted(native.REMOVERS)}, not {remover!r}")
 
         root_path = _folders.resolve_root(root)
-        root_fd = _folders.open_root(root_path, create=True)  # refuses an unsafe root
+        # Every fd here is in a box whose C finalizer closes it, and the folder is made,
+        # locked and owned by the C cache in one call: an exception at any bytecode of this
+        # constructor (a signal handler's) leaves no fd, no folder and no thread.
+        root_box = _folders.open_root(root_path, create=True)  # refuses an unsafe root
         try:
-            _folders.sweep_at(root_fd, root_path)  # folders that killed processes left
-            name, dirfd = _folders.make_folder(root_fd)  # 0700, locked for our whole life
-            path = str(root_path / name)
-            try:
-                handle = native.cache_open(
-                    dirfd,
-                    native.SYNC_MODES[sync],
-                    batch,
-                    max(1, round(max_delay * 1e9)),
-                    native.REMOVERS[remover],
-                    max_bytes or 0,
-                    pack_max,
-                    path,
-                )
-            except BaseException:
-                os.close(dirfd)
-                os.rmdir(name, dir_fd=root_fd)
-                raise
+            _folders.sweep_at(root_box[0], root_path)  # folders that killed processes left
+            handle, name = native.cache_create(
+                root_box[0],
+                native.SYNC_MODES[sync],
+                batch,
+                max(1, round(max_delay * 1e9)),
+                native.REMOVERS[remover],
+                max_bytes or 0,
+                pack_max,
+                str(root_path),
+            )
         finally:
-            os.close(root_fd)
+            native.drop_now(root_box)
+        path = str(root_path / name)
 
         self._path = Path(path)
         self._handle = handle  # the C cache's hold: its finalizer closes the cache too
@@ -345,7 +349,7 @@ class PageCache:
         try:
             page._id, page._nbytes = native.write(*args)
         except CacheFullError:
-            page._id, page._nbytes = self._make_room(native.write, args, native.size_of(data))
+            page._id, page._nbytes = self._make_room(native.write, args, [native.size_of(data)])
         except CacheClosedError:
             self._check_open()  # C says closed (or a forked child's): name the folder
             raise
@@ -362,7 +366,7 @@ class PageCache:
         try:
             made = native.write_many(*args)
         except CacheFullError:
-            made = self._make_room(native.write_many, args, sum(map(native.size_of, items)))
+            made = self._make_room(native.write_many, args, list(map(native.size_of, items)))
         for page, (page_id, nbytes) in zip(pages, made, strict=True):
             page._id, page._nbytes = page_id, nbytes
         return pages
@@ -384,7 +388,7 @@ class PageCache:
         try:
             page._id, page._nbytes = native.write_parts(*args)
         except CacheFullError:
-            requested = sum(map(native.size_of, items))
+            requested = [sum(map(native.size_of, items))]
             page._id, page._nbytes = self._make_room(native.write_parts, args, requested)
         except CacheClosedError:
             self._check_open()
@@ -418,7 +422,7 @@ class PageCache:
             try:
                 new._id, _ = native.adopt(*args)
             except CacheFullError:
-                new._id, _ = self._make_room(native.adopt, args, page.nbytes)
+                new._id, _ = self._make_room(native.adopt, args, [page.nbytes], pack=False)
             except OSError as e:
                 if e.errno == native.ESIZE:
                     raise PageLostError(f"{page!r} changed size: it is not the page any more") from None
@@ -440,7 +444,7 @@ class PageCache:
         try:
             page_id, fd = native.allocate(*args)
         except CacheFullError:
-            page_id, fd = self._make_room(native.allocate, args, nbytes)
+            page_id, fd = self._make_room(native.allocate, args, [nbytes], pack=False)
         # An error from here on drops the page and closes its fd at once (the builder's
         # finalizer would too, but only once a kept traceback lets go of it).
         try:
@@ -467,7 +471,8 @@ class PageCache:
         try:
             page._id, page._nbytes = native.write_parts(*args)
         except CacheFullError:
-            page._id, page._nbytes = self._make_room(native.write_parts, args, len(header) + data.nbytes)
+            requested = [len(header) + data.nbytes]
+            page._id, page._nbytes = self._make_room(native.write_parts, args, requested, pack=False)
         return page
 
     def allocate_array(self, shape: int | Iterable[int], dtype: Any) -> PageBuilder:
@@ -476,7 +481,7 @@ class PageCache:
         as for ``allocate()``. Object dtypes raise TypeError. Needs NumPy."""
         return _arrays.allocate_array(self, shape, dtype)
 
-    def _make_room(self, write: Any, args: tuple[Any, ...], requested: int) -> Any:
+    def _make_room(self, write: Any, args: tuple[Any, ...], sizes: list[int], pack: bool = True) -> Any:
         """A write met the budget: remove the released pages and retry; then run the cycle
         collector (pages in unreachable cycles still hold their bytes), remove again and
         retry, as long as that frees something. Other threads may take the room a
@@ -486,20 +491,25 @@ class PageCache:
         in all, and only then raises CacheFullError, having written nothing. Each
         collection is run by this thread (see _collect_here). A write larger than
         max_bytes on its own raises at once: no removal or collection could make room. With
-        collect_when_full=False it raises at once too, and leaves the removal to the reaper."""
-        if self._max_bytes is not None and requested > self._max_bytes:
+        collect_when_full=False it raises at once too, and leaves the removal to the reaper.
+        ``sizes``: the bytes of each page the write makes (``pack``: small ones are packed),
+        for what they take on disk, which is what max_bytes counts."""
+        requested = sum(sizes)
+        charge = sum(native.charge_for(self._handle, n, pack) for n in sizes)
+        on_disk = f"{requested} bytes ({charge} on disk: whole slots, or 4 KiB blocks)"
+        if self._max_bytes is not None and charge > self._max_bytes:
             what = "this page alone is"
-            if write is native.write_many and len(args[1]) != 1:  # all or nothing: charged as one
-                what = f"these {len(args[1])} pages together are"
+            if len(sizes) != 1:  # all or nothing: charged as one
+                what = f"these {len(sizes)} pages together are"
             raise CacheFullError(
-                f"writing {requested} bytes to the cache at {self._path}: {what} larger than "
+                f"writing {on_disk} to the cache at {self._path}: {what} larger than "
                 f"max_bytes={self._max_bytes}, so no removal or collection can make room; "
                 "nothing was written"
             )
         if not self._collect_when_full:
             native.kick(self._handle)  # the reaper removes what was released, off this thread
             raise CacheFullError(
-                f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
+                f"writing {on_disk} would take the cache at {self._path} past max_bytes="
                 f"{self._max_bytes}; nothing was written (collect_when_full=False: released "
                 "pages are removed by the reaper, and no collection runs in this thread)"
             )
@@ -520,7 +530,7 @@ class PageCache:
                 pass
             unchanged = unchanged + 1 if self._progress() == before else 0
         s = self.stats()
-        stuck = s.charged_bytes - s.live_bytes - s.pending_bytes
+        stuck = s.charged_bytes - s.live_disk_bytes - s.pending_disk_bytes
         held = ""
         if s.pinned_bytes:
             held += f", {s.pinned_bytes} held by views of {s.pinned} removed page(s)"
@@ -528,9 +538,10 @@ class PageCache:
         if stuck > 0 and s.remove_errors:
             held += f", {stuck} in files that could not be removed (or writes under way)"
         raise CacheFullError(
-            f"writing {requested} bytes would take the cache at {self._path} past max_bytes="
-            f"{self._max_bytes}: {s.live_bytes} bytes are live and {s.pending_bytes} pending{held} "
-            "even after remove_released() and a full collection; nothing was written"
+            f"writing {on_disk} would take the cache at {self._path} past max_bytes="
+            f"{self._max_bytes}: {s.live_disk_bytes} bytes on disk are live ({s.live_pages} "
+            f"pages of {s.live_bytes} bytes) and {s.pending_disk_bytes} pending{held} even after "
+            "remove_released() and a full collection; nothing was written"
         ) from None
 
     def _progress(self) -> tuple[int, int, int]:
@@ -602,8 +613,8 @@ class PageCache:
         with self._close_lock:  # a second caller waits until the folder is really gone
             if self._closing:
                 return  # re-entered in this thread, from a finalizer: see above
-            self._closing = True
-            try:
+            try:  # set inside the try: an interrupt anywhere leaves it reset
+                self._closing = True
                 info = self._finalizer.peek()
                 if info is None:
                     return
@@ -948,6 +959,7 @@ class Page(_PageFile, _Readable):
             st = os.fstat(fd)
         finally:
             native.drop_now(pin[1])
+        native.page_share(self._hold, st.st_dev, st.st_ino)  # a borrower may map the file: see view()
         if slot is None:
             return BorrowedPage._load, (str(super().path), self._id, self._nbytes, _identity(st))
         segment = str(self._cache._path / native.segment_name(slot[0]))
@@ -961,7 +973,8 @@ class Page(_PageFile, _Readable):
         zero-copy where both are on one file system) or this cache closes. So a pool worker
         may return ``page.hand_over()`` and drop the page: there is no race with its
         reaper. The handed bytes count against neither cache's ``max_bytes`` until
-        adopted."""
+        adopted; this cache's ``stats()`` lists them (``handed``, ``handed_bytes``) until a
+        receiver adopts them or this cache closes."""
         cache = self._cache
         name = f"{self._id}-{next(cache._handed)}{_HANDED}"
         identity = native.hand_over(self._hold, name)
@@ -1113,11 +1126,23 @@ class BorrowedPage(_Readable):
 
     def view(self) -> memoryview:
         """A read-only view of the page's bytes: zero-copy for a page with a file (as
-        ``Page.view()``), a checked copy for a packed one, whose slot the owner may reuse."""
+        ``Page.view()``), a checked copy for a packed one, whose slot the owner may reuse.
+        A zero-copy view counts in the owner's ``stats()`` (``pinned_bytes``, once the
+        owner's page is released and removed) and against its ``max_bytes`` until the view
+        and every view or array derived from it die, in whatever process the view is (a
+        forked child's copy included), by an OFD lock that the view's mapping keeps: the
+        owner looks for it when it removes the page's file. PageLostError if the owner
+        removed the page already."""
         if self._slot is not None:
             return memoryview(self.read())
         box = self._open()
         try:
+            # the view counts in the owner's stats() and max_bytes until it dies, even
+            # after the owner released the page (csrc/diskpages.h, dp_borrow_view)
+            if self._nbytes and not native.borrow_view(box[0], str(self._path)):
+                raise PageLostError(
+                    f"borrowed page {self._id}: {self._path} is gone (its owner released it or exited)"
+                )
             return _map_read_only(box[0], self._nbytes, self._path)
         finally:
             native.drop_now(box)

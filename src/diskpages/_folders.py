@@ -10,7 +10,10 @@ gone.
 
 The race between a new cache and a sweep is closed by a lock on the root itself: a cache
 takes it shared from ``mkdir`` until its folder is locked; a sweep takes it exclusively
-while it picks the unlocked folders (and releases it before it removes them).
+while it picks the unlocked folders (and releases it before it removes them). A cache's
+folder is made, locked and owned in one C call (``_bindings.cache_create``), and every fd
+opened here lives in a box whose finalizer closes it: an exception at any bytecode (a
+signal handler's) leaves no folder, no fd and no lock behind.
 """
 
 from __future__ import annotations
@@ -19,22 +22,19 @@ import errno
 import fcntl
 import os
 import re
-import secrets
 import stat
 import struct
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from . import _bindings as native
 from .errors import UnsafeRootError
 
 __all__ = ["default_root", "sweep", "FolderInfo", "list_folders"]
 
-OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 # Matched with fullmatch and ASCII classes only: a sweep deletes what matches, so a user's
 # folder must not pass for a cache's with a final newline ("$" matches before one) or a pid
 # in other scripts' digits ("\d" matches those, and int() reads them).
@@ -55,17 +55,18 @@ def resolve_root(root: str | os.PathLike[str] | None) -> Path:
 
 
 @overload
-def open_root(root: Path, create: Literal[True]) -> int: ...
+def open_root(root: Path, create: Literal[True]) -> Any: ...
 @overload
-def open_root(root: Path, create: bool) -> int | None: ...
-def open_root(root: Path, create: bool) -> int | None:
-    """A directory fd of the root, made (mode 0700) if missing and ``create``; None if it is
-    missing and not ``create``. Refuses a root that is a symlink, is not ours, or is
-    writable by others: the default root lives in a folder every user can write to."""
+def open_root(root: Path, create: bool) -> Any | None: ...
+def open_root(root: Path, create: bool) -> Any | None:
+    """An fd box of the root (``box[0]``: see _bindings.open_dir), made (mode 0700) if
+    missing and ``create``; None if it is missing and not ``create``. Refuses a root that is
+    a symlink, is not ours, or is writable by others: the default root lives in a folder
+    every user can write to."""
     if create:
         os.makedirs(root, mode=0o700, exist_ok=True)  # OSError names the path
     try:
-        fd = os.open(root, OPEN_DIR)
+        box = native.open_at(str(root))
     except FileNotFoundError:
         if create:
             raise
@@ -75,11 +76,11 @@ def open_root(root: Path, create: bool) -> int | None:
             raise UnsafeRootError(f"the root {root} is a symbolic link; it is not followed") from None
         raise
     try:
-        check_root(fd, root)
+        check_root(box[0], root)
     except BaseException:
-        os.close(fd)
+        native.drop_now(box)
         raise
-    return fd
+    return box
 
 
 def check_root(fd: int, root: Path) -> None:
@@ -106,28 +107,6 @@ def check_root(fd: int, root: Path) -> None:
         )
 
 
-def make_folder(root_fd: int) -> tuple[str, int]:
-    """Make a cache folder (0700) under the root and lock it: its name and its locked fd."""
-    fcntl.flock(root_fd, fcntl.LOCK_SH)  # no sweep picks folders until ours is locked
-    try:
-        while True:
-            name = f"{os.getpid()}-{int(time.time()) & 0xFFFFFFFF:08x}-{secrets.token_hex(4)}"
-            try:
-                os.mkdir(name, 0o700, dir_fd=root_fd)
-                break
-            except FileExistsError:
-                continue
-        try:
-            fd = os.open(name, OPEN_DIR, dir_fd=root_fd)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours: nobody else can hold it
-        except BaseException:
-            os.rmdir(name, dir_fd=root_fd)
-            raise
-        return name, fd
-    finally:
-        fcntl.flock(root_fd, fcntl.LOCK_UN)
-
-
 @dataclass(frozen=True)
 class FolderInfo:
     """One cache folder under a root, as ``diskpages ls`` shows it."""
@@ -150,19 +129,19 @@ def _cache_folders(root_fd: int) -> Iterator[tuple[str, int, int]]:
                 yield entry.name, int(m.group(1)), int(m.group(2), 16)
 
 
-def _open_owned(root_fd: int, name: str) -> int | None:
-    """The folder's fd if it is still a directory we own; else None (gone, a symlink
-    swapped in, someone else's)."""
+def _open_owned(root_fd: int, name: str) -> Any | None:
+    """An fd box of the folder if it is still a directory we own; else None (gone, a
+    symlink swapped in, someone else's)."""
     try:
-        fd = os.open(name, OPEN_DIR, dir_fd=root_fd)
+        box = native.open_at(name, root_fd)
     except OSError:
         return None
     try:
-        if os.fstat(fd).st_uid == os.geteuid():
-            return fd
+        if os.fstat(box[0]).st_uid == os.geteuid():
+            return box
     except OSError:
         pass
-    os.close(fd)
+    native.drop_now(box)
     return None
 
 
@@ -202,11 +181,12 @@ def _segment_contents(dirfd: int, name: str, size: int) -> tuple[int, int]:
     page (csrc/diskpages.h, dp_tag). A segment that is not one counts as nothing."""
     try:
         slot_size = int(name.removesuffix(".slots"))
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dirfd)
+        box = native.open_at(name, dirfd, directory=False)
     except (ValueError, OSError):
         return 0, 0
     pages = nbytes = 0
     try:
+        fd = box[0]
         slots = max(0, size - native.TAGS_BYTES) // slot_size if slot_size > 0 else 0
         step = 32768  # tags a read
         for first in range(0, slots, step):
@@ -219,51 +199,55 @@ def _segment_contents(dirfd: int, name: str, size: int) -> tuple[int, int]:
     except OSError:
         pass
     finally:
-        os.close(fd)
+        native.drop_now(box)
     return pages, nbytes
 
 
-def _probe(root_fd: int) -> list[tuple[str, int, int, int, bool]]:
-    """(name, pid, created, fd, orphaned) of each cache folder we own. For an orphaned one
-    we hold its lock (and so must close fd, which drops it). Done under the root's lock
-    taken exclusively: a folder between its mkdir and its lock must not be probed, or the
-    sweep would take it or the cache making it would find its own lock taken."""
-    probed: list[tuple[str, int, int, int, bool]] = []
+def _probe(root_fd: int) -> list[tuple[str, int, int, Any, bool]]:
+    """(name, pid, created, fd box, orphaned) of each cache folder we own. For an orphaned
+    one we hold its lock (and so must close the fd, which drops it: native.drop_now, or the
+    box's finalizer). Done under the root's lock taken exclusively: a folder between its
+    mkdir and its lock must not be probed, or the sweep would take it or the cache making
+    it would find its own lock taken."""
+    probed: list[tuple[str, int, int, Any, bool]] = []
     fcntl.flock(root_fd, fcntl.LOCK_EX)
     try:
         for name, pid, created in _cache_folders(root_fd):
-            fd = _open_owned(root_fd, name)
-            if fd is not None:
-                probed.append((name, pid, created, fd, _try_lock(fd)))
+            box = _open_owned(root_fd, name)
+            if box is not None:
+                probed.append((name, pid, created, box, _try_lock(box[0])))
     except BaseException:
-        for *_, fd, _orphaned in probed:
-            os.close(fd)
+        _close_all(probed)
         raise
     finally:
         fcntl.flock(root_fd, fcntl.LOCK_UN)
     return probed
 
 
+def _close_all(probed: list[tuple[str, int, int, Any, bool]]) -> None:
+    for *_, box, _orphaned in probed:
+        native.drop_now(box)  # drops the lock we may have taken
+
+
 def list_folders(root: str | os.PathLike[str] | None = None) -> list[FolderInfo]:
     """Every cache folder under the root, live or orphaned, oldest first."""
     root_path = resolve_root(root)
-    root_fd = open_root(root_path, create=False)
-    if root_fd is None:
+    root_box = open_root(root_path, create=False)
+    if root_box is None:
         return []
     out: list[FolderInfo] = []
     try:
-        probed = _probe(root_fd)
+        probed = _probe(root_box[0])
         try:
-            for name, pid, created, fd, orphaned in probed:
+            for name, pid, created, box, orphaned in probed:
                 if orphaned:
-                    fcntl.flock(fd, fcntl.LOCK_UN)  # ls only looks: let a sweep have it
-                pages, nbytes = _contents(fd)
+                    fcntl.flock(box[0], fcntl.LOCK_UN)  # ls only looks: let a sweep have it
+                pages, nbytes = _contents(box[0])
                 out.append(FolderInfo(root_path / name, pid, not orphaned, pages, nbytes, float(created)))
         finally:
-            for *_, fd, _orphaned in probed:
-                os.close(fd)
+            _close_all(probed)
     finally:
-        os.close(root_fd)
+        native.drop_now(root_box)
     return sorted(out, key=lambda f: (f.created, f.path.name))
 
 
@@ -276,34 +260,33 @@ class SweepResult:
 def sweep_folders(root: str | os.PathLike[str] | None = None, *, dry_run: bool = False) -> SweepResult:
     """Remove every orphaned cache folder under the root (see the module docstring)."""
     root_path = resolve_root(root)
-    root_fd = open_root(root_path, create=False)
-    if root_fd is None:
+    root_box = open_root(root_path, create=False)
+    if root_box is None:
         return SweepResult([], [])
     try:
-        return sweep_at(root_fd, root_path, dry_run=dry_run)
+        return sweep_at(root_box[0], root_path, dry_run=dry_run)
     finally:
-        os.close(root_fd)
+        native.drop_now(root_box)
 
 
 def sweep_at(root_fd: int, root_path: Path, *, dry_run: bool = False) -> SweepResult:
     probed = _probe(root_fd)
     removed, failed = [], []
     try:
-        for name, pid, created, fd, orphaned in probed:
+        for name, pid, created, box, orphaned in probed:
             if not orphaned:
                 continue  # a live cache's: never touched
             try:
-                pages, nbytes = _contents(fd)
+                pages, nbytes = _contents(box[0])
                 info = FolderInfo(root_path / name, pid, False, pages, nbytes, float(created))
                 if not dry_run:
-                    native.empty_folder(fd, str(info.path))
+                    native.empty_folder(box[0], str(info.path))
                     os.rmdir(name, dir_fd=root_fd)
                 removed.append(info)
             except OSError as e:
                 failed.append((FolderInfo(root_path / name, pid, False, 0, 0, float(created)), e))
     finally:
-        for *_, fd, _orphaned in probed:
-            os.close(fd)  # drops the locks we took
+        _close_all(probed)  # drops the locks we took
     return SweepResult(removed, failed)
 
 

@@ -1,0 +1,293 @@
+"""Interrupts at the edges of a cache's life: at every bytecode of the public constructors
+and close() (PageCache, diskpages.zict.File, diskpages.dask.SpillBuffer), an exception
+raised there leaves no descriptor, no cache folder and no thread, comes out as itself, and
+touches no descriptor the process already holds; a close() interrupted anywhere can be
+called again and finishes the job. And the collector's callback, interrupted, leaves no
+thread marked as collecting."""
+
+import gc
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import diskpages
+from diskpages import PageCache
+
+from conftest import wait_until
+
+pytestmark = pytest.mark.lifetime
+
+PACKAGE = str(Path(diskpages.__file__).resolve().parent)
+
+
+class Interrupt(BaseException):
+    """What the tracer raises: a BaseException, like KeyboardInterrupt."""
+
+
+def fd_table() -> dict[str, str]:
+    """Every descriptor of the process and what it is open on."""
+    table = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            table[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own, closed by now
+            pass
+    return table
+
+
+def threads() -> int:
+    """Threads of this process, C ones included, less the kernel's io_uring workers
+    (iou-wrk-*), which exit on their own a little after their ring is closed."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += not f.read().startswith("iou-")
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def cache_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def interrupted_at(call, k: int):
+    """call(), with Interrupt raised at the k-th opcode executed in diskpages' code:
+    (result, None), or (None, the exception it raised)."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        code = frame.f_code
+        if not code.co_filename.startswith(PACKAGE) or code.co_name == "_on_collection":
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+            if count == k:
+                raise Interrupt
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        return call(), None
+    except BaseException as e:  # noqa: B036 - whatever it is, the test looks at it
+        return None, e
+    finally:
+        sys.settrace(None)
+
+
+def steady(before_fds, before_threads, root: Path, keep: list[str]) -> None:
+    """What an interrupted call must leave: the descriptors as they were, no new cache
+    folder (``keep``: those there before), no thread. A traceback's frames are gone by now;
+    a collection only in case one sat in a cycle."""
+    if fd_table() != before_fds or threads() != before_threads or cache_folders(root) != keep:
+        gc.collect()
+        wait_until(lambda: threads() == before_threads, timeout=5)
+    assert fd_table() == before_fds
+    assert threads() == before_threads
+    assert cache_folders(root) == keep
+
+
+def make_victim(tmp_path: Path) -> Path:
+    """A folder of the user's, with files, unrelated to any cache."""
+    victim = tmp_path / "victim"
+    victim.mkdir(exist_ok=True)
+    for i in range(3):
+        (victim / f"keep-{i}").write_bytes(b"mine")
+    return victim
+
+
+def constructors(tmp_path: Path):
+    root = tmp_path / "root"
+    made = {"PageCache": lambda: PageCache(root, max_delay=3600)}
+    try:
+        from diskpages.zict import File
+
+        made["zict.File"] = lambda: File(root)
+    except ImportError:
+        pass
+    try:
+        from diskpages.dask import SpillBuffer
+
+        made["dask.SpillBuffer"] = lambda: SpillBuffer(str(root), target=1 << 20)
+    except ImportError:
+        pass
+    return root, made
+
+
+def close_of(obj) -> None:
+    obj.close()
+
+
+@pytest.mark.parametrize("which", ["PageCache", "zict.File", "dask.SpillBuffer"])
+def test_an_interrupt_at_every_bytecode_of_a_constructor_leaves_nothing(tmp_path, which):
+    root, made = constructors(tmp_path)
+    if which not in made:
+        pytest.skip(f"{which} needs its library")
+    make = made[which]
+    victim = make_victim(tmp_path)
+    close_of(make())  # warm up: first-use imports, the root made
+    gc.collect()
+    keep = cache_folders(root)
+    before_fds, before_threads = fd_table(), threads()
+    k = 1
+    while True:
+        obj, exc = interrupted_at(make, k)
+        if exc is None:
+            break
+        assert isinstance(exc, Interrupt), f"{which}, opcode {k}: {exc!r} instead of the interrupt"
+        # The traceback still holds the constructor's frames. An fd the constructor let go
+        # of is the next one open() returns: had C kept a number it does not own, letting
+        # go of the cache (with the traceback, next line) would empty this folder.
+        victim_fd = os.open(victim, os.O_RDONLY | os.O_DIRECTORY)
+        del exc
+        os.close(victim_fd)
+        steady(before_fds, before_threads, root, keep)
+        assert sorted(os.listdir(victim)) == ["keep-0", "keep-1", "keep-2"], f"{which}, opcode {k}"
+        k += 1
+        assert k < 3000, "the constructor never completed"
+    assert k > 20, f"{which}: only {k} opcodes: the tracer did not reach diskpages' code"
+    close_of(obj)
+    del obj
+    steady(before_fds, before_threads, root, keep)
+
+
+def closed(obj) -> bool:
+    cache = obj if isinstance(obj, PageCache) else getattr(obj, "file", obj).cache
+    return cache.closed and not cache.path.exists()
+
+
+@pytest.mark.parametrize("which", ["PageCache", "zict.File", "dask.SpillBuffer"])
+def test_a_close_interrupted_at_any_bytecode_can_be_called_again_and_finishes(tmp_path, which):
+    root, made = constructors(tmp_path)
+    if which not in made:
+        pytest.skip(f"{which} needs its library")
+    make = made[which]
+    close_of(make())
+    gc.collect()
+    keep = cache_folders(root)
+    before_fds, before_threads = fd_table(), threads()
+    k = 1
+    while True:
+        obj = make()
+        page = obj.write(b"p" * 5000) if which == "PageCache" else obj.__setitem__("x", b"v" * 5000)
+        _, exc = interrupted_at(lambda: close_of(obj), k)  # noqa: B023 - called at once
+        done = exc is None
+        assert done or isinstance(exc, Interrupt), f"{which}, opcode {k}: {exc!r}"
+        del exc
+        close_of(obj)  # again: finishes the job, whatever the first one did
+        assert closed(obj), f"{which}, interrupted at opcode {k}: the second close() did not close"
+        del obj, page
+        steady(before_fds, before_threads, root, keep)
+        if done:
+            break
+        k += 1
+        assert k < 3000, "close() never completed"
+    assert k > 5, f"{which}: only {k} opcodes: the tracer did not reach diskpages' code"
+
+
+def test_a_signal_storm_over_constructors_and_close_leaves_nothing(tmp_path):
+    """A real signal handler raising KeyboardInterrupt every 0.3 ms while caches are made
+    and closed, for a second."""
+    root = tmp_path / "root"
+    victim = make_victim(tmp_path)
+    PageCache(root).close()
+    gc.collect()
+    keep = cache_folders(root)
+    before_fds, before_threads = fd_table(), threads()
+    armed = False
+    interrupted = completed = 0
+
+    def handler(signum, frame):
+        nonlocal armed
+        if armed:
+            armed = False
+            raise KeyboardInterrupt
+
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda info: None  # an interrupt in a finalizer: ignored, counted nowhere
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            cache = None
+            try:
+                armed = True
+                cache = PageCache(root, max_delay=3600)
+                cache.write(b"s" * 100)
+                cache.close()
+                armed = False
+                completed += 1
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                armed = False
+            if cache is not None:
+                cache.close()  # a close() cut short finishes here
+            del cache
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+        sys.unraisablehook = old_hook
+    assert interrupted > 20, (interrupted, completed)
+    gc.collect()
+    assert sorted(os.listdir(victim)) == ["keep-0", "keep-1", "keep-2"]
+    steady(before_fds, before_threads, root, keep)
+
+
+def test_an_interrupted_end_of_collection_leaves_no_thread_marked_collecting(root):
+    """A signal handler can raise on the gc callback's first instruction, before it says
+    the collection ended. Another thread's collection later must not make this thread's
+    drops count as the collector's."""
+    from diskpages import _bindings as native
+
+    with PageCache(root, max_delay=3600) as cache:
+
+        def tracer(frame, event, arg):
+            code, local = frame.f_code, frame.f_locals
+            if event == "call" and code.co_name == "_on_collection" and local["phase"] == "stop":
+                raise Interrupt  # before any of the callback's code
+            return None
+
+        old_hook = sys.unraisablehook
+        sys.unraisablehook = lambda info: None
+        sys.settrace(tracer)
+        try:
+            gc.collect()
+        finally:
+            sys.settrace(None)
+            sys.unraisablehook = old_hook
+        # a collection in another thread, while this thread drops a page
+        inside, dropped = threading.Event(), threading.Event()
+
+        class Waits:
+            def __del__(self):
+                inside.set()
+                dropped.wait(10)
+
+        def collect():
+            w = Waits()
+            w.cycle = w
+            del w
+            gc.collect()
+
+        page = cache.write(b"d" * 100)
+        t = threading.Thread(target=collect)
+        t.start()
+        assert inside.wait(10)
+        before = cache.stats()
+        del page  # by refcount, in a thread that is not collecting
+        after = cache.stats()
+        dropped.set()
+        t.join()
+        assert after.released_by_refcount == before.released_by_refcount + 1
+        assert after.released_by_gc == before.released_by_gc
+        assert not native.gc_collecting()
