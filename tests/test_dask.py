@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -335,6 +337,15 @@ def test_a_thread_cluster_spills_computes_and_closes_quietly(tmp_path, distribut
     with cluster_of(tmp_path, processes=False) as cluster, Client(cluster) as client:
         x = compute(client)
         assert all(n > 0 for n in spilled(client).values())
+        ls = subprocess.run(
+            [sys.executable, "-m", "diskpages", "ls", "--dask", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        folders = client.run(lambda dask_worker: dask_worker.data.file.cache.path.name)
+        assert all(f"  {name}  pid {os.getpid()} " in ls.stdout for name in folders.values()), ls.stdout
+        assert ls.stdout.count("dask worker ") == 2
         del x
     assert leftovers(tmp_path) == []  # closed with the workers, not at a later collection
     assert_quiet_about_the_spill(distributed_logs())
