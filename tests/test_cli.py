@@ -121,3 +121,38 @@ def test_ls_and_sweep_pass_over_a_folder_only_named_like_a_cache_folder(root):
     assert not os.path.exists(dead)
     for path in mine:
         assert (path / "1.page").read_bytes() == b"mine", path
+
+
+def test_ls_finds_dask_workers_caches_under_dasks_temporary_directory(tmp_path, monkeypatch):
+    """A dask worker's spill cache (diskpages.dask) is under <worker>/storage, not the
+    default root: ``ls`` lists those of dask's temporary directory after the root, and
+    ``--dask DIR`` those of a cluster started with local_directory=DIR."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("DISKPAGES_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("DASK_TEMPORARY_DIRECTORY", raising=False)
+    storage = tmp_path / "dask-scratch-space" / "worker-abc123" / "storage"
+    elsewhere = tmp_path / "cluster" / "dask-scratch-space" / "worker-def456" / "storage"
+    for folder in (storage, elsewhere):
+        folder.mkdir(mode=0o700, parents=True)
+    (storage.parent.parent / "worker-xyz789" / "storage").mkdir(parents=True)  # distributed's own
+    holders = [Holder(storage), Holder(elsewhere)]
+    try:
+        proc = cli("ls")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert proc.stdout.splitlines()[0] == f"dask worker {storage.parent}:"
+        assert proc.stdout.splitlines()[1].startswith("  " + Path(holders[0].path).name)
+        assert " alive " in proc.stdout and len(proc.stdout.splitlines()) == 2
+        proc = cli("ls", "--dask", str(tmp_path / "cluster"))
+        assert proc.returncode == 0 and proc.stdout.splitlines() == [
+            f"dask worker {elsewhere.parent}:",
+            proc.stdout.splitlines()[1],
+        ]
+        assert Path(holders[1].path).name in proc.stdout
+        proc = cli("ls", root=tmp_path / "root")  # --root: that root only
+        assert proc.returncode == 0 and proc.stdout == f"no cache folders under {tmp_path / 'root'}\n"
+    finally:
+        for holder in holders:
+            holder.stop()
+    proc = cli("ls", "--dask", str(tmp_path))
+    assert proc.stdout == f"no dask worker's cache folders under {tmp_path}\n"
+    assert cli("ls", "--dask", str(tmp_path), "--root", str(tmp_path)).returncode == 2

@@ -1,5 +1,6 @@
 """README.md's quick start and recipes are programs: each runs here, as a script of its
-own in a fresh interpreter, and must succeed and leave no cache folder behind."""
+own in a fresh interpreter, and must succeed, log no error or warning and leave no cache
+folder behind. And the README's tables render, and its API text names what exists."""
 
 from __future__ import annotations
 
@@ -56,4 +57,36 @@ def test_readme_program_runs(code, tmp_path, monkeypatch):
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180
     )
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    # nothing logged as going wrong: say, a dask cluster's folder removal meeting its spill
+    assert [line for line in run.stderr.splitlines() if " ERROR " in line or " WARNING " in line] == []
     assert not root.exists() or list(root.iterdir()) == [], "a cache folder was left behind"
+
+
+def tables() -> list[list[str]]:
+    """Every run of consecutive table lines in README.md."""
+    runs: list[list[str]] = [[]]
+    for line in README.read_text().splitlines():
+        if line.startswith("|"):
+            runs[-1].append(line)
+        elif runs[-1]:
+            runs.append([])
+    return [run for run in runs if run]
+
+
+def test_every_table_renders():
+    """A table is a header, a separator line, then rows: rows cut off by a blank line
+    become a paragraph of pipes (as the dask rows of "Measured" were)."""
+    for table in tables():
+        assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", table[1]), table[:2]
+        assert len({line.count("|") - line.count("\\|") for line in table}) == 1, table[0]
+
+
+def test_the_api_text_names_what_exists():
+    from diskpages import PageCache
+
+    text = README.read_text()
+    for old, new in re.findall(r"`(\w+)\(\)`, the old name of `(\w+)\(\)`", text):
+        assert old != new and hasattr(PageCache, old) and hasattr(PageCache, new), (old, new)
+    # live() is documented as what it returns
+    live = PageCache.live.__annotations__["return"]
+    assert ("Iterator" in str(live)) == ("`cache.live() -> Iterator[LivePage]`" in text), live

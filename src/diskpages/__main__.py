@@ -1,7 +1,10 @@
 """``python -m diskpages`` (also the ``diskpages`` command): see and clean cache folders.
 
-    diskpages ls [--root DIR]
+    diskpages ls [--root DIR | --dask DIR]
     diskpages sweep [--root DIR] [--dry-run]
+
+``ls`` with no option lists the default root and, after it, the spill caches of dask
+workers (``diskpages.dask``) under dask's temporary directory.
 
 Exit status: 0 on success, 2 on bad usage, 1 on failure (one line on stderr).
 """
@@ -11,8 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from ._folders import FolderInfo, default_root, list_folders, resolve_root, sweep_folders
 from .errors import PageCacheError
@@ -48,13 +53,52 @@ def describe(info: FolderInfo, now: float) -> str:
     )
 
 
+def dask_directory() -> Path:
+    """Where dask workers make their folders by default: dask's ``temporary-directory``
+    setting (when dask is installed), else Python's temporary folder."""
+    try:
+        import dask.config
+    except ImportError:
+        configured = None
+    else:
+        configured = dask.config.get("temporary-directory", None)
+    return Path(configured or tempfile.gettempdir())
+
+
+def dask_storage(directory: Path) -> Iterator[Path]:
+    """The spill folders (``<worker>/storage``) of dask workers under ``directory``: a
+    cluster's ``local_directory``, its ``dask-scratch-space`` folder, or one worker's."""
+    patterns = ("storage", "worker-*/storage", "dask-scratch-space*/worker-*/storage")
+    for pattern in patterns:
+        yield from sorted(p for p in directory.glob(pattern) if p.is_dir() and not p.is_symlink())
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    folders = list_folders(args.root)
     now = time.time()
-    for info in folders:
-        print(describe(info, now))
-    if not folders:
-        print(f"no cache folders under {args.root or default_root()}")
+    if args.dask is None:
+        folders = list_folders(args.root)
+        for info in folders:
+            print(describe(info, now))
+        if args.root is not None:
+            if not folders:
+                print(f"no cache folders under {args.root}")
+            return 0
+    searched = Path(args.dask) if args.dask is not None else dask_directory()
+    found = 0
+    for storage in dask_storage(searched):
+        try:
+            workers = list_folders(storage)
+        except (OSError, PageCacheError):  # not ours to look into (distributed's own spill)
+            continue
+        if workers:
+            print(f"dask worker {storage.parent}:")
+        for info in workers:
+            print("  " + describe(info, now))
+        found += len(workers)
+    if args.dask is not None and not found:
+        print(f"no dask worker's cache folders under {searched}")
+    elif args.dask is None and not folders and not found:
+        print(f"no cache folders under {default_root()}, nor dask workers' under {searched}")
     return 0
 
 
@@ -86,8 +130,21 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="{ls,sweep}")
     root_help = "the root folder (default: $DISKPAGES_ROOT or <tempdir>/diskpages-<uid>)"
 
-    ls = sub.add_parser("ls", help="list cache folders: owner pid, alive or orphaned, pages, bytes, age")
-    ls.add_argument("--root", metavar="DIR", help=root_help)
+    ls = sub.add_parser(
+        "ls",
+        help="list cache folders: owner pid, alive or orphaned, pages, bytes, age",
+        description="List the cache folders under the root, then those of dask workers' "
+        "spill buffers (diskpages.dask) under dask's temporary directory. --root lists only "
+        "that root; --dask only the workers under DIR.",
+    )
+    where = ls.add_mutually_exclusive_group()
+    where.add_argument("--root", metavar="DIR", help=root_help)
+    where.add_argument(
+        "--dask",
+        metavar="DIR",
+        help="a dask cluster's local_directory (or its dask-scratch-space, or one worker's "
+        "folder): list its workers' spill caches (default: dask's temporary-directory)",
+    )
     ls.set_defaults(run=cmd_ls)
 
     sw = sub.add_parser(

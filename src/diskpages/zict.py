@@ -45,6 +45,8 @@ class File(_Base[Any, Any]):
     """
 
     def __init__(self, directory: str | os.PathLike[str], memmap: bool = False, **cache_options: Any):
+        if "root" in cache_options:  # else: "got multiple values for argument 'root'"
+            raise TypeError(f"{type(self).__name__} takes no root=: directory is the cache's root")
         super().__init__()
         self.lock = threading.RLock()  # as ZictBase's: held for the dict, never across I/O
         self.directory = os.fspath(directory)
