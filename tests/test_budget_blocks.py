@@ -17,6 +17,8 @@ from diskpages import CacheFullError, PageCache, PageLostError
 
 from conftest import wait_until
 
+pytestmark = pytest.mark.lifetime  # also under AddressSanitizer in CI (.ci/asan)
+
 KiB, MiB = 1024, 1024 * 1024
 GROW = MiB  # csrc/pack.c: GROW_BYTES, what a segment grows by
 

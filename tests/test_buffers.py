@@ -11,6 +11,8 @@ import pytest
 
 from diskpages import CacheClosedError, CacheFullError, PageCache
 
+pytestmark = pytest.mark.lifetime  # also under AddressSanitizer in CI (.ci/asan)
+
 KiB = 1024
 
 

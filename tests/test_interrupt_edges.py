@@ -18,9 +18,10 @@ import pytest
 import diskpages
 from diskpages import PageCache
 
-from conftest import wait_until
+from conftest import wait_until, warm_up_tracer
 
 pytestmark = pytest.mark.lifetime
+warm_up_tracer()
 
 PACKAGE = str(Path(diskpages.__file__).resolve().parent)
 

@@ -20,9 +20,10 @@ import pytest
 import diskpages
 from diskpages import PageCache
 
-from conftest import page_count_on_disk
+from conftest import page_count_on_disk, warm_up_tracer
 
 pytestmark = pytest.mark.lifetime
+warm_up_tracer()
 
 PACKAGE = str(Path(diskpages.__file__).resolve().parent)
 
