@@ -66,7 +66,7 @@ def interrupted_at(call, k: int):
     def tracer(frame, event, arg):
         nonlocal count
         code = frame.f_code
-        if not code.co_filename.startswith(PACKAGE) or code.co_name == "_on_collection":
+        if not code.co_filename.startswith(PACKAGE) or code.co_name in ("_on_collection", "__del__"):
             return None
         frame.f_trace_opcodes = True
         if event == "opcode":
