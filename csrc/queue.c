@@ -71,7 +71,10 @@ int dp_gc_collecting(void)
 
 int dp_gc_collecting_here(void)
 {
-    return atomic_load_explicit(&collector, memory_order_relaxed) == &me;
+    /* &me only while some thread collects: a thread-local's address costs a call in a
+     * shared library, and every drop asks */
+    const char *who = atomic_load_explicit(&collector, memory_order_relaxed);
+    return who != NULL && who == &me;
 }
 
 uint64_t dp_gc_take_releases(void)
