@@ -9,8 +9,42 @@ from pathlib import Path
 
 import pytest
 
+import diskpages
 from diskpages import PageCache, _folders
 from diskpages import _bindings as native
+
+PACKAGE = str(Path(diskpages.__file__).resolve().parent)
+
+
+class Interrupt(BaseException):
+    """What interrupted_at's tracer raises: a BaseException, like KeyboardInterrupt."""
+
+
+def interrupted_at(call, k: int):
+    """call(), with Interrupt raised at the k-th opcode executed in diskpages' own code:
+    (its result, None), or (None, the exception it raised). Not in diskpages' gc callback
+    or its finalizers, which run whenever a collection does (and let no exception out)."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        code = frame.f_code
+        if not code.co_filename.startswith(PACKAGE) or code.co_name in ("_on_collection", "__del__"):
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+            if count == k:
+                raise Interrupt
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        return call(), None
+    except BaseException as e:  # noqa: B036 - whatever it is, the caller looks at it
+        return None, e
+    finally:
+        sys.settrace(None)
 
 
 def warm_up_tracer() -> None:

@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import diskpages
 from diskpages import PageCache
 
-from conftest import wait_until, warm_up_tracer
+from conftest import Interrupt, interrupted_at, wait_until, warm_up_tracer
 
 pytestmark = pytest.mark.lifetime
 warm_up_tracer()
-
-PACKAGE = str(Path(diskpages.__file__).resolve().parent)
-
-
-class Interrupt(BaseException):
-    """What the tracer raises: a BaseException, like KeyboardInterrupt."""
 
 
 def fd_table() -> dict[str, str]:
@@ -56,32 +49,6 @@ def threads() -> int:
 
 def cache_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
-
-
-def interrupted_at(call, k: int):
-    """call(), with Interrupt raised at the k-th opcode executed in diskpages' code:
-    (result, None), or (None, the exception it raised)."""
-    count = 0
-
-    def tracer(frame, event, arg):
-        nonlocal count
-        code = frame.f_code
-        if not code.co_filename.startswith(PACKAGE) or code.co_name in ("_on_collection", "__del__"):
-            return None
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            count += 1
-            if count == k:
-                raise Interrupt
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        return call(), None
-    except BaseException as e:  # noqa: B036 - whatever it is, the test looks at it
-        return None, e
-    finally:
-        sys.settrace(None)
 
 
 def steady(before_fds, before_threads, root: Path, keep: list[str]) -> None:
@@ -127,17 +94,22 @@ def close_of(obj) -> None:
     obj.close()
 
 
-@pytest.mark.parametrize("which", ["PageCache", "zict.File", "dask.SpillBuffer"])
-def test_an_interrupt_at_every_bytecode_of_a_constructor_leaves_nothing(tmp_path, which):
+@pytest.fixture(params=["PageCache", "zict.File", "dask.SpillBuffer"])
+def maker(request, tmp_path):
+    """(which, make, root, keep, fds, threads): a constructor, warmed up (first-use
+    imports, the root made), and what the process held then."""
     root, made = constructors(tmp_path)
-    if which not in made:
-        pytest.skip(f"{which} needs its library")
-    make = made[which]
-    victim = make_victim(tmp_path)
-    close_of(make())  # warm up: first-use imports, the root made
+    if request.param not in made:
+        pytest.skip(f"{request.param} needs its library")
+    make = made[request.param]
+    close_of(make())
     gc.collect()
-    keep = cache_folders(root)
-    before_fds, before_threads = fd_table(), threads()
+    return request.param, make, root, cache_folders(root), fd_table(), threads()
+
+
+def test_an_interrupt_at_every_bytecode_of_a_constructor_leaves_nothing(tmp_path, maker):
+    which, make, root, keep, before_fds, before_threads = maker
+    victim = make_victim(tmp_path)
     k = 1
     while True:
         obj, exc = interrupted_at(make, k)
@@ -165,16 +137,8 @@ def closed(obj) -> bool:
     return cache.closed and not cache.path.exists()
 
 
-@pytest.mark.parametrize("which", ["PageCache", "zict.File", "dask.SpillBuffer"])
-def test_a_close_interrupted_at_any_bytecode_can_be_called_again_and_finishes(tmp_path, which):
-    root, made = constructors(tmp_path)
-    if which not in made:
-        pytest.skip(f"{which} needs its library")
-    make = made[which]
-    close_of(make())
-    gc.collect()
-    keep = cache_folders(root)
-    before_fds, before_threads = fd_table(), threads()
+def test_a_close_interrupted_at_any_bytecode_can_be_called_again_and_finishes(maker):
+    which, make, root, keep, before_fds, before_threads = maker
     k = 1
     while True:
         obj = make()

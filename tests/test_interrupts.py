@@ -12,20 +12,16 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import diskpages
 from diskpages import PageCache
 
-from conftest import page_count_on_disk, warm_up_tracer
+from conftest import Interrupt, interrupted_at, page_count_on_disk, warm_up_tracer
 
 pytestmark = pytest.mark.lifetime
 warm_up_tracer()
-
-PACKAGE = str(Path(diskpages.__file__).resolve().parent)
 
 
 def fds() -> int:
@@ -73,36 +69,15 @@ OPERATIONS = {
 }
 
 
-class Interrupt(BaseException):
-    """What the tracer raises: a BaseException, like KeyboardInterrupt."""
-
-
 def run_interrupted_at(op, cache, k: int):
     """Run op(cache), raising Interrupt at the k-th opcode executed in diskpages' code.
     Returns (result, interrupted)."""
-    count = 0
-
-    def tracer(frame, event, arg):
-        nonlocal count
-        # diskpages' code, but not its gc callback, which runs whenever a collection does
-        # (and cannot let an exception out in any case)
-        code = frame.f_code
-        if not code.co_filename.startswith(PACKAGE) or code.co_name == "_on_collection":
-            return None
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            count += 1
-            if count == k:
-                raise Interrupt
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        return op(cache), False
-    except Interrupt:
+    result, exc = interrupted_at(lambda: op(cache), k)
+    if exc is None:
+        return result, False
+    if isinstance(exc, Interrupt):
         return None, True
-    finally:
-        sys.settrace(None)
+    raise exc
 
 
 # write() and write_many() make packed pages or files; the rest always make files
