@@ -203,9 +203,9 @@ def test_over_budget_write_waits_out_another_threads_collection(root, no_gc):
 def test_over_budget_write_gives_up_when_another_collection_outlasts_the_wait(root, no_gc, monkeypatch):
     # The other thread's collection is stuck in a finalizer past COLLECT_WAIT: the write
     # must raise CacheFullError then, not wait for as long as that collection lasts.
-    from diskpages import _cache
+    from diskpages import _budget
 
-    monkeypatch.setattr(_cache, "COLLECT_WAIT", 0.2)
+    monkeypatch.setattr(_budget, "COLLECT_WAIT", 0.2)
     in_finalizer, finished = threading.Event(), threading.Event()
 
     class Stuck:
@@ -239,10 +239,10 @@ def test_over_budget_write_gives_up_when_another_collection_outlasts_the_wait(ro
 def test_over_budget_write_in_a_finalizer_of_its_own_collection_does_not_wait(root, no_gc, monkeypatch):
     # A __del__ that writes during this thread's collection: there is no other collection
     # to wait out, so the write gives up at once rather than poll until a timeout.
-    from diskpages import _cache
+    from diskpages import _budget
 
     sleeps = []
-    monkeypatch.setattr(_cache.time, "sleep", sleeps.append)
+    monkeypatch.setattr(_budget.time, "sleep", sleeps.append)
     refused = []
     with PageCache(root, max_bytes=8192, max_delay=3600) as cache:
         keep = cache.write(b"k" * 8192)  # the budget is full, and stays full

@@ -181,12 +181,12 @@ def test_folder_removed_under_the_cache(root):
 
 
 def test_builder_whose_mapping_fails_leaves_no_file(cache, monkeypatch):
-    import diskpages._cache as cache_module
+    import diskpages._views as views_module
 
     def no_memory(*args, **kwargs):
         raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
-    monkeypatch.setattr(cache_module.mmap, "mmap", no_memory)
+    monkeypatch.setattr(views_module.mmap, "mmap", no_memory)
     with pytest.raises(OSError) as info:
         cache.allocate(4096)
     assert info.value.errno == errno.ENOMEM

@@ -163,7 +163,10 @@ def test_finalizers_need_no_module_globals(root):
         cyclic = [cache.write(b"c")]; cyclic.append(cyclic)
         builder = cache.allocate(16)
         saved = {{}}
-        for name in ("diskpages._cache", "diskpages._bindings", "diskpages"):
+        for name in (
+            "diskpages._cache", "diskpages._pages", "diskpages._views", "diskpages._budget",
+            "diskpages._finalize", "diskpages._bindings", "diskpages",
+        ):
             module = sys.modules[name]
             saved[name] = dict(vars(module))
             for key in saved[name]:

@@ -1,9 +1,12 @@
-"""diskpages: pages on disk whose files live exactly as long as the Python objects that
-point at them, written and removed in batches by a small C core (Linux)."""
+"""diskpages: pages on disk whose files live exactly as long as the objects that point at them.
 
-from ._cache import BorrowedPage, CacheStats, Page, PageBuilder, PageCache
+The pages are written, then removed in batches, by a small C core (Linux)."""
+
+from ._cache import PageCache
 from ._explain import LivePage
 from ._folders import default_root, sweep
+from ._pages import BorrowedPage, Page, PageBuilder
+from ._stats import CacheStats
 from .errors import (
     CacheClosedError,
     CacheFullError,

@@ -1,4 +1,4 @@
-"""``python -m diskpages`` (also the ``diskpages`` command): see and clean cache folders.
+"""The command line (``python -m diskpages``, or ``diskpages``): it lists or sweeps cache folders.
 
     diskpages ls [--root DIR | --dask DIR]
     diskpages sweep [--root DIR] [--dry-run]

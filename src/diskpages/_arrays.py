@@ -1,4 +1,6 @@
-"""NumPy arrays as pages. An array page is a complete .npy file: numpy.lib.format's header
+"""NumPy arrays as pages, each a complete .npy file.
+
+An array page is a complete .npy file: numpy.lib.format's header
 (format 1.0, or 2.0 when the header outgrows 1.0), then the data, so
 ``numpy.load(page.path, mmap_mode="r")`` opens it and ``array()`` views it in place.
 
@@ -14,12 +16,41 @@ import math
 import operator
 import tokenize
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import numpy
 
-    from ._cache import Page, PageBuilder, PageCache, _Readable
+_Page_co = TypeVar("_Page_co", covariant=True)
+
+
+class Builder(Protocol[_Page_co]):
+    """What arrays need of a page being written in place (a PageBuilder)."""
+
+    def _write_at(self, data: Any, offset: int) -> int: ...
+    def _discard(self) -> None: ...
+    def seal(self) -> _Page_co: ...
+    def view(self) -> memoryview: ...
+
+
+_Builder_co = TypeVar("_Builder_co", bound=Builder[Any], covariant=True)
+_Page = TypeVar("_Page")
+_Built = TypeVar("_Built", bound=Builder[Any])
+
+
+class Allocator(Protocol[_Builder_co]):
+    """What arrays need of a cache: builders (``PageCache.allocate()``)."""
+
+    def allocate(self, nbytes: int) -> _Builder_co: ...
+
+
+class Viewable(Protocol):
+    """What ``array_of()`` needs of a page or a builder: its id and a view of its bytes."""
+
+    @property
+    def id(self) -> int: ...
+    def view(self) -> memoryview: ...
+
 
 NEEDS_NUMPY = 'arrays need NumPy: pip install "diskpages[numpy]"'
 
@@ -114,7 +145,7 @@ def _c_order_pieces(np: Any, array: numpy.ndarray, limit: int) -> Iterator[numpy
             yield np.ascontiguousarray(array[i : i + per])
 
 
-def write_strided(cache: PageCache, array: numpy.ndarray) -> Page:
+def write_strided(cache: Allocator[Builder[_Page]], array: numpy.ndarray) -> _Page:
     """An array that is neither C- nor Fortran-contiguous, written in C order in pieces of
     at most CHUNK bytes with pwrite into a new page (as numpy.save does): never copied
     whole into memory, since it may be a slice of a memmap larger than memory; and never
@@ -148,7 +179,7 @@ def _shape(shape: Any) -> tuple[int, ...]:
     return dims
 
 
-def allocate_array(cache: PageCache, shape: Any, dtype: Any) -> PageBuilder:
+def allocate_array(cache: Allocator[_Built], shape: Any, dtype: Any) -> _Built:
     np = _numpy()
     dims = _shape(shape)
     dtype = np.dtype(dtype)  # TypeError for what is not a dtype
@@ -213,7 +244,7 @@ def _read_header(np: Any, reader: _Reader, nbytes: int) -> tuple[tuple[int, ...]
     return shape, fortran_order, dtype
 
 
-def array_of(owner: _Readable | PageBuilder) -> numpy.ndarray:
+def array_of(owner: Viewable) -> numpy.ndarray:
     """The array a .npy page holds, over ``owner.view()``: no copy, read-only for a Page,
     writable for a PageBuilder. The array holds an export of the view's mapping, so the
     mapping lives (and a builder cannot be sealed) while the array does."""

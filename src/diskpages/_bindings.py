@@ -1,5 +1,7 @@
-"""One small function per C function of csrc/diskpages.h: call it, turn the result into a
-Python value or an exception. No policy lives here; the public classes decide."""
+"""The binding: one small function per C function of csrc/diskpages.h.
+
+Each calls its C function, then turns the result into a Python value or an exception. No
+policy lives here; the public classes decide."""
 
 from __future__ import annotations
 

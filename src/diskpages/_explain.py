@@ -1,5 +1,7 @@
-"""Answers to "why is this file still here?": the chains of references that keep a page
-alive, and the live pages of a cache. Diagnostics only: they walk the heap through the gc
+"""Diagnostics: answers to "why is this file still here?".
+
+explain() finds the chains of references that keep a page alive; live_pages() lists the
+live pages of a cache. Diagnostics only: they walk the heap through the gc
 module when called, and cost nothing on the write or release path. They change no other
 thread's state: explain() reads the variables of the calling thread's frames only."""
 
@@ -15,10 +17,9 @@ import types
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._cache import Page, PageCache
+from ._pages import Page
 
 MAX_STEPS = 5_000  # objects whose referrers explain() looks up (each scans the heap)
 MAX_SECONDS = 2.0
@@ -35,11 +36,9 @@ class LivePage:
     age: float  #: seconds since its bytes were written (the file's modification time)
 
 
-def live_pages(cache: PageCache) -> Iterator[LivePage]:
+def live_pages(cache: object) -> Iterator[LivePage]:
     """The cache's live pages, oldest id first: a list made now, so nothing of the heap walk
     (which sees every page) outlives the call."""
-    from ._cache import Page
-
     now = time.time()
     found = []
     for obj in gc.get_objects():

@@ -1,5 +1,7 @@
-"""Roots and cache folders: made safely in a temp folder every user can write to, locked for
-a cache's whole life, and swept once the process that made them is gone.
+"""Cache folders on disk: where they go, who owns them, when they are swept.
+
+Roots and cache folders are made safely in a temp folder every user can write to, locked
+for a cache's whole life, and swept once the process that made them is gone.
 
 A root holds one folder per cache, named ``<pid>-<created, hex seconds>-<random>``. The
 cache holds an exclusive ``flock`` on its folder's directory fd for its whole life; the

@@ -1,4 +1,6 @@
-"""The library's own conditions. I/O failures are plain ``OSError`` subclasses
+"""The library's own conditions: a small tree of exceptions under PageCacheError.
+
+I/O failures are plain ``OSError`` subclasses
 (``FileNotFoundError``, ``PermissionError``, ...) carrying errno, message and path."""
 
 import errno

@@ -14,8 +14,7 @@ import threading
 from collections.abc import Hashable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from ._cache import Page, PageCache
-from .errors import CacheClosedError, PageReleasedError
+from . import CacheClosedError, Page, PageCache, PageReleasedError
 
 if TYPE_CHECKING:
     from zict.common import ZictBase as _Base
