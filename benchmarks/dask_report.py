@@ -4,7 +4,7 @@ python -m pytest benchmarks/test_dask_spill.py --benchmark-json=bench-dask.json
 python benchmarks/dask_report.py bench-dask.json [more.json]   # prints Markdown
 
 Every ratio is ours over distributed's SpillBuffer: the median over rounds of the two
-times in the same round, ± half its interquartile range (report.pair_ratio), so below 1
+times in the same round, ± half its interquartile range (report_format.pair_ratio), so below 1
 is faster than distributed's. The figures themselves are medians over rounds.
 """
 
@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from report import FS_LABEL, FS_ORDER, fmt_ratio, fmt_time, groups_of, pair_ratio, table
+from report_format import FS_LABEL, FS_ORDER, fmt_ratio, fmt_time, groups_of, pair_ratio, table
 
 BASELINE, OURS, OURS_FILES, FLOOR = "distributed", "diskpages", "diskpages pack_max=0", "dict store (floor)"
 SIZES = ["64KiB", "1MiB", "10MiB"]
