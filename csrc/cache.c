@@ -16,28 +16,6 @@
 
 #include "internal.h"
 
-/* The process's pid, refreshed in a forked child by an atfork handler: the ownership
- * checks on the write and close paths cost a load instead of a getpid() system call. */
-static atomic_int current_pid;
-static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
-
-static void refresh_pid(void)
-{
-    atomic_store_explicit(&current_pid, (int)getpid(), memory_order_relaxed);
-}
-
-static void init_pid(void)
-{
-    refresh_pid();
-    pthread_atfork(NULL, NULL, refresh_pid);
-}
-
-pid_t dp_pid(void)
-{
-    pthread_once(&pid_once, init_pid);
-    return (pid_t)atomic_load_explicit(&current_pid, memory_order_relaxed);
-}
-
 /* Whether a nameless file made here can be given a name: O_TMPFILE needs the file
  * system's support, and linkat needs /proc (or CAP_DAC_READ_SEARCH). Tried once per
  * cache, so that a write never finds out halfway. */
@@ -60,6 +38,7 @@ static bool tmpfile_links(int dirfd)
 static int cache_open(int dirfd, int rootfd, const char *name, int sync, unsigned batch,
                       uint64_t max_delay_ns, int remover, uint64_t max_bytes, uint64_t pack_max,
                       dp_hold *out);
+static void cache_free(dp_cache *c);
 
 int dp_cache_open(int dirfd, int sync, unsigned batch, uint64_t max_delay_ns, int remover,
                   uint64_t max_bytes, uint64_t pack_max, dp_hold *out)
@@ -152,6 +131,9 @@ static int cache_open(int dirfd, int rootfd, const char *name, int sync, unsigne
         return -ENOMEM;
     int err = 0;
     atomic_init(&c->refs, 1); /* the hold's */
+    /* what records (record.c) call back into when the hold lets go, and at the last put */
+    c->close_locked = dp_close_locked;
+    c->free_cache = cache_free;
     c->dirfd = dirfd;
     c->rootfd = rootfd;
     if (name)
@@ -243,28 +225,6 @@ fail_alloc:
     dp_segments_free(c);
     free(c);
     return err; /* dirfd stays the caller's on failure */
-}
-
-int dp_remember_handed(dp_cache *c, const char *name)
-{
-    char *copy = strdup(name);
-    if (!copy)
-        return -ENOMEM;
-    pthread_mutex_lock(&c->lock);
-    if (c->nhanded == c->handed_cap) {
-        size_t cap = c->handed_cap ? 2 * c->handed_cap : 16;
-        struct dp_handed *more = realloc(c->handed, cap * sizeof *more);
-        if (!more) {
-            pthread_mutex_unlock(&c->lock);
-            free(copy);
-            return -ENOMEM;
-        }
-        c->handed = more;
-        c->handed_cap = cap;
-    }
-    c->handed[c->nhanded++].name = copy;
-    pthread_mutex_unlock(&c->lock);
-    return 0;
 }
 
 /* The handed names still in the folder, and their bytes; the others are forgotten. The
@@ -501,11 +461,6 @@ int dp_cache_close(dp_hold *h)
     return err;
 }
 
-void dp_cache_get(dp_cache *c)
-{
-    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
-}
-
 /* The last reference: every record is gone (each held one), and the hold let go after
  * closing, so the reaper is stopped and the queue empty. */
 static void cache_free(dp_cache *c)
@@ -530,20 +485,6 @@ static void cache_free(dp_cache *c)
         close(c->rootfd);
     free(c->scratch);
     free(c);
-}
-
-void dp_cache_put(dp_cache *c)
-{
-    /* acq_rel: whoever frees sees every write the other owners made. */
-    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
-        cache_free(c);
-}
-
-void dp_cache_let_go(void *ptr)
-{
-    dp_cache *c = ptr;
-    dp_close_locked(c); /* errors: close() reports them; a finalizer has no one to tell */
-    dp_cache_put(c);
 }
 
 void dp_cache_drop(dp_hold *h)

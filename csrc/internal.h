@@ -42,7 +42,7 @@ typedef struct dp_pin {
     dp_page *rec;
     int fd;
     uint64_t offset;
-    /* A pin whose view maps a slot is registered (pack.c), so that a fork can protect the
+    /* A pin whose view maps a slot is registered (slotview.c), so that a fork can protect the
      * child's copy of the view: see dp_register_view. */
     struct dp_pin *prev, *next;
     void *addr;
@@ -96,6 +96,10 @@ struct dp_cache {
     /* Who keeps this memory: the hold of the Python PageCache, and every record. The last
      * one out frees it (dp_cache_put); the hold closes it before it lets go. */
     atomic_uint_fast64_t refs;
+    /* cache.c's, set at open, for record.c to call back: what the hold does on letting go
+     * (dp_close_locked, before it puts its reference), and what the last put does. */
+    int (*close_locked)(dp_cache *c);
+    void (*free_cache)(dp_cache *c);
     int dirfd; /* -1 once close() has emptied the folder */
     /* the root's fd and the folder's name in it, where dp_cache_create made the folder
      * (close removes it); -1 where dp_cache_open was given a folder */
@@ -163,14 +167,22 @@ struct dp_cache {
     size_t nhanded, handed_cap;
 };
 
-/* remove.c: unlink names relative to dirfd, overlapping the device waits where it can.
- * results[i] is 0 or -errno for names[i]. */
-dp_remover *dp_remover_new(int mode);
-void dp_remover_free(dp_remover *r);
-int dp_remover_kind(const dp_remover *r);
-void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count, int *results);
-/* cache.c: remove every entry of a folder; the count removed or the first -errno */
-int64_t dp_empty_dir(dp_remover *r, int dirfd);
+/* The call graph runs down this list, one layer to the next (tests/test_shape.py keeps
+ * it so): each file calls only the files listed above it. A callback passed down (the
+ * cache's close_locked and free_cache, a hold's let_go) is how a lower layer reaches a
+ * higher one.
+ *
+ * clock.c: the clock, and getpid() without the system call; right in forked children */
+uint64_t dp_now_ns(void);
+pid_t dp_pid(void);
+
+/* io.c: pwritev every part at `off`, resuming after short writes and EINTR; consumes iov
+ * (advanced in place). 0 or -errno. */
+int dp_pwritev_all(int fd, struct iovec *iov, size_t count, off_t off);
+/* every byte from `offset`: 0, -errno, or -DP_ESIZE if the file is shorter */
+int dp_pread_exactly(int fd, void *buf, size_t nbytes, uint64_t offset);
+/* nbytes of src from `from` to fd from 0: copy_file_range, else through a buffer */
+int dp_copy_file(int src, uint64_t from, int fd, size_t nbytes);
 
 enum release_cause { BY_REFCOUNT = 0, BY_GC = 1, BY_CALL = 2 };
 
@@ -184,23 +196,25 @@ void dp_hold_empty(dp_hold *h);      /* what it held was handed on (a sealed bui
 void dp_hold_mark_gc(dp_hold *h);    /* its page was reclaimed by the cycle collector */
 bool dp_hold_marked_gc(dp_hold *h);
 
-/* cache.c: the cache's counted references, and what its hold does on letting go (close,
- * then put the hold's reference) */
+/* record.c: a record's counted references, its file's names, the budget's charge, and the
+ * cache's counted references with what its hold does on letting go (close through
+ * close_locked, then put the hold's reference) */
+void dp_record_put(dp_page *p);
+void dp_part_name(uint64_t id, char *buf); /* "<id>.part": a page not yet whole */
+int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */
+void dp_uncharge(dp_cache *c, uint64_t nbytes);
 void dp_cache_get(dp_cache *c);
 void dp_cache_put(dp_cache *c);
 void dp_cache_let_go(void *c);
-int dp_close_locked(dp_cache *c); /* the caller has entered the cache's hold */
-/* queue.c: what a page's hold does on letting go (dp_drop_record) */
-void dp_page_let_go(void *p);
 
-/* cache.c: a name dp_hand_over made, for stats (0 or -ENOMEM) */
-int dp_remember_handed(dp_cache *c, const char *name);
+/* slotview.c: views of slots, for fork: a registered view's slot is kept (tag viewers)
+ * across a fork until the child has copied the view into private memory (pthread_atfork
+ * handlers, installed once by dp_slot_views_init). */
+void dp_slot_views_init(void);
+void dp_register_view(dp_pin *pin);
+void dp_unregister_view(dp_pin *pin);
 
-/* write.c: pwritev every part at `off`, resuming after short writes and EINTR; consumes
- * iov (advanced in place). 0 or -errno. */
-int dp_pwritev_all(int fd, struct iovec *iov, size_t count, off_t off);
-
-/* pack.c */
+/* pack.c: segments */
 #define DP_SEGMENT_FULL (-20001) /* the class's segment has DP_MAX_SLOTS: use a file */
 void dp_segments_init(dp_cache *c);
 void dp_segments_close(dp_cache *c); /* after the folder is emptied: fds and mappings go */
@@ -220,28 +234,48 @@ int64_t dp_drain_slots(dp_cache *c);
 void dp_trim(dp_cache *c); /* the reaper: give back the blocks of freed slots, in runs */
 /* the last pin of a record went: its bytes are free (uncharge, give the slot back) */
 void dp_unpin(dp_page *p, bool removal);
-/* Views of slots, for fork: a registered view's slot is kept (tag viewers) across a fork
- * until the child has copied the view into private memory (pthread_atfork handlers). */
-void dp_register_view(dp_pin *pin);
-void dp_unregister_view(dp_pin *pin);
 /* In a forked child: the tag of a packed page's slot still names the page. */
 bool dp_slot_is(const dp_page *p);
 
-/* queue.c */
-int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */
-void dp_uncharge(dp_cache *c, uint64_t nbytes);
+/* remove.c: unlink names relative to dirfd, overlapping the device waits where it can.
+ * results[i] is 0 or -errno for names[i]. */
+dp_remover *dp_remover_new(int mode);
+void dp_remover_free(dp_remover *r);
+int dp_remover_kind(const dp_remover *r);
+void dp_remove_names(dp_remover *r, int dirfd, char *const *names, size_t count, int *results);
+
+/* queue.c: the release queue and the reaper */
 int64_t dp_drain_locked(dp_cache *c);
 /* drain_lock held: let go of the viewed files no borrower maps any more (all: at close) */
 void dp_poll_viewed(dp_cache *c, bool all);
 /* the hold lets go: release, close a builder's fd, put; true if the collector released it */
 bool dp_drop_record(dp_page *p);
-void dp_record_put(dp_page *p);
+void dp_page_let_go(void *p); /* what a page's hold does on letting go (dp_drop_record) */
 void *dp_reaper_main(void *arg);
 void dp_wake_reaper(dp_cache *c);
 
-uint64_t dp_now_ns(void);
-pid_t dp_pid(void); /* getpid() without the system call; right in forked children */
+/* pin.c: take a pin if the record's bytes are still there (pins above 0); the fd a pin
+ * reads by (the page's file, or a dup of its segment's), and the bytes' offset in it */
+bool dp_pin_take(dp_page *p);
+int dp_pinned_fd(dp_cache *c, dp_page *p, uint64_t *offset);
 
-void dp_part_name(uint64_t id, char *buf); /* "<id>.part": a page not yet whole */
+/* newfile.c: a new page's file, from its record to its publishing (see there) */
+int dp_enter_write(dp_cache *c); /* closing held shared: 0, -DP_EFORKED or -DP_ECLOSED */
+dp_page *dp_new_record(dp_cache *c, size_t nbytes);
+int dp_open_nameless(dp_cache *c, int access, const char *name, bool *named);
+int dp_open_new_page(dp_cache *c, size_t nbytes, int access, dp_page **out);
+int dp_link_fd(dp_cache *c, int fd, const char *name);
+int dp_link_page(dp_cache *c, dp_page *p, int fd);
+void dp_publish(dp_cache *c, dp_page *p);
+void dp_discard_page(dp_cache *c, dp_page *rec);
+int dp_sync_folder(dp_cache *c);
+
+/* write.c: the writes, hand over and adopt (it declares nothing here: nothing below
+ * calls it) */
+
+/* cache.c: the cache's open and close, the top of the graph */
+int dp_close_locked(dp_cache *c); /* the caller has entered the cache's hold */
+/* remove every entry of a folder; the count removed or the first -errno */
+int64_t dp_empty_dir(dp_remover *r, int dirfd);
 
 #endif

@@ -19,33 +19,6 @@
 #define MIN_TICK_NS 1000000ull  /* 1 ms: the reaper never polls faster than this */
 #define MAX_TICK_NS 10000000ull /* 10 ms: how late a full batch may be noticed */
 
-uint64_t dp_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-void dp_page_name(uint64_t id, char *buf)
-{
-    snprintf(buf, DP_NAME_MAX, "%llu.page", (unsigned long long)id);
-}
-
-void dp_part_name(uint64_t id, char *buf)
-{
-    snprintf(buf, DP_NAME_MAX, "%llu.part", (unsigned long long)id);
-}
-
-void dp_record_put(dp_page *p)
-{
-    /* acq_rel: the last owner must see every write the other owner made before freeing. */
-    if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1) {
-        dp_cache *c = p->cache;
-        free(p);
-        dp_cache_put(c); /* the record's reference: the cache may go with its last record */
-    }
-}
-
 /* Set by the gc callback around each collection: the thread that runs it, named by the
  * address of its `me`. A page dropped in that thread meanwhile was freed by the collector
  * (finalizers run in the collecting thread); one dropped in another thread, which runs
@@ -80,27 +53,6 @@ int dp_gc_collecting_here(void)
 uint64_t dp_gc_take_releases(void)
 {
     return atomic_exchange_explicit(&gc_releases, 0, memory_order_relaxed);
-}
-
-int dp_charge(dp_cache *c, uint64_t nbytes)
-{
-    if (c->max_bytes == 0) {
-        atomic_fetch_add_explicit(&c->charged, nbytes, memory_order_relaxed);
-        return 0;
-    }
-    uint64_t now = atomic_load_explicit(&c->charged, memory_order_relaxed);
-    do {
-        if (nbytes > c->max_bytes || now > c->max_bytes - nbytes)
-            return -DP_EFULL;
-    } while (!atomic_compare_exchange_weak_explicit(&c->charged, &now, now + nbytes,
-                                                    memory_order_acquire,
-                                                    memory_order_relaxed));
-    return 0;
-}
-
-void dp_uncharge(dp_cache *c, uint64_t nbytes)
-{
-    atomic_fetch_sub_explicit(&c->charged, nbytes, memory_order_release);
 }
 
 /* Records released after close are nobody's to drain: take back their removal's share

@@ -45,7 +45,7 @@ class PinnedMapping(mmap.mmap):
     """A placeholder mapping that holds a pin (dp_page_pin): the page's bytes, file or slot,
     are not freed or reused, and stay charged, until the last view of the mapping dies, or
     the mapping is closed (close(), a with block). A fork copies a view of a slot from its
-    address (pack.c), so the pin forgets the address before the mapping goes; and the
+    address (slotview.c), so the pin forgets the address before the mapping goes; and the
     mapping cannot move (resize)."""
 
     __slots__ = ("_pin",)

@@ -1,0 +1,72 @@
+/* Records and their accounting: a page's record, its file's names, the budget's charge,
+ * and the counted references that keep a cache's memory alive while any record does.
+ *
+ * Below segments, removal, the reaper and writes, which all use records: so it calls no
+ * file above it. Where a record's last reference must close or free its cache, it calls
+ * back through the cache's close_locked and free_cache (set by cache.c at open). */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+void dp_page_name(uint64_t id, char *buf)
+{
+    snprintf(buf, DP_NAME_MAX, "%llu.page", (unsigned long long)id);
+}
+
+void dp_part_name(uint64_t id, char *buf)
+{
+    snprintf(buf, DP_NAME_MAX, "%llu.part", (unsigned long long)id);
+}
+
+int dp_charge(dp_cache *c, uint64_t nbytes)
+{
+    if (c->max_bytes == 0) {
+        atomic_fetch_add_explicit(&c->charged, nbytes, memory_order_relaxed);
+        return 0;
+    }
+    uint64_t now = atomic_load_explicit(&c->charged, memory_order_relaxed);
+    do {
+        if (nbytes > c->max_bytes || now > c->max_bytes - nbytes)
+            return -DP_EFULL;
+    } while (!atomic_compare_exchange_weak_explicit(&c->charged, &now, now + nbytes,
+                                                    memory_order_acquire,
+                                                    memory_order_relaxed));
+    return 0;
+}
+
+void dp_uncharge(dp_cache *c, uint64_t nbytes)
+{
+    atomic_fetch_sub_explicit(&c->charged, nbytes, memory_order_release);
+}
+
+void dp_cache_get(dp_cache *c)
+{
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+}
+
+void dp_cache_put(dp_cache *c)
+{
+    /* acq_rel: whoever frees sees every write the other owners made. */
+    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
+        c->free_cache(c); /* cache.c's, set at open: the top layer frees what it made */
+}
+
+void dp_cache_let_go(void *ptr)
+{
+    dp_cache *c = ptr;
+    /* cache.c's dp_close_locked; errors: close() reports them, a finalizer has no one to tell */
+    c->close_locked(c);
+    dp_cache_put(c);
+}
+
+void dp_record_put(dp_page *p)
+{
+    /* acq_rel: the last owner must see every write the other owner made before freeing. */
+    if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1) {
+        dp_cache *c = p->cache;
+        free(p);
+        dp_cache_put(c); /* the record's reference: the cache may go with its last record */
+    }
+}
