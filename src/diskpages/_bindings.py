@@ -101,11 +101,17 @@ def cache_create(
     has run, at exit at the latest.)"""
     memory, hold = new_hold(lib.dp_cache_drop)  # ffi.gc keeps memory until it has run
     name = ffi.new("char[32]")
-    rc = lib.dp_cache_create(root_fd, sync, batch, max_delay_ns, remover, max_bytes, pack_max, hold, name)
-    if rc:
-        raise error(rc, root)
-    folder: bytes = ffi.string(name)
-    return hold, folder.decode()
+    try:
+        rc = lib.dp_cache_create(root_fd, sync, batch, max_delay_ns, remover, max_bytes, pack_max, hold, name)
+        if rc:
+            raise error(rc, root)
+        folder: bytes = ffi.string(name)
+        return hold, folder.decode()
+    except BaseException:
+        # made, and an interrupt came before it was handed back: closed now, not when a
+        # kept traceback lets go of this frame (nothing, if it was not made)
+        lib.dp_cache_close(hold)
+        raise
 
 
 def open_at(path: str, dir_fd: int | None = None, directory: bool = True) -> Any:
@@ -143,26 +149,29 @@ def cache_stats(cache: Hold) -> dict[str, int]:
 def as_buffer(data: Any) -> Any:
     """A cdata over any C-contiguous bytes-like object; TypeError for anything else. It
     holds an export of ``data`` until released: every caller releases it before it returns
-    or raises (``with``, or release_all() in a ``finally``), so no traceback, frame or
+    or raises (``with``, or _release in a ``finally``), so no traceback, frame or
     reference cycle keeps the caller's buffer exported (CPython 3.12 before 3.12.7 could
     crash clearing such a cycle: gh-77894)."""
     try:
         return ffi.from_buffer(data)
     except TypeError:
         raise TypeError(f"a bytes-like object is required, not {type(data).__name__!r}") from None
-    except (ValueError, BufferError):
+    except ValueError as e:  # a released memoryview, say
+        raise ValueError(f"the {type(data).__name__} cannot be read: {e}") from None
+    except BufferError:
         raise BufferError(f"the {type(data).__name__} is not C-contiguous") from None
 
 
-def release_all(bufs: list[Any], _release: Any = ffi.release) -> None:
-    """Release the exports of as_buffer()'s cdatas, in one call that runs no bytecode
-    between two releases (so an interrupt cannot leave some of them exported)."""
-    deque(map(_release, bufs), 0)
+# Releases the exports of as_buffer()'s cdatas: called inline in a finally, as
+# deque(map(_release, bufs), 0), which runs no bytecode, so no interrupt (a signal
+# handler's exception, checked for on entry to a Python function) can come before or
+# between the releases.
+_release = ffi.release
 
 
 def buffers_of(objs: Iterable[Any], into: list[Any]) -> list[Any]:
     """as_buffer() of each object, appended to ``into`` as it is made, so that the
-    caller's ``finally: release_all(into)`` releases every one made, even when a later one
+    caller's ``finally`` releases every one made (see _release), even when a later one
     raises; returns ``into``."""
     into += map(as_buffer, objs)
     return into
@@ -242,7 +251,7 @@ def write_many(
         failed_at = ffi.new("size_t *")
         rc = lib.dp_write_many(cache, data, sizes, count, method, holds, ids, failed_at)
     finally:
-        release_all(bufs)
+        deque(map(_release, bufs), 0)  # no bytecode, so no interrupt, before the releases
     if rc:
         exc = error(rc, path)
         if failed_at[0] < count:
@@ -264,7 +273,7 @@ def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold, pack: 
         page_id = ffi.new("uint64_t *")
         rc = lib.dp_write_parts(cache, data, sizes, count, pack, page, page_id)
     finally:
-        release_all(bufs)
+        deque(map(_release, bufs), 0)  # no bytecode, so no interrupt, before the releases
     if rc:
         raise error(rc, path)
     return page_id[0], total
@@ -385,15 +394,17 @@ def borrow_open(path: str, identity: Sequence[int], size: int) -> Any:
     return box
 
 
-def borrow_view(fd: int, path: str) -> bool:
-    """Lock a borrower's file open at fd for mapping (dp_borrow_view): False if its name
-    is gone or is another file (the owner removed the page); OSError for anything else."""
+def borrow_view(fd: int, path: str) -> bool | None:
+    """Lock a borrower's file open at fd for mapping (dp_borrow_view): True, or None where
+    the lock lives only as long as fd (overlayfs), so the view's mapping must keep fd open;
+    False if its name is gone or is another file (the owner removed the page); OSError for
+    anything else."""
     rc = lib.dp_borrow_view(fd, os.fsencode(path))
     if rc == -_errno.ENOENT:
         return False
-    if rc:
+    if rc < 0:
         raise error(rc, path)
-    return True
+    return None if rc == 1 else True
 
 
 page_share = lib.dp_page_share

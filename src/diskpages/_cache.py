@@ -8,6 +8,7 @@ closes the cache when it is collected or at exit. See README.md, "How it works".
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -122,45 +123,54 @@ class PageCache:
         # locked and owned by the C cache in one call: an exception at any bytecode of this
         # constructor (a signal handler's) leaves no fd, no folder and no thread.
         root_box = _folders.open_root(root_path, create=True)  # refuses an unsafe root
+        handle = None
         try:
-            _folders.sweep_at(root_box[0], root_path)  # folders that killed processes left
-            handle, name = native.cache_create(
-                root_box[0],
-                native.SYNC_MODES[sync],
-                batch,
-                max(1, round(max_delay * 1e9)),
-                native.REMOVERS[remover],
-                max_bytes or 0,
-                pack_max,
-                str(root_path),
-            )
-        finally:
-            native.drop_now(root_box)
-        path = str(root_path / name)
-
-        self._path = Path(path)
-        self._handle = handle  # the C cache's hold: its finalizer closes the cache too
-        self._sync = sync
-        self._batch = batch
-        self._max_delay = float(max_delay)
-        self._closed = False
-        self._write_method = native.WRITE_METHODS["pwrite"]  # measured faster; see README
-        self._close_lock = threading.RLock()
-        self._closing = False  # close() runs in this thread (see close())
-        self._pid = os.getpid()
-        self._max_bytes = max_bytes
-        self._pack_max = pack_max
-        self._collect_when_full = collect_when_full
-        self._handed = itertools.count(1)  # numbers hand_over()'s names: each is used once
-        self._page_class = _WatchedPage if warn_on_gc else Page
-        self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
-        self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)
-        _budget.watch(self)
-        # A multiprocessing child (fork or forkserver) leaves through os._exit, which skips
-        # atexit; multiprocessing runs its own finalizers first, so register there too.
-        mp_util = sys.modules.get("multiprocessing.util")
-        if mp_util is not None:
-            mp_util.Finalize(self, self._finalizer, exitpriority=0)
+            try:
+                _folders.sweep_at(root_box[0], root_path)  # folders that killed processes left
+                handle, name = native.cache_create(
+                    root_box[0],
+                    native.SYNC_MODES[sync],
+                    batch,
+                    max(1, round(max_delay * 1e9)),
+                    native.REMOVERS[remover],
+                    max_bytes or 0,
+                    pack_max,
+                    str(root_path),
+                )
+            finally:
+                native.drop_now(root_box)
+            path = str(root_path / name)
+            self._path = Path(path)
+            self._handle = handle  # the C cache's hold: its finalizer closes the cache too
+            self._sync = sync
+            self._batch = batch
+            self._max_delay = float(max_delay)
+            self._closed = False
+            self._write_method = native.WRITE_METHODS["pwrite"]  # measured faster; see README
+            self._close_lock = threading.RLock()
+            self._closing = False  # close() runs in this thread (see close())
+            self._pid = os.getpid()
+            self._max_bytes = max_bytes
+            self._pack_max = pack_max
+            self._collect_when_full = collect_when_full
+            self._handed = itertools.count(1)  # numbers hand_over()'s names: each is used once
+            self._page_class = _WatchedPage if warn_on_gc else Page
+            self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
+            self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)
+            _budget.watch(self)
+            # A multiprocessing child (fork or forkserver) leaves through os._exit, which
+            # skips atexit; multiprocessing runs its own finalizers first, so register there.
+            mp_util = sys.modules.get("multiprocessing.util")
+            if mp_util is not None:
+                mp_util.Finalize(self, self._finalizer, exitpriority=0)
+        except BaseException:
+            # Made, and an interrupt (or an error) came after: the cache closes now (its
+            # files, folder, fds and reaper), not when a kept traceback lets go of this
+            # frame. Its hold stays valid: a finalizer made already finds it closed.
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    native.cache_close(handle, str(root_path))
+            raise
 
     # -- properties -------------------------------------------------------------------
 
@@ -332,7 +342,7 @@ class PageCache:
         try:
             page._id, page._nbytes = native.write_parts(*args)
         except CacheFullError:
-            requested = [len(header) + data.nbytes]
+            requested = [len(header) + native.size_of(data)]
             page._id, page._nbytes = self._make_room(native.write_parts, args, requested, pack=False)
         return page
 

@@ -132,11 +132,21 @@ class SpillBuffer(_DistributedSpillBuffer):
             os.chmod(spill_directory, 0o700)
         super().__init__(spill_directory, target_bytes, self.max_spill)
         cache_options.setdefault("collect_when_full", False)
-        self.file = SpillFile(spill_directory, **cache_options)
-        self._closed = False
-        self._swap_store(self.file)
-        if worker_local_directory is not None:
-            _close_with_worker_soon(self, worker_local_directory)
+        file = None
+        try:
+            file = SpillFile(spill_directory, **cache_options)
+            self.file = file
+            self._closed = False
+            self._swap_store(file)
+            if worker_local_directory is not None:
+                _close_with_worker_soon(self, worker_local_directory)
+        except BaseException:
+            # closed now: a half-built distributed SpillBuffer sits in reference cycles, so
+            # its cache (folder, fds, reaper) would wait for the collector, or a kept
+            # traceback, to let it go
+            if file is not None:
+                file.close()
+            raise
 
     def _swap_store(self, file: File) -> None:
         """Put ``file`` under distributed's spill logic, in place of its zict.File (which

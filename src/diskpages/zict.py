@@ -50,9 +50,10 @@ class File(_Base[Any, Any]):
         self.lock = threading.RLock()  # as ZictBase's: held for the dict, never across I/O
         self.directory = os.fspath(directory)
         self.memmap = memmap
-        self.cache = PageCache(directory, **cache_options)
         self._pages: dict[Hashable, Page] = {}
         self._closed = False
+        # last: once it exists nothing can fail here, so no traceback keeps a cache open
+        self.cache = PageCache(directory, **cache_options)
 
     def _check_key(self, key: object) -> None:
         if not isinstance(key, (str, bytes)):
