@@ -82,6 +82,7 @@ struct dp_drain_scratch {
     char names[DRAIN_CHUNK][DP_NAME_MAX];
     char *ptrs[DRAIN_CHUNK];
     int results[DRAIN_CHUNK];
+    bool last_name[DRAIN_CHUNK]; /* a shared page's name was its file's last (nlink 1) */
     dp_page *chunk[DRAIN_CHUNK];
 };
 
@@ -150,6 +151,7 @@ struct dp_cache {
     struct dp_drain_scratch *scratch;
     struct dp_viewed *viewed; /* under drain_lock */
     size_t nviewed, viewed_cap;
+    atomic_uint_fast64_t viewed_polled_ns; /* when dp_poll_viewed last looked */
 
     /* The reaper sleeps on `wake` under `lock`; writes wake it when the first page appears
      * and close wakes it to stop. Releases never touch either: the reaper polls. */
@@ -199,6 +201,10 @@ bool dp_hold_marked_gc(dp_hold *h);
 /* record.c: a record's counted references, its file's names, the budget's charge, and the
  * cache's counted references with what its hold does on letting go (close through
  * close_locked, then put the hold's reference) */
+/* Its file may be mapped by a view that outlives the page, here or in another process (a
+ * borrower's, an inherited one, a view of an adopted link): its removal looks for the
+ * views' OFD locks (dp_borrow_view). dev:ino name the file. */
+void dp_record_share(dp_page *p, uint64_t dev, uint64_t ino);
 void dp_record_put(dp_page *p);
 void dp_part_name(uint64_t id, char *buf); /* "<id>.part": a page not yet whole */
 int dp_charge(dp_cache *c, uint64_t nbytes); /* 0 or -DP_EFULL */

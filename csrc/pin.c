@@ -12,9 +12,12 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include "internal.h"
+
+#define OVERLAYFS_MAGIC 0x794c7630 /* linux/magic.h's OVERLAYFS_SUPER_MAGIC */
 
 /* Open name (relative to dirfd) read-only, never following a symlink, and stat it: the fd,
  * or -errno with nothing open. */
@@ -79,17 +82,30 @@ int dp_open_at(int dirfd, const char *path, int directory, int *fd_box)
     return 0;
 }
 
-int dp_borrow_view(int fd, const char *path)
+/* An OFD read lock on the file open at fd, for its views: 0, 1 where the lock lives only
+ * as long as fd (overlayfs maps the file under it, so a mapping does not keep the overlay's
+ * file open), or -errno. */
+static int lock_for_views(int fd)
 {
-    /* An OFD lock belongs to the open file description, which every mapping of it keeps:
-     * it lives exactly as long as the last view made from fd (in forked children too). */
     struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
     int err;
     do
         err = fcntl(fd, F_OFD_SETLK, &lock) == 0 ? 0 : -errno;
     while (err == -EINTR);
-    if (err)
+    struct statfs fs;
+    if (!err && fstatfs(fd, &fs) == 0 && fs.f_type == OVERLAYFS_MAGIC)
+        return 1;
+    return err;
+}
+
+int dp_borrow_view(int fd, const char *path)
+{
+    /* An OFD lock belongs to the open file description, which every mapping of it keeps:
+     * it lives exactly as long as the last view made from fd (in forked children too). */
+    int err = lock_for_views(fd);
+    if (err < 0)
         return err;
+    int keep = err;
     /* The owner unlinks a page's name before it looks for locks: the name still being the
      * file, now that the lock is held, means the owner will see it when it removes it. */
     struct stat held, named;
@@ -99,7 +115,7 @@ int dp_borrow_view(int fd, const char *path)
         return errno == ENOENT ? -ENOENT : -errno;
     if (held.st_dev != named.st_dev || held.st_ino != named.st_ino)
         return -ENOENT;
-    return 0;
+    return keep;
 }
 
 void dp_page_share(dp_hold *h, uint64_t dev, uint64_t ino)
@@ -107,11 +123,7 @@ void dp_page_share(dp_hold *h, uint64_t dev, uint64_t ino)
     dp_page *p = dp_hold_enter(h, dp_page_let_go);
     if (!p)
         return;
-    if (!atomic_load(&p->shared)) { /* set once: a drain may read them from then on */
-        p->dev = dev;
-        p->ino = ino;
-    }
-    atomic_store_explicit(&p->shared, true, memory_order_release);
+    dp_record_share(p, dev, ino);
     dp_hold_leave(h, dp_page_let_go);
 }
 
@@ -292,6 +304,10 @@ int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
         else
             err = packed && forked ? copy_slot(pin, addr, nbytes)
                                    : map_pinned(pin->fd, addr, nbytes, pin->offset);
+        /* A file page's view: its mapping keeps an OFD lock, in a forked child too, where
+         * the view outlives this pin; the page's removal looks for it (dp_borrow_view). */
+        if (!err && !packed && lock_for_views(pin->fd) >= 0 && fstat(pin->fd, &st) == 0)
+            dp_record_share(p, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
         if (!err && packed && !forked) {
             pin->addr = addr;
             pin->len = (nbytes + 4095) / 4096 * 4096;

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include "internal.h"
 
 #define MIN_TICK_NS 1000000ull  /* 1 ms: the reaper never polls faster than this */
+#define VIEWED_POLL_NS 100000000ull /* 100 ms: how often the reaper reads /proc/locks */
 #define MAX_TICK_NS 10000000ull /* 10 ms: how late a full batch may be noticed */
 
 /* Set by the gc callback around each collection: the thread that runs it, named by the
@@ -174,14 +176,31 @@ int dp_builder_fd(dp_hold *h)
     return fd;
 }
 
-/* The OFD read locks of the system, from /proc/locks (proc(5)): a borrower's view holds one
- * on its page's file for as long as the view's mapping lives (dp_borrow_view). Read only
- * when a pickled page's file goes, or while one removed is still viewed: a file that is not
- * open here needs no fd of ours to be looked up, so removal opens nothing. NULL: none, or
- * /proc is not there (then views are not seen, as before this was counted). */
-static char *read_locks(void)
+/* The files that OFD read locks are on, from /proc/locks (proc(5)), sorted: a borrower's
+ * view holds one on its page's file for as long as the view's mapping lives
+ * (dp_borrow_view). Read only when a pickled page's file goes, or while one removed is
+ * still viewed (at most every VIEWED_POLL_NS on the reaper's ticks): a file that is not
+ * open here needs no fd of ours to be looked up, so removal opens nothing. n = 0: none, or
+ * /proc is not there (then views are not seen). */
+struct locked_file {
+    uint64_t dev, ino;
+};
+struct locks {
+    size_t n;
+    struct locked_file *files;
+};
+
+static int by_file(const void *a, const void *b)
 {
-    int fd = open("/proc/locks", O_RDONLY | O_CLOEXEC);
+    const struct locked_file *x = a, *y = b;
+    if (x->dev != y->dev)
+        return x->dev < y->dev ? -1 : 1;
+    return x->ino < y->ino ? -1 : x->ino > y->ino;
+}
+
+static char *read_all(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return NULL;
     size_t cap = 4096, len = 0;
@@ -195,10 +214,8 @@ static char *read_locks(void)
         len += (size_t)n;
         if (len + 1 == cap) {
             char *more = realloc(buf, cap *= 2);
-            if (!more) {
+            if (!more)
                 free(buf);
-                buf = NULL;
-            }
             buf = more;
         }
     }
@@ -208,25 +225,45 @@ static char *read_locks(void)
     return buf;
 }
 
-/* Whether an OFD read lock in `locks` (read_locks) is on the file dev:ino. A line reads
- * "<n>: OFDLCK ADVISORY READ -1 <major>:<minor>:<inode> <start> <end>" (major and minor in
- * hex, as the kernel prints the file system's device). */
-static bool viewed_by_borrower(const char *locks, uint64_t dev, uint64_t ino)
+/* A line reads "<n>: OFDLCK ADVISORY READ -1 <major>:<minor>:<inode> <start> <end>" (major
+ * and minor in hex, as the kernel prints the file system's device); other kinds of lock
+ * are skipped before they are parsed. */
+static struct locks read_locks(void)
 {
-    for (const char *line = locks; line && *line;) {
-        char kind[16], mode[16];
+    struct locks out = {0, NULL};
+    char *text = read_all("/proc/locks");
+    size_t cap = 0;
+    for (char *line = text; line && *line;) {
+        char *end = strchr(line, '\n');
+        if (end)
+            *end = '\0';
+        char *kind = strstr(line, "OFDLCK");
         unsigned major, minor;
         unsigned long long inode;
-        if (sscanf(line, "%*[^:]: %15s %*s %15s %*s %x:%x:%llu", kind, mode, &major, &minor,
-                   &inode) == 5 &&
-            strcmp(kind, "OFDLCK") == 0 && strcmp(mode, "READ") == 0 && inode == ino &&
-            makedev(major, minor) == dev)
-            return true;
-        line = strchr(line, '\n');
-        if (line)
-            line++;
+        if (kind && strstr(kind, " READ ") &&
+            sscanf(kind, "OFDLCK %*s READ %*s %x:%x:%llu", &major, &minor, &inode) == 3) {
+            if (out.n == cap) {
+                cap = cap ? 2 * cap : 64;
+                struct locked_file *more = realloc(out.files, cap * sizeof *more);
+                if (!more)
+                    break;
+                out.files = more;
+            }
+            out.files[out.n++] = (struct locked_file){makedev(major, minor), inode};
+        }
+        line = end ? end + 1 : NULL;
     }
-    return false;
+    free(text);
+    if (out.n)
+        qsort(out.files, out.n, sizeof *out.files, by_file);
+    return out;
+}
+
+/* Whether an OFD read lock is on the file dev:ino. */
+static bool viewed_by_borrower(const struct locks *locks, uint64_t dev, uint64_t ino)
+{
+    struct locked_file key = {dev, ino};
+    return locks->n && bsearch(&key, locks->files, locks->n, sizeof key, by_file) != NULL;
 }
 
 /* A removed file that a borrower maps: kept in `viewed`, with a pin of its own, until the
@@ -251,10 +288,13 @@ void dp_poll_viewed(dp_cache *c, bool all)
 {
     if (c->nviewed == 0)
         return;
-    char *locks = all ? NULL : read_locks();
+    struct locks locks = {0, NULL};
+    if (!all)
+        locks = read_locks();
+    atomic_store_explicit(&c->viewed_polled_ns, dp_now_ns(), memory_order_relaxed);
     for (size_t i = 0; i < c->nviewed;) {
         dp_page *p = c->viewed[i].rec;
-        if (locks && viewed_by_borrower(locks, p->dev, p->ino)) {
+        if (viewed_by_borrower(&locks, p->dev, p->ino)) {
             i++;
             continue;
         }
@@ -262,7 +302,7 @@ void dp_poll_viewed(dp_cache *c, bool all)
         dp_unpin(p, false); /* the view's pin: its bytes are free (uncharged) now */
         dp_record_put(p);
     }
-    free(locks);
+    free(locks.files);
 }
 
 /* Remove one chunk of records' files and retire the records; returns how many files
@@ -275,14 +315,22 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
         /* an unsealed builder's file, where there is no O_TMPFILE, has its .part name */
         (recs[i]->part ? dp_part_name : dp_page_name)(recs[i]->id, s->names[i]);
         s->ptrs[i] = s->names[i];
+        /* A view of a file with another name (a page adopted from this one, a handed name)
+         * holds nothing this removal frees: that name's owner counts it. */
+        struct stat st;
+        s->last_name[i] = atomic_load_explicit(&recs[i]->shared, memory_order_acquire) &&
+                          fstatat(c->dirfd, s->names[i], &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                          st.st_nlink == 1;
     }
     dp_remove_names(c->remover, c->dirfd, s->ptrs, n, s->results);
     /* A pickled page's file may be mapped by a borrower: now that its name is gone, look
      * for the borrower's lock (dp_borrow_view says why in this order). */
-    char *locks = NULL;
-    for (size_t i = 0; i < n && !locks; i++)
-        if (atomic_load_explicit(&recs[i]->shared, memory_order_acquire) && s->results[i] == 0)
+    struct locks locks = {0, NULL};
+    for (size_t i = 0; i < n; i++)
+        if (s->last_name[i] && s->results[i] == 0) {
             locks = read_locks();
+            break;
+        }
     atomic_store_explicit(&c->remover_kind, dp_remover_kind(c->remover), memory_order_relaxed);
     for (size_t i = 0; i < n; i++) {
         /* ENOENT: someone removed it under us; the file is gone either way. */
@@ -295,8 +343,8 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
         if (s->results[i] == 0 || s->results[i] == -ENOENT) {
             removed++;
             atomic_fetch_add(&c->removed, 1);
-            if (locks && atomic_load_explicit(&recs[i]->shared, memory_order_acquire) &&
-                viewed_by_borrower(locks, recs[i]->dev, recs[i]->ino) && keep_viewed(c, recs[i])) {
+            if (s->last_name[i] && viewed_by_borrower(&locks, recs[i]->dev, recs[i]->ino) &&
+                keep_viewed(c, recs[i])) {
                 dp_unpin(recs[i], true); /* pinned now: the borrower's view holds a pin */
                 atomic_fetch_sub(&c->pending, 1);
                 continue; /* the removal's reference goes with the view (dp_poll_viewed) */
@@ -308,6 +356,7 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
         atomic_fetch_sub(&c->pending, 1);
         dp_record_put(recs[i]); /* never the cache's last reference: its hold has one */
     }
+    free(locks.files);
     return removed;
 }
 
@@ -434,7 +483,10 @@ void *dp_reaper_main(void *arg)
         }
         pthread_mutex_unlock(&c->lock);
         dp_trim(c); /* cheap unless freed slots hold far more blocks than needed */
-        if (atomic_load(&c->pinned)) { /* some may be files that borrowers' views held */
+        /* some pinned pages may be files that borrowers' views hold: look again, now and
+         * then (reading /proc/locks costs what the system's locks number) */
+        uint64_t polled = atomic_load_explicit(&c->viewed_polled_ns, memory_order_relaxed);
+        if (atomic_load(&c->pinned) && dp_now_ns() - polled >= VIEWED_POLL_NS) {
             pthread_mutex_lock(&c->drain_lock);
             dp_poll_viewed(c, false);
             pthread_mutex_unlock(&c->drain_lock);

@@ -61,6 +61,15 @@ void dp_cache_let_go(void *ptr)
     dp_cache_put(c);
 }
 
+void dp_record_share(dp_page *p, uint64_t dev, uint64_t ino)
+{
+    if (!atomic_load(&p->shared)) { /* set once: a drain may read them from then on */
+        p->dev = dev;
+        p->ino = ino;
+    }
+    atomic_store_explicit(&p->shared, true, memory_order_release);
+}
+
 void dp_record_put(dp_page *p)
 {
     /* acq_rel: the last owner must see every write the other owner made before freeing. */

@@ -370,7 +370,9 @@ static int adopt(dp_cache *c, int src, size_t nbytes, const char *handed, dp_hol
     } else {
         dp_cache_get(c); /* the record's reference, put when the record is freed */
         linked = dp_link_page(c, rec, src) == 0;
-        if (!linked) {
+        if (linked) /* the file another cache had: views of it may be out there */
+            dp_record_share(rec, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
+        else {
             free(rec);
             dp_cache_put(c);
             int fd = dp_open_new_page(c, nbytes, O_WRONLY, &rec);

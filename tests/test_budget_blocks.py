@@ -196,3 +196,88 @@ def test_a_borrower_cannot_view_a_page_its_owner_removed(tmp_path):
         cache.remove_released()
         with pytest.raises(PageLostError):
             borrowed.view()
+
+
+def test_a_view_through_a_handed_over_page_counts_where_it_was_adopted(tmp_path):
+    with (
+        PageCache(tmp_path / "w", pack_max=0) as writer,
+        PageCache(tmp_path / "r", pack_max=0, max_bytes=4 * MiB, max_delay=0.01) as receiver,
+    ):
+        page = writer.write(b"h" * (3 * MiB))
+        handle = pickle.loads(pickle.dumps(page.hand_over()))
+        view = handle.view()  # a borrower's view of the handed name
+        del page
+        writer.remove_released()
+        adopted = receiver.adopt(handle)  # the same file, linked
+        del adopted
+        receiver.remove_released()
+        assert receiver.stats().pinned_bytes == 3 * MiB
+        with pytest.raises(CacheFullError, match="held by views"):
+            receiver.write(b"z" * (2 * MiB))
+        del view
+        assert wait_until(lambda: receiver.stats().pinned == 0)
+
+
+def test_an_owners_view_inherited_by_a_forked_child_stays_counted(tmp_path):
+    with PageCache(tmp_path, pack_max=0, max_bytes=2 * MiB, max_delay=0.01) as cache:
+        page = cache.write(b"v" * MiB)
+        view = page.view()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child keeps its copy of the view until told
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0 if bytes(view[:2]) == b"vv" else 1)
+        os.close(r)
+        try:
+            del view
+            page.release()
+            cache.remove_released()
+            assert (cache.stats().pinned, cache.stats().pinned_bytes) == (1, MiB)
+            with pytest.raises(CacheFullError):
+                cache.write(b"w" * (2 * MiB))
+        finally:
+            os.write(w, b"x")
+            os.close(w)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert wait_until(lambda: cache.stats().pinned == 0)
+        cache.write(b"w" * (2 * MiB))
+
+
+def test_a_view_of_an_adopted_link_does_not_pin_the_original(tmp_path):
+    """Both names are one file: the view holds nothing the original's removal frees."""
+    with PageCache(tmp_path, pack_max=0) as cache:
+        original = cache.write(b"o" * 10_000)
+        pickle.dumps(original)  # shared: its removal looks for views
+        adopted = cache.adopt(original)
+        view = pickle.loads(pickle.dumps(adopted)).view()
+        original.release()
+        cache.remove_released()
+        assert cache.stats().pinned == 0
+        assert bytes(view[:1]) == b"o"
+
+
+def test_a_borrowers_view_on_overlayfs_counts(tmp_path):
+    """overlayfs maps the file under it, so a mapping does not keep the overlay file's OFD
+    lock: the view keeps the fd it locked with instead."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting an overlay needs root")
+    for d in ("lower", "upper", "work", "merged"):
+        (tmp_path / d).mkdir()
+    merged = tmp_path / "merged"
+    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work"
+    if subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)]).returncode:
+        pytest.skip("no overlayfs here")
+    try:
+        merged.chmod(0o700)
+        with PageCache(merged / "root", pack_max=0, max_bytes=2 * MiB, max_delay=0.01) as cache:
+            page = cache.write(b"x" * MiB)
+            view = pickle.loads(pickle.dumps(page)).view()
+            page.release()
+            cache.remove_released()
+            assert cache.stats().pinned_bytes == MiB
+            del view
+            assert wait_until(lambda: cache.stats().pinned == 0)
+    finally:
+        subprocess.run(["umount", str(merged)])

@@ -142,3 +142,21 @@ def test_a_full_spill_then_a_collection(tmp_path, caplog):
         assert all(map(resizable, [v for k, v in buf.fast.items()]))
     finally:
         buf.close()
+
+
+def test_an_empty_array_on_a_full_budget_is_a_full_budget(tmp_path):
+    np = pytest.importorskip("numpy")
+    with PageCache(tmp_path, max_bytes=4 * KiB, collect_when_full=False) as cache:
+        kept = cache.write(b"x")  # one 4 KiB slot: the whole budget
+        with pytest.raises(CacheFullError):
+            cache.write_array(np.zeros(0, np.uint8))
+        del kept
+
+
+def test_a_released_memoryview_says_so(tmp_path):
+    with PageCache(tmp_path) as cache:
+        view = memoryview(b"abc")
+        view.release()
+        for call, arg in ((cache.write, view), (cache.write_many, [view]), (cache.write_parts, [view])):
+            with pytest.raises(ValueError, match="released"):
+                call(arg)

@@ -488,16 +488,20 @@ class BorrowedPage(_Readable):
         if self._slot is not None:
             return memoryview(self.read())
         box = self._open()
+        keep = None
         try:
             # the view counts in the owner's stats() and max_bytes until it dies, even
             # after the owner released the page (csrc/diskpages.h, dp_borrow_view)
-            if self._nbytes and not native.borrow_view(box[0], str(self._path)):
+            locked = native.borrow_view(box[0], str(self._path)) if self._nbytes else True
+            if locked is False:
                 raise PageLostError(
                     f"borrowed page {self._id}: {self._path} is gone (its owner released it or exited)"
                 )
-            return map_read_only(box[0], self._nbytes, self._path)
+            keep = box if locked is None else None  # overlayfs: the lock goes with the fd
+            return map_read_only(box[0], self._nbytes, self._path, keep)
         finally:
-            native.drop_now(box)
+            if keep is None:
+                native.drop_now(box)
 
     def __reduce__(self) -> Any:
         return BorrowedPage._load, (

@@ -27,16 +27,26 @@ def map_shared(fd: int, nbytes: int) -> mmap.mmap | None:
 HUGE = 2 * 1024 * 1024
 
 
-def map_read_only(fd: int, nbytes: int, path: Path) -> memoryview:
+class HeldMapping(mmap.mmap):
+    """A placeholder mapping that also keeps an fd box open for as long as it lives: a
+    borrower's file on overlayfs, whose view's OFD lock would go with the fd (see
+    _bindings.borrow_view)."""
+
+    __slots__ = ("_box",)
+
+
+def map_read_only(fd: int, nbytes: int, path: Path, keep: Any = None) -> memoryview:
     """A read-only view of a shared mapping of fd, held by an mmap.mmap object, so Python's
     read-only and export rules apply, but without the fd that mmap.mmap(fd, ...) keeps open
     for its whole life: we map a private read-only anonymous placeholder through mmap.mmap
     (which costs no memory commit) and put the file's pages over it in C (MAP_FIXED). For a
     large page the placeholder is 2 MiB longer, and the file goes at its first 2 MiB
-    boundary. The mapping goes when the last view of it dies."""
+    boundary. The mapping goes when the last view of it dies; ``keep``, an fd box, goes
+    with it."""
     if nbytes == 0:
         return memoryview(b"")  # mmap cannot map zero bytes; an empty page needs no mapping
-    mapping = placeholder(nbytes)
+    mapping = placeholder(nbytes, HeldMapping)
+    mapping._box = keep
     skip = native.map_fixed(fd, mapping, nbytes, str(path), align=HUGE if nbytes >= HUGE else 1)
     return view_of(mapping, skip, nbytes)
 
