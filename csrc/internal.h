@@ -53,7 +53,7 @@ typedef struct dp_pin {
 /* pack.c: one segment file per size class, made at the first page of that class. Its lock
  * guards the bitmaps and the file's growth; writers, the drain and the trim take it
  * briefly, never around a write of page bytes, and never on the release path. */
-#define DP_CLASSES 28
+#define DP_CLASSES 48
 struct dp_segment {
     pthread_mutex_t lock;
     uint64_t slot_size;
