@@ -220,6 +220,7 @@ class Mounts:
         if name == EXT4_JOURNAL:
             images = self.base / "images"
             images.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.undo.append(("rmdir", str(images)))  # once empty (another session's may not be)
             image = images / f"ext4-journal-{os.getpid()}-{uuid.uuid4().hex[:8]}.img"
             with open(image, "xb") as f:
                 f.truncate(IMAGE_BYTES)

@@ -199,7 +199,29 @@ def headlines(data: dict) -> list[str]:
         if g["extra_info"]["state"] == "fresh":
             ratio = fmt_ratio(pair_ratio(g, "diskpages Page", "naive __del__ + os.unlink"))
             lines.append(f"dropping a page, fresh: ÷ naive __del__ + os.unlink {ratio}")
+    # dask: what a worker's event loop pays to delete spilled keys, and a cluster's wall time
+    for g in groups_of(data, "dask_delete"):
+        e = g["extra_info"]
+        if e.get("data") == "written back" and e.get("fs") == "thisdisk":
+            ratio = fmt_ratio(pair_ratio(g, "diskpages", "distributed"))
+            what = "dask: deleting spilled 64 KiB keys, the caller's time"
+            lines.append(f"{what}: ÷ distributed's buffer {ratio}")
+    for g in groups_of(data, "dask_cluster"):
+        e = g["extra_info"]
+        ratio = fmt_ratio(pair_ratio(g, "diskpages", "distributed"))
+        lines.append(
+            f"dask: a LocalCluster's wall time, {e['total_bytes'] >> 20} MiB in {e['chunk'] >> 10} KiB "
+            f"chunks, spill {e['spill']}: ÷ distributed's buffer {ratio}"
+        )
     return lines
+
+
+LEGEND = (
+    "fresh: a part of the disk nobody deleted from lately; steady: a block group whose free inodes "
+    "were all just deleted, where every create scans the group, as in any job that makes and drops "
+    "more than ~25 files a second; C floor: the same system calls from C with no Python, the least "
+    "any library can pay (REPORT.md says more)"
+)
 
 
 def summary(data: dict, report: Path) -> str:
@@ -211,6 +233,7 @@ def summary(data: dict, report: Path) -> str:
     if lines:
         out.append("diskpages' time ÷ the other's, median over rounds ± half the IQR (below 1: faster):")
         out += [f"  {line}" for line in lines]
+        out.append(LEGEND)
     out.append(f"report (every table; plots beside it): {report}")
     return "\n".join(out)
 
