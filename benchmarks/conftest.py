@@ -96,6 +96,10 @@ def bench_root():
     SPREAD["ok"] = diskstate.spread_subfolders(root)
     yield root
     diskstate.remove_tree(root)
+    try:
+        base.rmdir()  # nothing left in the temp folder: the base goes too, once empty
+    except OSError:
+        pass  # another session's folders, or images, are still in it
 
 
 @pytest.fixture(scope="session")
