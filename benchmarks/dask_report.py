@@ -1,6 +1,7 @@
 """The tables of benchmarks/results/dask/REPORT.md from a run of test_dask_spill.py.
 
 python -m pytest benchmarks/test_dask_spill.py --benchmark-json=bench-dask.json
+python -m pytest benchmarks/test_dask_memory.py --benchmark-json=bench-memory.json
 python benchmarks/dask_report.py bench-dask.json [more.json]   # prints Markdown
 
 Every ratio is ours over distributed's SpillBuffer: the median over rounds of the two
@@ -162,6 +163,55 @@ def cluster_table(data: dict, out: list[str]) -> None:
     )
 
 
+def memory_table(data: dict, out: list[str]) -> None:
+    """test_dask_memory.py: wall time, "Pausing worker" warnings, peak RSS and peak spill
+    disk of the same job on distributed's buffer and on ours."""
+    for g in groups_of(data, "dask_memory"):
+        e = g["extra_info"]
+        out.append(
+            f"\n### Memory parity: (x + x.T).sum(0), {e['total_bytes'] / 1e9:.2g} GB in {e['chunks']:,} "
+            f"chunks of {e['chunk_bytes'] / 1e3:.0f} KB, {e['workers']} workers "
+            f"({'processes' if e['processes'] else 'threads'}) of {e['memory_limit'] / 1e6:.0f} MB\n\n"
+        )
+        head = ["", "wall", "pauses a run", "pauses in all", "peak RSS", "peak spill disk"]
+        rows = []
+        memory = e["memory"]
+        for name in (BASELINE, OURS):
+            m = memory[name]
+            rows.append(
+                [
+                    name,
+                    fmt_time(e["contenders"][name]["median_s"]),
+                    ", ".join(str(r["pauses"]) for r in m["rounds"]),
+                    f"{m['pauses_total']}",
+                    f"{m['peak_rss'] / 1e6:.0f} MB",
+                    f"{m['peak_spill_disk'] / 1e6:.0f} MB",
+                ]
+            )
+        base, ours = memory[BASELINE], memory[OURS]
+
+        def over(key: str, base: dict = base, ours: dict = ours) -> str:
+            return f"{ours[key] / base[key]:.2f}" if base[key] else "–"
+
+        rows.append(
+            [
+                "**÷ distributed**",
+                fmt_ratio(pair_ratio(g, OURS, BASELINE)),
+                "",
+                "",
+                over("peak_rss"),
+                over("peak_spill_disk"),
+            ]
+        )
+        out.append(table(head, rows, "l" + "r" * 5))
+        out.append(
+            f"\nMedians over {len(base['rounds'])} rounds (a new cluster each), alternating; "
+            '*pauses*: the workers\' "Pausing worker" warnings (RSS over 0.8 of the limit), per '
+            "round in order; *peak RSS*: of either worker, sampled every 10 ms; *peak spill "
+            "disk*: st_blocks under the workers' folders, every 100 ms.\n"
+        )
+
+
 def per_op(rounds: list[dict], seconds: str, count: str) -> str:
     """The median over rounds of ``seconds`` per ``count`` (runs from before these were
     recorded: –)."""
@@ -187,6 +237,7 @@ def render(runs: list[dict]) -> str:
     spill_tables(data, out)
     delete_table(data, out)
     cluster_table(data, out)
+    memory_table(data, out)
     return "".join(out)
 
 
