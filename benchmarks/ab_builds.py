@@ -22,7 +22,8 @@ CHILD = textwrap.dedent(
     """
     import gc, json, sys, time, tempfile
     from diskpages import PageCache
-    cache = PageCache(tempfile.mkdtemp(prefix="ab-"), max_delay=0.01)
+    root = tempfile.TemporaryDirectory(prefix="ab-")
+    cache = PageCache(root.name, max_delay=0.01)
     data = b"x" * 4096
     n = int(sys.argv[1])
     write = cache.write
@@ -39,6 +40,7 @@ CHILD = textwrap.dedent(
         cache.remove_released()
         print(json.dumps({"write and drop": (t1 - t0) / n, "drop": (t3 - t2) / n}), flush=True)
     cache.close()
+    root.cleanup()
     """
 )
 

@@ -221,7 +221,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     command = " ".join([*(f"{k}={v}" for k, v in sorted(env.items())), "python -m pytest"])
     command += " " + shlex.join(sys.argv[1:])
     base = bench_base()
+    made = not base.exists()  # (at the end of a run the session removed it already)
     base.mkdir(parents=True, exist_ok=True)
+    try:
+        filesystem = diskstate.filesystem_info(base)
+    finally:
+        if made:
+            base.rmdir()
     machine_info["diskpages_bench"] = {
         "mode": MODE,
         "whole_suite": _whole_suite(config),
@@ -231,7 +237,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "kernel": platform.release(),
         "python": platform.python_version(),
         "bench_root": str(base),
-        "filesystem": diskstate.filesystem_info(base),
+        "filesystem": filesystem,
         "folders_spread": SPREAD["ok"],
         "filesystems": {
             name: filesystems.INFO.get(name, {"skipped": "not used"}) for name in filesystems.NAMES

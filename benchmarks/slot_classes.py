@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=4000)
     parser.add_argument("--root", default=None, help="where the caches go (default: a temp folder)")
     args = parser.parse_args()
-    root = args.root or tempfile.mkdtemp(prefix="slot-classes-")
+    temp = tempfile.TemporaryDirectory(prefix="slot-classes-") if args.root is None else None
+    root = args.root or temp.name  # type: ignore[union-attr]
     for name, sizes in mixes(args.pages).items():
         with PageCache(root) as cache:
             pages = [cache.write(b"\1" * n) for n in sizes]
@@ -59,6 +60,8 @@ def main() -> None:
                 f"ratio {on_disk / as_files:.3f}, {segments} segments"
             )
             del pages
+    if temp is not None:
+        temp.cleanup()
 
 
 if __name__ == "__main__":
