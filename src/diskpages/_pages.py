@@ -483,8 +483,10 @@ class BorrowedPage(_Readable):
         owner's page is released and removed) and against its ``max_bytes`` until the view
         and every view or array derived from it die, in whatever process the view is (a
         forked child's copy included), by an OFD lock that the view's mapping keeps: the
-        owner looks for it when it removes the page's file. PageLostError if the owner
-        removed the page already."""
+        owner looks for it (in /proc/locks) when it removes the page's file. On overlayfs the
+        view keeps the fd it locked with. Not counted: where /proc is not mounted, and on a
+        file system whose stat() device differs from the one /proc/locks names (btrfs
+        subvolumes). PageLostError if the owner removed the page already."""
         if self._slot is not None:
             return memoryview(self.read())
         box = self._open()
