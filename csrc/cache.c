@@ -234,9 +234,9 @@ static void count_handed(dp_cache *c, dp_stats *out)
     pthread_mutex_lock(&c->lock);
     for (size_t i = 0; i < c->nhanded;) {
         struct stat st;
-        int rc = fstatat(c->dirfd, c->handed[i].name, &st, AT_SYMLINK_NOFOLLOW);
+        int rc = fstatat(c->dirfd, c->handed[i], &st, AT_SYMLINK_NOFOLLOW);
         if (rc != 0 && errno == ENOENT) {
-            free(c->handed[i].name); /* adopted: its receiver unlinked it */
+            free(c->handed[i]); /* adopted: its receiver unlinked it */
             c->handed[i] = c->handed[--c->nhanded];
             continue;
         }
@@ -251,7 +251,7 @@ static void count_handed(dp_cache *c, dp_stats *out)
 static void forget_handed(dp_cache *c)
 {
     for (size_t i = 0; i < c->nhanded; i++)
-        free(c->handed[i].name);
+        free(c->handed[i]);
     free(c->handed);
     c->handed = NULL;
     c->nhanded = c->handed_cap = 0;

@@ -86,13 +86,6 @@ struct dp_drain_scratch {
     dp_page *chunk[DRAIN_CHUNK];
 };
 
-/* A removed page file that a borrower still maps (its open file description holds an OFD
- * read lock, which lives as long as a mapping of it): its record keeps a pin, so its bytes
- * stay pinned and charged, until the lock is gone (dp_poll_viewed). Under drain_lock. */
-struct dp_viewed {
-    dp_page *rec;
-};
-
 struct dp_cache {
     /* Who keeps this memory: the hold of the Python PageCache, and every record. The last
      * one out frees it (dp_cache_put); the hold closes it before it lets go. */
@@ -149,7 +142,11 @@ struct dp_cache {
     dp_remover *remover; /* NULL once closed */
     atomic_int remover_kind; /* what it is, for stats without the lock (a ring can fail) */
     struct dp_drain_scratch *scratch;
-    struct dp_viewed *viewed; /* under drain_lock */
+    /* Removed page files that a borrower still maps (its open file description holds an
+     * OFD read lock, which lives as long as a mapping of it): each record keeps a pin, so
+     * its bytes stay pinned and charged, until the lock is gone (dp_poll_viewed). Under
+     * drain_lock. */
+    dp_page **viewed;
     size_t nviewed, viewed_cap;
     atomic_uint_fast64_t viewed_polled_ns; /* when dp_poll_viewed last looked */
 
@@ -165,7 +162,7 @@ struct dp_cache {
 
     /* Names dp_hand_over made that may still be there (adopt unlinks them), under `lock`:
      * stats counts the ones that are, and forgets the others. */
-    struct dp_handed { char *name; } *handed;
+    char **handed;
     size_t nhanded, handed_cap;
 };
 

@@ -273,14 +273,14 @@ static bool keep_viewed(dp_cache *c, dp_page *p)
 {
     if (c->nviewed == c->viewed_cap) {
         size_t cap = c->viewed_cap ? 2 * c->viewed_cap : 16;
-        struct dp_viewed *more = realloc(c->viewed, cap * sizeof *more);
+        dp_page **more = realloc(c->viewed, cap * sizeof *more);
         if (!more)
             return false;
         c->viewed = more;
         c->viewed_cap = cap;
     }
     atomic_fetch_add(&p->pins, 1); /* above 0 still: the page's own pin is not yet dropped */
-    c->viewed[c->nviewed++] = (struct dp_viewed){p};
+    c->viewed[c->nviewed++] = p;
     return true;
 }
 
@@ -293,7 +293,7 @@ void dp_poll_viewed(dp_cache *c, bool all)
         locks = read_locks();
     atomic_store_explicit(&c->viewed_polled_ns, dp_now_ns(), memory_order_relaxed);
     for (size_t i = 0; i < c->nviewed;) {
-        dp_page *p = c->viewed[i].rec;
+        dp_page *p = c->viewed[i];
         if (viewed_by_borrower(&locks, p->dev, p->ino)) {
             i++;
             continue;

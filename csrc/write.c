@@ -495,7 +495,7 @@ static int remember_handed(dp_cache *c, const char *name)
     pthread_mutex_lock(&c->lock);
     if (c->nhanded == c->handed_cap) {
         size_t cap = c->handed_cap ? 2 * c->handed_cap : 16;
-        struct dp_handed *more = realloc(c->handed, cap * sizeof *more);
+        char **more = realloc(c->handed, cap * sizeof *more);
         if (!more) {
             pthread_mutex_unlock(&c->lock);
             free(copy);
@@ -504,7 +504,7 @@ static int remember_handed(dp_cache *c, const char *name)
         c->handed = more;
         c->handed_cap = cap;
     }
-    c->handed[c->nhanded++].name = copy;
+    c->handed[c->nhanded++] = copy;
     pthread_mutex_unlock(&c->lock);
     return 0;
 }

@@ -4,6 +4,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,36 @@ def interrupted_at(call, k: int):
         return None, e
     finally:
         sys.settrace(None)
+
+
+class HeldCollection:
+    """A cycle collection that another thread runs and holds open: one of its finalizers
+    waits until ``end()``. ``start()`` returns once it is inside the collection."""
+
+    def __init__(self) -> None:
+        self.inside, self.ended = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._collect)
+
+    def _collect(self) -> None:
+        held = self
+
+        class Waits:
+            def __del__(self):
+                held.inside.set()
+                held.ended.wait(30)
+
+        w = Waits()
+        w.cycle = w
+        del w
+        gc.collect()
+
+    def start(self) -> None:
+        self.thread.start()
+        assert self.inside.wait(10), "the other thread's collection never started"
+
+    def end(self) -> None:
+        self.ended.set()
+        self.thread.join()
 
 
 def warm_up_tracer() -> None:

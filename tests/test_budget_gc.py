@@ -13,6 +13,7 @@ import pytest
 from diskpages import CacheFullError, PageCache, PageCacheError
 
 from conftest import (
+    HeldCollection,
     files_in,
     packing_irrelevant,
     page_count_on_disk,
@@ -206,32 +207,18 @@ def test_over_budget_write_gives_up_when_another_collection_outlasts_the_wait(ro
     from diskpages import _budget
 
     monkeypatch.setattr(_budget, "COLLECT_WAIT", 0.2)
-    in_finalizer, finished = threading.Event(), threading.Event()
-
-    class Stuck:
-        def __del__(self):
-            in_finalizer.set()
-            finished.wait(30)
-
-    def collect_stuck():
-        s = Stuck()
-        s.me = s
-        del s
-        gc.collect()
 
     with PageCache(root, max_bytes=64 * 1024, max_delay=3600, batch=2**31 - 1) as cache:
-        other = threading.Thread(target=collect_stuck)
+        other = HeldCollection()
         other.start()
         try:
-            assert in_finalizer.wait(10)
             for _ in range(16):
                 cyclic(cache, b"c" * 4096)  # freed only by a collection that starts later
             with pytest.raises(CacheFullError):
                 cache.write(b"n" * 4096)
-            gave_up_while_stuck = not finished.is_set() and other.is_alive()
+            gave_up_while_stuck = not other.ended.is_set() and other.thread.is_alive()
         finally:
-            finished.set()
-            other.join()
+            other.end()
         assert gave_up_while_stuck
         assert cache.write(b"n" * 4096).read() == b"n" * 4096  # and works once it has ended
 

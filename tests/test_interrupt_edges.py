@@ -9,7 +9,6 @@ import gc
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from diskpages import PageCache
 
-from conftest import Interrupt, interrupted_at, wait_until, warm_up_tracer
+from conftest import HeldCollection, Interrupt, interrupted_at, wait_until, warm_up_tracer
 
 pytestmark = pytest.mark.lifetime
 warm_up_tracer()
@@ -256,28 +255,13 @@ def test_an_interrupted_end_of_collection_leaves_no_thread_marked_collecting(roo
             sys.settrace(None)
             sys.unraisablehook = old_hook
         # a collection in another thread, while this thread drops a page
-        inside, dropped = threading.Event(), threading.Event()
-
-        class Waits:
-            def __del__(self):
-                inside.set()
-                dropped.wait(10)
-
-        def collect():
-            w = Waits()
-            w.cycle = w
-            del w
-            gc.collect()
-
         page = cache.write(b"d" * 100)
-        t = threading.Thread(target=collect)
-        t.start()
-        assert inside.wait(10)
+        other = HeldCollection()
+        other.start()
         before = cache.stats()
         del page  # by refcount, in a thread that is not collecting
         after = cache.stats()
-        dropped.set()
-        t.join()
+        other.end()
         assert after.released_by_refcount == before.released_by_refcount + 1
         assert after.released_by_gc == before.released_by_gc
         assert not native.gc_collecting()

@@ -9,7 +9,7 @@ import errno as _errno
 import os
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ._native import ffi, lib
@@ -146,19 +146,22 @@ def cache_stats(cache: Hold) -> dict[str, int]:
     return {name: getattr(out, name) for name, _ in ffi.typeof("dp_stats").fields}
 
 
-def as_buffer(data: Any) -> Any:
-    """A cdata over any C-contiguous bytes-like object; TypeError for anything else. It
-    holds an export of ``data`` until released: every caller releases it before it returns
-    or raises (``with``, or _release in a ``finally``), so no traceback, frame or
-    reference cycle keeps the caller's buffer exported (CPython 3.12 before 3.12.7 could
-    crash clearing such a cycle: gh-77894)."""
+def as_buffer(data: Any, writable: bool = False) -> Any:
+    """A cdata over any C-contiguous bytes-like object (``writable``: and writable);
+    TypeError for anything else. It holds an export of ``data`` until released: every
+    caller releases it before it returns or raises (``with``, or _release in a
+    ``finally``), so no traceback, frame or reference cycle keeps the caller's buffer
+    exported (CPython 3.12 before 3.12.7 could crash clearing such a cycle: gh-77894)."""
     try:
-        return ffi.from_buffer(data)
+        return ffi.from_buffer(data, require_writable=writable)
     except TypeError:
         raise TypeError(f"a bytes-like object is required, not {type(data).__name__!r}") from None
     except ValueError as e:  # a released memoryview, say
         raise ValueError(f"the {type(data).__name__} cannot be read: {e}") from None
     except BufferError:
+        if writable and memoryview(data).readonly:
+            what = type(data).__name__
+            raise TypeError(f"readinto() needs a writable buffer, not a read-only {what}") from None
         raise BufferError(f"the {type(data).__name__} is not C-contiguous") from None
 
 
@@ -169,12 +172,13 @@ def as_buffer(data: Any) -> Any:
 _release = ffi.release
 
 
-def buffers_of(objs: Iterable[Any], into: list[Any]) -> list[Any]:
-    """as_buffer() of each object, appended to ``into`` as it is made, so that the
-    caller's ``finally`` releases every one made (see _release), even when a later one
-    raises; returns ``into``."""
-    into += map(as_buffer, objs)
-    return into
+def _c_parts(bufs: list[Any]) -> tuple[Any, Any, list[int]]:
+    """The C arrays of as_buffer()'s cdatas: their addresses and sizes (NULL, NULL for
+    none), and the sizes as a list."""
+    sizes = [len(b) for b in bufs]
+    if not bufs:
+        return ffi.NULL, ffi.NULL, sizes
+    return ffi.new("void *[]", bufs), ffi.new("size_t[]", sizes), sizes
 
 
 def charge_for(cache: Hold, nbytes: int, pack: bool) -> int:
@@ -191,16 +195,7 @@ def size_of(data: Any) -> int:
 def writable(target: Any, nbytes: int, what: str) -> Any:
     """A cdata over the caller's writable, C-contiguous buffer, checked to take nbytes;
     the caller releases it (``with``)."""
-    try:
-        buf = ffi.from_buffer(target, require_writable=True)
-    except TypeError:
-        raise TypeError(f"a bytes-like object is required, not {type(target).__name__!r}") from None
-    except (ValueError, BufferError):
-        if memoryview(target).readonly:
-            raise TypeError(
-                f"readinto() needs a writable buffer, not a read-only {type(target).__name__}"
-            ) from None
-        raise BufferError(f"the {type(target).__name__} is not C-contiguous") from None
+    buf = as_buffer(target, writable=True)
     if len(buf) < nbytes:
         ffi.release(buf)
         raise ValueError(f"the buffer holds {len(buf)} bytes; {what} has {nbytes}")
@@ -240,12 +235,12 @@ def write_many(
     cache: Hold, buffers: Sequence[Any], method: int, path: str, pages: Sequence[Hold]
 ) -> list[tuple[int, int]]:
     count = len(buffers)
+    # each appended as it is made, so the finally releases every one made, even when a
+    # later one raises; every check happens before any file is made
     bufs: list[Any] = []
     try:
-        buffers_of(buffers, bufs)  # every check happens before any file is made
-        sizes_list = [len(b) for b in bufs]
-        data = ffi.new("void *[]", bufs) if count else ffi.NULL
-        sizes = ffi.new("size_t[]", sizes_list) if count else ffi.NULL
+        bufs += map(as_buffer, buffers)
+        data, sizes, sizes_list = _c_parts(bufs)
         holds = ffi.new("dp_hold *[]", list(pages)) if count else ffi.NULL
         ids = ffi.new("uint64_t[]", max(count, 1))
         failed_at = ffi.new("size_t *")
@@ -265,18 +260,15 @@ def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold, pack: 
     slot if ``pack`` and it is small enough, else a file with its blocks reserved first."""
     bufs: list[Any] = []
     try:
-        buffers_of(parts, bufs)
-        count = len(bufs)
-        total = sum(len(b) for b in bufs)
-        data = ffi.new("void *[]", bufs) if count else ffi.NULL
-        sizes = ffi.new("size_t[]", [len(b) for b in bufs]) if count else ffi.NULL
+        bufs += map(as_buffer, parts)  # (as in write_many)
+        data, sizes, sizes_list = _c_parts(bufs)
         page_id = ffi.new("uint64_t *")
-        rc = lib.dp_write_parts(cache, data, sizes, count, pack, page, page_id)
+        rc = lib.dp_write_parts(cache, data, sizes, len(bufs), pack, page, page_id)
     finally:
         deque(map(_release, bufs), 0)  # no bytecode, so no interrupt, before the releases
     if rc:
         raise error(rc, path)
-    return page_id[0], total
+    return page_id[0], sum(sizes_list)
 
 
 def adopt(cache: Hold, fd: int, nbytes: int, handed: str | None, path: str, page: Hold) -> tuple[int, bool]:
