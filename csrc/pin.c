@@ -304,10 +304,6 @@ int dp_pin_map(dp_hold *hold, void *addr, size_t nbytes)
         else
             err = packed && forked ? copy_slot(pin, addr, nbytes)
                                    : map_pinned(pin->fd, addr, nbytes, pin->offset);
-        /* A file page's view: its mapping keeps an OFD lock, in a forked child too, where
-         * the view outlives this pin; the page's removal looks for it (dp_borrow_view). */
-        if (!err && !packed && lock_for_views(pin->fd) >= 0 && fstat(pin->fd, &st) == 0)
-            dp_record_share(p, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
         if (!err && packed && !forked) {
             pin->addr = addr;
             pin->len = (nbytes + 4095) / 4096 * 4096;

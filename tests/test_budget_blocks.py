@@ -220,33 +220,6 @@ def test_a_view_through_a_handed_over_page_counts_where_it_was_adopted(tmp_path)
         assert wait_until(lambda: receiver.stats().pinned == 0)
 
 
-def test_an_owners_view_inherited_by_a_forked_child_stays_counted(tmp_path):
-    with PageCache(tmp_path, pack_max=0, max_bytes=2 * MiB, max_delay=0.01) as cache:
-        page = cache.write(b"v" * MiB)
-        view = page.view()
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child keeps its copy of the view until told
-            os.close(w)
-            os.read(r, 1)
-            os._exit(0 if bytes(view[:2]) == b"vv" else 1)
-        os.close(r)
-        try:
-            del view
-            page.release()
-            cache.remove_released()
-            assert (cache.stats().pinned, cache.stats().pinned_bytes) == (1, MiB)
-            with pytest.raises(CacheFullError):
-                cache.write(b"w" * (2 * MiB))
-        finally:
-            os.write(w, b"x")
-            os.close(w)
-            _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert wait_until(lambda: cache.stats().pinned == 0)
-        cache.write(b"w" * (2 * MiB))
-
-
 def test_a_view_of_an_adopted_link_does_not_pin_the_original(tmp_path):
     """Both names are one file: the view holds nothing the original's removal frees."""
     with PageCache(tmp_path, pack_max=0) as cache:
