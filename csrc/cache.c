@@ -264,23 +264,25 @@ void dp_cache_stats(dp_hold *h, dp_stats *out)
     if (!c)
         return; /* let go of: closed, nothing live */
     bool closed = atomic_load(&c->closed);
-    /* pending_bytes before live_bytes: a release takes a page's bytes off live before it
-     * adds them to pending, so a page being released is never counted twice. (The loads
-     * are not one instant: a removal and a new write between them can still both show.
-     * charged_bytes, one load, is the exact figure for the budget.) */
-    out->pending_bytes = atomic_load(&c->pending_bytes);
-    out->live_bytes = atomic_load(&c->live_bytes);
-    out->live_pages = atomic_load(&c->live_pages);
-    out->pending = atomic_load(&c->pending);
-    out->removed = atomic_load(&c->removed);
-    out->remove_errors = atomic_load(&c->remove_errors);
-    out->written = atomic_load(&c->written);
-    out->released_by_refcount = atomic_load(&c->released_by[BY_REFCOUNT]);
+    /* The causes before the counts: each is added after its release is counted, so they
+     * never add up to more than the releases loaded after them. */
     out->released_by_gc = atomic_load(&c->released_by[BY_GC]);
     out->released_explicitly = atomic_load(&c->released_by[BY_CALL]);
+    uint64_t after_close = atomic_load(&c->released_after_close);
+    struct dp_counts n;
+    dp_counts(c, &n); /* (loads not one instant: charged_bytes, one load, is the budget's) */
+    out->live_pages = n.live;
+    out->live_bytes = n.live_bytes;
+    out->live_disk_bytes = n.live_disk;
+    out->pending = n.pending;
+    out->pending_bytes = n.pending_bytes;
+    out->pending_disk_bytes = n.pending_disk;
+    out->removed = atomic_load(&c->removed);
+    out->remove_errors = atomic_load(&c->remove_errors);
+    out->written = atomic_load(&c->counts.written.pages);
+    out->released_by_refcount = atomic_load(&c->counts.released.pages) - after_close -
+                                out->released_by_gc - out->released_explicitly;
     out->charged_bytes = atomic_load(&c->charged);
-    out->pending_disk_bytes = atomic_load(&c->pending_disk_bytes);
-    out->live_disk_bytes = atomic_load(&c->live_disk_bytes);
     out->pinned = atomic_load(&c->pinned);
     out->pinned_bytes = atomic_load(&c->pinned_bytes);
     out->released_at_close = 0;

@@ -64,6 +64,7 @@ struct dp_segment {
     uint32_t backed;  /* slots that hold blocks on disk (written since the last punch) */
     uint32_t hint;    /* no free slot below 64 * hint */
     bool cutting;     /* the trim is cutting the tail (unlocked): the segment must not grow */
+    uint64_t spare_since; /* when the trim first found room to give back (0: none now) */
     uint64_t *taken;  /* DP_MAX_SLOTS bits each */
     uint64_t *hold_blocks;
     /* freed slots that forked children may still see through inherited views (their tag's
@@ -84,6 +85,11 @@ struct dp_drain_scratch {
     int results[DRAIN_CHUNK];
     bool last_name[DRAIN_CHUNK]; /* a shared page's name was its file's last (nlink 1) */
     dp_page *chunk[DRAIN_CHUNK];
+};
+
+/* A count of pages and their bytes (nbytes, and charge: what they take on disk). */
+struct dp_count {
+    atomic_uint_fast64_t pages, bytes, disk;
 };
 
 struct dp_cache {
@@ -116,10 +122,21 @@ struct dp_cache {
     atomic_uint_fast64_t pinned, pinned_bytes;
     atomic_uint_fast64_t deferred; /* freed slots kept for forked children (pack.c) */
 
-    atomic_uint_fast64_t live_pages, live_bytes, pending, pending_bytes;
-    atomic_uint_fast64_t live_disk_bytes, pending_disk_bytes; /* their charges */
-    atomic_uint_fast64_t removed, remove_errors, written;
-    atomic_uint_fast64_t released_by[3]; /* enum release_cause */
+    /* Pages, their bytes and their charges, only ever added to: written when published,
+     * released when released, drained when taken off a release queue (removed, failed,
+     * or taken back after close). Live is written - released and pending released -
+     * drained, so a release adds to three counters and takes from none. A reader loads
+     * drained, then released, then written (dp_counts): each family is then at least the
+     * one before it, and no page counts as both live and pending. */
+    struct {
+        struct dp_count written, released, drained;
+    } counts;
+    atomic_uint_fast64_t removed, remove_errors;
+    /* Releases by the collector and by a call, before close (added after `released`, so a
+     * reader that loads them first never finds more of them than releases); by refcount
+     * is the rest, less those after close (released_after_close). */
+    atomic_uint_fast64_t released_by[3]; /* enum release_cause; BY_REFCOUNT unused */
+    atomic_uint_fast64_t released_after_close;
 
     /* The budget: what live, pending, pinned and being-written pages take on disk (each
      * page's charge: its whole slot, or its file's blocks, one at least), never above
@@ -158,6 +175,11 @@ struct dp_cache {
     bool kick; /* drain at once: a collection released pages */
     bool reaper_started;
     bool reaper_running; /* set by the reaper once started: dp_cache_open waits for it */
+    /* The reaper is about to sleep, or sleeps, with no timeout (nothing live or pending):
+     * only then must a write wake it (dp_publish), so writing and dropping one page at a
+     * time costs no wakeup. Stored before the reaper's last look at live_pages, loaded
+     * after a write adds to it (both seq_cst): one of the two sees the other. */
+    atomic_bool idle;
     pthread_t reaper;
 
     /* Names dp_hand_over made that may still be there (adopt unlinks them), under `lock`:
@@ -209,6 +231,14 @@ void dp_uncharge(dp_cache *c, uint64_t nbytes);
 void dp_cache_get(dp_cache *c);
 void dp_cache_put(dp_cache *c);
 void dp_cache_let_go(void *c);
+/* Add one page (its nbytes and charge) to a count: a publish, a release or a drain. */
+void dp_count_add(struct dp_count *n, const dp_page *p);
+/* Live and pending pages, bytes and charges, from the counts loaded in order (drained,
+ * released, written): never below 0, and no page in both. */
+struct dp_counts {
+    uint64_t live, live_bytes, live_disk, pending, pending_bytes, pending_disk;
+};
+void dp_counts(dp_cache *c, struct dp_counts *out);
 
 /* slotview.c: views of slots, for fork: a registered view's slot is kept (tag viewers)
  * across a fork until the child has copied the view into private memory (pthread_atfork
@@ -234,7 +264,10 @@ int dp_write_slot(dp_cache *c, int cls, const struct iovec *parts, size_t count,
 void dp_discard_slot(dp_cache *c, dp_page *rec); /* a slot written but not published */
 int dp_sync_slots(dp_cache *c, dp_page *const *recs, size_t count); /* fdatasync, once each */
 int64_t dp_drain_slots(dp_cache *c);
-void dp_trim(dp_cache *c); /* the reaper: give back the blocks of freed slots, in runs */
+/* The reaper: give back the blocks of freed slots, in runs, and cut a free tail; under a
+ * budget at once, else what has been spare for half a second. True if some is left to give
+ * back later (the reaper keeps ticking until it is). */
+bool dp_trim(dp_cache *c);
 /* the last pin of a record went: its bytes are free (uncharge, give the slot back) */
 void dp_unpin(dp_page *p, bool removal);
 /* In a forked child: the tag of a packed page's slot still names the page. */
@@ -280,5 +313,8 @@ int dp_sync_folder(dp_cache *c);
 int dp_close_locked(dp_cache *c); /* the caller has entered the cache's hold */
 /* remove every entry of a folder; the count removed or the first -errno */
 int64_t dp_empty_dir(dp_remover *r, int dirfd);
+
+/* pageobj.c: the Python page type (PageBase), beside cache.c at the top: it makes pages
+ * through dp_write and dp_write_many and drops their holds; it alone includes Python.h */
 
 #endif

@@ -148,11 +148,10 @@ int dp_link_page(dp_cache *c, dp_page *p, int fd)
 
 void dp_publish(dp_cache *c, dp_page *p)
 {
-    atomic_fetch_add(&c->live_bytes, p->nbytes);
-    atomic_fetch_add(&c->live_disk_bytes, p->charge);
-    atomic_fetch_add(&c->written, 1);
-    if (atomic_fetch_add(&c->live_pages, 1) == 0)
-        dp_wake_reaper(c); /* it sleeps without a timeout while nothing is live */
+    dp_count_add(&c->counts.written, p);
+    /* it sleeps without a timeout while nothing is live or pending: wake it then only */
+    if (atomic_load(&c->idle))
+        dp_wake_reaper(c);
 }
 
 int dp_sync_folder(dp_cache *c)

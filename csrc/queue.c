@@ -65,9 +65,7 @@ static void reclaim_after_close(dp_cache *c)
         dp_page *p = atomic_exchange(q ? &c->released_slots : &c->released, NULL);
         while (p) {
             dp_page *next = p->next;
-            atomic_fetch_sub(&c->pending_bytes, p->nbytes);
-            atomic_fetch_sub(&c->pending_disk_bytes, p->charge);
-            atomic_fetch_sub(&c->pending, 1);
+            dp_count_add(&c->counts.drained, p);
             dp_record_put(p);
             p = next;
         }
@@ -80,21 +78,17 @@ static bool release_page(dp_page *p, int cause)
     if (atomic_exchange_explicit(&p->released, true, memory_order_acq_rel))
         return false;
     dp_cache *c = p->cache;
-    /* after close, the page counts as released at close (dp_cache_stats works it out) */
-    if (!atomic_load_explicit(&c->closed, memory_order_relaxed)) {
-        atomic_fetch_add_explicit(&c->released_by[cause], 1, memory_order_relaxed);
+    /* Pending from here: the reaper, if it looks for live and pending pages now, sees this
+     * one as one or the other (dp_count_add, dp_counts). Its cause after: see released_by.
+     * After close, it counts as released at close (dp_cache_stats works it out). */
+    dp_count_add(&c->counts.released, p);
+    if (atomic_load_explicit(&c->closed, memory_order_relaxed)) {
+        atomic_fetch_add(&c->released_after_close, 1);
+    } else if (cause != BY_REFCOUNT) { /* by refcount, the common case: the rest */
+        atomic_fetch_add_explicit(&c->released_by[cause], 1, memory_order_release);
         if (cause == BY_GC)
             atomic_fetch_add_explicit(&gc_releases, 1, memory_order_relaxed);
     }
-    /* Count the page pending before it stops counting as live: the reaper sleeps without a
-     * timeout only when it sees neither, so no release can slip past it unseen. Its bytes
-     * go the other way round (the reaper never reads them), so that dp_cache_stats, which
-     * loads pending_bytes first, never counts a page's bytes as both live and pending. */
-    atomic_fetch_sub(&c->live_bytes, p->nbytes);
-    atomic_fetch_sub(&c->live_disk_bytes, p->charge);
-    atomic_fetch_add(&c->pending, 1);
-    atomic_fetch_add(&c->pending_bytes, p->nbytes);
-    atomic_fetch_add(&c->pending_disk_bytes, p->charge);
     _Atomic(dp_page *) *queue = p->cls >= 0 ? &c->released_slots : &c->released;
     dp_page *head = atomic_load_explicit(queue, memory_order_relaxed);
     do {
@@ -104,7 +98,6 @@ static bool release_page(dp_page *p, int cause)
          * closed, so no node is left in a queue that nobody drains any more. Release
          * alone would also do for the drain that takes it: it sees id, size and link. */
     } while (!atomic_compare_exchange_weak(queue, &head, p));
-    atomic_fetch_sub(&c->live_pages, 1);
     if (atomic_load(&c->closed))
         reclaim_after_close(c);
     return true;
@@ -338,22 +331,19 @@ static int64_t remove_chunk(dp_cache *c, dp_page **recs, size_t n)
          * charge that takes the room an acquire): a writer that reuses these bytes
          * publishes its page only after they have left pending, so live + pending never
          * passes charged, nor charged max_bytes. */
-        atomic_fetch_sub(&c->pending_bytes, recs[i]->nbytes);
-        atomic_fetch_sub(&c->pending_disk_bytes, recs[i]->charge);
+        dp_count_add(&c->counts.drained, recs[i]);
         if (s->results[i] == 0 || s->results[i] == -ENOENT) {
             removed++;
             atomic_fetch_add(&c->removed, 1);
             if (s->last_name[i] && viewed_by_borrower(&locks, recs[i]->dev, recs[i]->ino) &&
                 keep_viewed(c, recs[i])) {
                 dp_unpin(recs[i], true); /* pinned now: the borrower's view holds a pin */
-                atomic_fetch_sub(&c->pending, 1);
                 continue; /* the removal's reference goes with the view (dp_poll_viewed) */
             }
             dp_unpin(recs[i], true); /* its name is gone: room again, unless a view holds it */
         } else {
             atomic_fetch_add(&c->remove_errors, 1); /* its bytes stay charged until close */
         }
-        atomic_fetch_sub(&c->pending, 1);
         dp_record_put(recs[i]); /* never the cache's last reference: its hold has one */
     }
     free(locks.files);
@@ -448,6 +438,7 @@ void *dp_reaper_main(void *arg)
     if (tick < MIN_TICK_NS)
         tick = MIN_TICK_NS;
     uint64_t last_empty = dp_now_ns();
+    bool trim_later = false; /* freed slots wait to be given back (dp_trim) */
     me = 0; /* this thread's TLS block exists from here on (see dp_cache_open) */
 
     pthread_mutex_lock(&c->lock);
@@ -464,25 +455,33 @@ void *dp_reaper_main(void *arg)
             last_empty = dp_now_ns();
             continue;
         }
-        /* live first, then pending: a release counts pending before it stops counting
-         * live, so reading live == 0 means every release so far already shows in pending.
-         * (Read the other way round, a release between the loads would sleep unseen.) */
-        uint64_t live = atomic_load(&c->live_pages);
+        /* A page released after the counts were loaded was live when they were: no page
+         * slips past them unseen (dp_counts). */
+        struct dp_counts n;
+        dp_counts(c, &n);
         /* Views of removed pages, and slots kept for forked children, free their slots when
          * they go, with no call to wake us: keep ticking, so the trim sees them. */
-        bool waiting = atomic_load(&c->pinned) || atomic_load(&c->deferred);
-        if (live == 0 && atomic_load(&c->pending) == 0 && !waiting) {
+        bool waiting = atomic_load(&c->pinned) || atomic_load(&c->deferred) || trim_later;
+        if (n.live == 0 && n.pending == 0 && !waiting) {
             pthread_mutex_unlock(&c->lock);
-            dp_trim(c); /* nothing live: give back what the freed slots hold, then sleep */
+            /* nothing live: give back what the freed slots hold, then sleep (or tick until
+             * it has been spare long enough to give back: dp_trim) */
+            trim_later = dp_trim(c);
             pthread_mutex_lock(&c->lock);
-            if (c->stop || c->kick || atomic_load(&c->live_pages) || atomic_load(&c->pending))
+            if (trim_later)
                 continue;
-            pthread_cond_wait(&c->wake, &c->lock);
-            last_empty = dp_now_ns();
+            atomic_store(&c->idle, true); /* before the last look: see dp_cache.idle */
+            dp_counts(c, &n);
+            bool sleep = !(c->stop || c->kick || n.live || n.pending);
+            if (sleep)
+                pthread_cond_wait(&c->wake, &c->lock);
+            atomic_store(&c->idle, false);
+            if (sleep)
+                last_empty = dp_now_ns();
             continue;
         }
         pthread_mutex_unlock(&c->lock);
-        dp_trim(c); /* cheap unless freed slots hold far more blocks than needed */
+        trim_later = dp_trim(c); /* cheap unless freed slots hold far more blocks than needed */
         /* some pinned pages may be files that borrowers' views hold: look again, now and
          * then (reading /proc/locks costs what the system's locks number) */
         uint64_t polled = atomic_load_explicit(&c->viewed_polled_ns, memory_order_relaxed);
@@ -500,7 +499,8 @@ void *dp_reaper_main(void *arg)
         if (c->stop || c->kick)
             continue;
         uint64_t now = dp_now_ns();
-        uint64_t pending = atomic_load(&c->pending);
+        dp_counts(c, &n);
+        uint64_t pending = n.pending;
         if (pending == 0) {
             last_empty = now; /* anything released from here on is newer than `now` */
             continue;

@@ -79,3 +79,26 @@ void dp_record_put(dp_page *p)
         dp_cache_put(c); /* the record's reference: the cache may go with its last record */
     }
 }
+
+void dp_count_add(struct dp_count *n, const dp_page *p)
+{
+    /* seq_cst: the reaper's sleep and dp_counts rely on the order of the three families
+     * (a page is written before it is released, released before it is drained) */
+    atomic_fetch_add(&n->pages, 1);
+    atomic_fetch_add(&n->bytes, p->nbytes);
+    atomic_fetch_add(&n->disk, p->charge);
+}
+
+void dp_counts(dp_cache *c, struct dp_counts *out)
+{
+    /* Each family loaded after the one it follows: drained <= released <= written held
+     * at every instant, and each load is later, so no difference below is negative. */
+    struct dp_count *d = &c->counts.drained, *r = &c->counts.released, *w = &c->counts.written;
+    uint64_t dp = atomic_load(&d->pages), db = atomic_load(&d->bytes), dd = atomic_load(&d->disk);
+    uint64_t rp = atomic_load(&r->pages), rb = atomic_load(&r->bytes), rd = atomic_load(&r->disk);
+    uint64_t wp = atomic_load(&w->pages), wb = atomic_load(&w->bytes), wd = atomic_load(&w->disk);
+    *out = (struct dp_counts){
+        .live = wp - rp, .live_bytes = wb - rb, .live_disk = wd - rd,
+        .pending = rp - dp, .pending_bytes = rb - db, .pending_disk = rd - dd,
+    };
+}

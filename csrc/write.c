@@ -170,17 +170,19 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
             return -EOVERFLOW;
         charge += one;
     }
-    dp_page **recs = malloc((count ? count : 1) * sizeof *recs);
+    dp_page *one, **recs = count <= 1 ? &one : malloc(count * sizeof *recs);
     if (!recs)
         return -ENOMEM;
     int err;
     if ((err = dp_enter_write(c))) {
-        free(recs);
+        if (recs != &one)
+            free(recs);
         return err;
     }
     if ((err = dp_charge(c, charge))) {
         pthread_rwlock_unlock(&c->closing);
-        free(recs);
+        if (recs != &one)
+            free(recs);
         return err;
     }
     size_t made = 0;
@@ -213,7 +215,8 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
         }
     }
     pthread_rwlock_unlock(&c->closing);
-    free(recs);
+    if (recs != &one)
+        free(recs);
     return err;
 }
 
