@@ -9,11 +9,13 @@
 typedef struct dp_cache dp_cache; /* one cache folder: its dirfd, release queue, reaper */
 typedef struct dp_page dp_page;   /* one page's record: id, size, link in the queue */
 
-/* A Python object's hold on a C object (a cache or a page record). The memory is the Python
- * object's own (ffi.new), so it stays valid for as long as that object can be reached, even
- * after its finalizer has run (resurrection, gc.garbage). Its finalizer (ffi.gc: C, so no
- * exception can cut it short) exists before the call that fills the hold, so what C hands
- * over is owned at once. C fills `ptr`; the finalizer (dp_cache_drop, dp_page_drop) lets go
+/* A Python object's hold on a C object (a cache, a page record, a pin). The memory is the
+ * Python object's own: inside a page object (PageBase, csrc/pageobj.c), or a cdata
+ * (ffi.new) for a cache or a pin. So it stays valid for as long as that object can be
+ * reached, even after its finalizer has run (resurrection, gc.garbage). Its finalizer is
+ * C, so no exception can cut it short (the page type's tp_finalize and tp_dealloc, or
+ * ffi.gc), and it exists before the call that fills the hold, so what C hands over is owned
+ * at once. C fills `ptr`; the finalizer (dp_cache_drop, dp_page_drop, dp_pin_drop) lets go
  * of it; a call made through the hold meanwhile keeps it from being let go under the call,
  * and a call after it finds nothing. Python never reads the fields: every call below takes
  * the hold. */
@@ -226,6 +228,11 @@ uint64_t dp_charge_for(dp_hold *cache, uint64_t nbytes, int pack);
 /* Remove every queued page now, in the caller's thread; returns how many files went
  * (already gone counts; a removal that fails is counted in remove_errors instead). */
 int64_t dp_flush(dp_hold *cache);
+
+/* Build the page type (PageBase, csrc/pageobj.c: a page's hold, cache, id and size in one
+ * Python object) and set it on the module diskpages._native: called once at import.
+ * 0, or -1 with the reason printed. */
+int dp_native_init(void);
 
 /* The file name of page `id` (at most 32 bytes with the NUL). */
 void dp_page_name(uint64_t id, char *buf);

@@ -105,24 +105,14 @@ def test_live_lists_live_pages_with_size_and_age(cache):
 def test_live_skips_a_page_another_thread_is_still_building(cache):
     import diskpages
 
-    class Quiet(diskpages.Page):
-        __slots__ = ()
-
-        def __del__(self):  # it has no C record to drop
-            pass
-
-    # What gc.get_objects() can see while another thread is in Page._new, between
-    # object.__new__ and the last slot: a Page with none, or only some, of its slots set.
+    # What gc.get_objects() can see while another thread's write is in C, the GIL let go:
+    # a Page with its cache and an empty hold (no id, no C record yet). And one made with
+    # object.__new__, which has no cache at all.
     bare = object.__new__(diskpages.Page)
-    partial = object.__new__(diskpages.Page)
-    partial._cache = cache  # this cache's, but no id, size or C record yet
-    try:
-        page = cache.write(b"p")
-        assert [x.page for x in cache.live()] == [page]
-    finally:
-        for half in (bare, partial):
-            half.__class__ = Quiet  # same layout; Page.__del__ would raise on the missing _rec
-        del bare, partial, half
+    partial = diskpages.Page._new(cache, cache._address, False)
+    page = cache.write(b"p")
+    assert [x.page for x in cache.live()] == [page]
+    del bare, partial
 
 
 def _slow_tracer(frame, event, arg):

@@ -15,6 +15,10 @@ from typing import Any
 from ._native import ffi, lib
 from .errors import CacheClosedError, CacheFullError, PageReleasedError
 
+if lib.dp_native_init() != 0:  # the page type, built in C (csrc/pageobj.c)
+    raise ImportError("diskpages._native could not build its page type (printed above)")
+from ._native import PageBase as PageBase  # noqa: E402  (set by dp_native_init: the pages' base)
+
 SYNC_MODES = {"none": lib.DP_SYNC_NONE, "data": lib.DP_SYNC_DATA, "full": lib.DP_SYNC_FULL}
 REMOVERS = {"auto": lib.DP_REMOVE_AUTO, "loop": lib.DP_REMOVE_LOOP, "io_uring": lib.DP_REMOVE_URING}
 REMOVER_NAMES = {lib.DP_REMOVE_LOOP: "loop", lib.DP_REMOVE_URING: "io_uring"}
@@ -22,24 +26,34 @@ WRITE_METHODS = {"pwrite": lib.DP_WRITE_PWRITE, "mmap": lib.DP_WRITE_MMAP}
 
 # Plain references to the C functions that finalizers and the gc callback call, so that
 # they still reach them at interpreter shutdown, when module globals are already None.
-page_release = lib.dp_page_release
-page_reclaimed_by_gc = lib.dp_page_reclaimed_by_gc
-page_drop = lib.dp_page_drop
 pin_drop = lib.dp_pin_drop
 pin_forget = lib.dp_pin_forget
 pin_remember = lib.dp_pin_remember
-page_released = lib.dp_page_released
 gc_phase = lib.dp_gc_phase
 gc_collecting = lib.dp_gc_collecting
 gc_collecting_here = lib.dp_gc_collecting_here
 gc_take_releases = lib.dp_gc_take_releases
 kick = lib.dp_kick
 
-Hold = Any  # a cdata 'dp_hold *' owned by its finalizer (ffi.gc): see new_hold()
+Hold = Any  # a cdata 'dp_hold *': a page's (hold_at), or one owned by a C finalizer (new_hold)
 Memory = Any  # the cdata that owns a hold's memory (ffi.new)
 
+_cast = ffi.cast
 
-def new_hold(drop: Any = lib.dp_page_drop, _new: Any = ffi.new, _gc: Any = ffi.gc) -> tuple[Memory, Hold]:
+
+def hold_at(address: int) -> Hold:
+    """The hold at ``address``, inside a page object (PageBase._address): valid only while
+    that object is, so a caller passes it to a call it makes through the object."""
+    return _cast("dp_hold *", address)
+
+
+def address_of(hold: Hold) -> int:
+    """A hold's address, for the page type's makers (PageBase._write and friends), which
+    take the cache's hold by address: the caller keeps the hold alive meanwhile."""
+    return int(_cast("uintptr_t", hold))
+
+
+def new_hold(drop: Any, _new: Any = ffi.new, _gc: Any = ffi.gc) -> tuple[Memory, Hold]:
     """An empty hold (csrc/diskpages.h), already owned by its finalizer before any C call
     fills it. The finalizer is C (ffi.gc calls ``drop`` with no Python frame in between),
     so no exception can cut it short or come between the call and the owner: whatever C
@@ -206,53 +220,43 @@ def writable(target: Any, nbytes: int, what: str) -> Any:
 
 
 def write(
-    cache: Hold,
+    page_class: Any,
+    cache: Any,
+    address: int,
     data: Any,
     method: int,
+    watch: bool,
     path: os.PathLike[str] | str,
-    page: Hold,
-    _from_buffer: Any = ffi.from_buffer,
-    _release: Any = ffi.release,
-    _write: Any = lib.dp_write,
-) -> tuple[int, int]:
-    """(id, nbytes). The hot path of small pages: one C call, nothing allocated but the
-    buffer's cdata (dp_write returns the id), released before this returns or raises."""
+) -> Any:
+    """A new page of ``page_class`` (PageBase._write): the object is made, the buffer
+    exported, the bytes written and the export released in one C call."""
     try:
-        buf = _from_buffer(data)
+        page = page_class._write(cache, address, data, method, watch)
     except (TypeError, ValueError, BufferError):
-        buf = as_buffer(data)  # raises what a caller should see
-    try:
-        nbytes = len(buf)
-        page_id = _write(cache, buf, nbytes, method, page)
-    finally:
-        _release(buf)
-    if page_id < 0:
-        raise error(page_id, path)
-    return page_id, nbytes
+        size_of(data)  # raises what a caller should see for a bad buffer
+        raise
+    if isinstance(page, int):
+        raise error(page, path)
+    return page
 
 
 def write_many(
-    cache: Hold, buffers: Sequence[Any], method: int, path: str, pages: Sequence[Hold]
-) -> list[tuple[int, int]]:
-    count = len(buffers)
-    # each appended as it is made, so the finally releases every one made, even when a
-    # later one raises; every check happens before any file is made
-    bufs: list[Any] = []
+    page_class: Any, cache: Any, address: int, buffers: list[Any], method: int, watch: bool, path: str
+) -> list[Any]:
+    """New pages, all or nothing, in one C call (PageBase._write_many): every buffer is
+    checked before any page is written, and every export released before it returns."""
     try:
-        bufs += map(as_buffer, buffers)
-        data, sizes, sizes_list = _c_parts(bufs)
-        holds = ffi.new("dp_hold *[]", list(pages)) if count else ffi.NULL
-        ids = ffi.new("uint64_t[]", max(count, 1))
-        failed_at = ffi.new("size_t *")
-        rc = lib.dp_write_many(cache, data, sizes, count, method, holds, ids, failed_at)
-    finally:
-        deque(map(_release, bufs), 0)  # no bytecode, so no interrupt, before the releases
-    if rc:
+        made: list[Any] | tuple[int, int] = page_class._write_many(cache, address, buffers, method, watch)
+    except (TypeError, ValueError, BufferError):
+        deque(map(size_of, buffers), 0)  # raises what a caller should see for a bad buffer
+        raise
+    if isinstance(made, tuple):
+        rc, failed_at = made
         exc = error(rc, path)
-        if failed_at[0] < count:
-            exc.add_note(f"writing buffer {failed_at[0]} of {count}; no page of this call was kept")
+        if failed_at < len(buffers):
+            exc.add_note(f"writing buffer {failed_at} of {len(buffers)}; no page of this call was kept")
         raise exc
-    return [(ids[i], sizes_list[i]) for i in range(count)]
+    return made
 
 
 def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold, pack: bool) -> tuple[int, int]:

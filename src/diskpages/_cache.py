@@ -25,13 +25,14 @@ from . import _bindings as native
 from ._explain import LivePage
 from ._finalize import shutdown as _shutdown
 from ._finalize import shutdown_quietly as _shutdown_quietly
-from ._pages import BorrowedPage, Page, PageBuilder, _WatchedPage
+from ._pages import BorrowedPage, Page, PageBuilder
 from ._stats import CacheStats
 from ._views import map_shared
 from .errors import CacheClosedError, CacheFullError, PageLostError
 
 __all__ = ["PageCache", "Page", "BorrowedPage", "PageBuilder", "CacheStats"]
 
+_write_page = Page._write  # bound once: write()'s one C call (PageBase._write)
 _MAX_DELAY_LIMIT = 1e9  # seconds (31 years): keeps the C side's nanoseconds in range
 
 #: The default ``pack_max``: pages up to this many bytes are slots in segment files (see
@@ -142,6 +143,7 @@ class PageCache:
             path = str(root_path / name)
             self._path = Path(path)
             self._handle = handle  # the C cache's hold: its finalizer closes the cache too
+            self._address = native.address_of(handle)  # for the page type's makers
             self._sync = sync
             self._batch = batch
             self._max_delay = float(max_delay)
@@ -154,7 +156,7 @@ class PageCache:
             self._pack_max = pack_max
             self._collect_when_full = collect_when_full
             self._handed = itertools.count(1)  # numbers hand_over()'s names: each is used once
-            self._page_class = _WatchedPage if warn_on_gc else Page
+            self._watch = warn_on_gc
             self._watched: weakref.WeakSet[Page] | None = weakref.WeakSet() if warn_on_gc else None
             self._finalizer = weakref.finalize(self, _shutdown_quietly, handle, path, self._watched)
             _budget.watch(self)
@@ -215,31 +217,42 @@ class PageCache:
     def write(self, data: Any) -> Page:
         """Write one page. When this returns the bytes are in a file under ``self.path``
         (and on stable storage as far as ``sync`` asks). On failure no file is left."""
-        page = self._page_class._empty(self)  # owns what C hands over, whatever comes next
-        args = (self._handle, data, self._write_method, self._path, page._hold)
+        # one C call makes the page and fills its hold: nothing comes between them
         try:
-            page._id, page._nbytes = native.write(*args)
+            page = _write_page(self, self._address, data, self._write_method, self._watch)
+        except (TypeError, ValueError, BufferError):
+            native.size_of(data)  # raises what a caller should see for a bad buffer
+            raise
+        if isinstance(page, int):  # a C error
+            page = self._write_failed(page, data)
+        if self._watched is not None:
+            self._watched.add(page)  # for the warning if the cache's finalizer reclaims it
+        return page
+
+    def _write_failed(self, rc: int, data: Any) -> Page:
+        """write() met C error ``rc``: over budget, make room and retry; else raise it."""
+        args = (Page, self, self._address, data, self._write_method, self._watch, self._path)
+        try:
+            raise native.error(rc, self._path)
         except CacheFullError:
-            page._id, page._nbytes = self._make_room(native.write, args, [native.size_of(data)])
+            page: Page = self._make_room(native.write, args, [native.size_of(data)])
+            return page
         except CacheClosedError:
             self._check_open()  # C says closed (or a forked child's): name the folder
             raise
-        return page
 
     def write_many(self, buffers: Iterable[Any]) -> list[Page]:
         """Write many pages in one call into C, all or nothing: if any write fails, no
         page of this call is kept. Under ``sync="full"`` the folder is fsynced once."""
         self._check_open()
         items = list(buffers)
-        empty = self._page_class._empty
-        pages = [empty(self) for _ in items]
-        args = (self._handle, items, self._write_method, str(self._path), [p._hold for p in pages])
+        args = (Page, self, self._address, items, self._write_method, self._watch, str(self._path))
         try:
-            made = native.write_many(*args)
+            pages: list[Page] = native.write_many(*args)
         except CacheFullError:
-            made = self._make_room(native.write_many, args, list(map(native.size_of, items)))
-        for page, (page_id, nbytes) in zip(pages, made, strict=True):
-            page._id, page._nbytes = page_id, nbytes
+            pages = self._make_room(native.write_many, args, list(map(native.size_of, items)))
+        if self._watched is not None:
+            self._watched.update(pages)
         return pages
 
     def write_parts(self, parts: Iterable[Any]) -> Page:
@@ -254,7 +267,7 @@ class PageCache:
             )
         self._check_open()
         items = list(parts)
-        page = self._page_class._empty(self)
+        page = Page._empty(self)
         args = (self._handle, items, str(self._path), page._hold, True)
         try:
             page._id, page._nbytes = native.write_parts(*args)
@@ -287,7 +300,7 @@ class PageCache:
             pin, fd, _ = page._pin()
             owner = pin[1]
         try:
-            new = self._page_class._empty(self)
+            new = Page._empty(self)
             new._nbytes = page.nbytes
             args = (self._handle, fd, page.nbytes, handed, str(self._path), new._hold)
             try:
@@ -337,7 +350,7 @@ class PageCache:
         if _arrays.is_strided(array):
             return _arrays.write_strided(self, array)
         header, data = _arrays.npy_parts(array)
-        page = self._page_class._empty(self)
+        page = Page._empty(self)
         args = (self._handle, (header, data), str(self._path), page._hold, False)
         try:
             page._id, page._nbytes = native.write_parts(*args)

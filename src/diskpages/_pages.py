@@ -1,13 +1,13 @@
 """The page classes: Page, BorrowedPage or PageBuilder, each with its lifetime rules.
 
-Ownership is by reference. A Page (or PageBuilder) holds its C record through a hold
-(csrc/hold.c): memory the Page owns, with a C finalizer (ffi.gc), both made with the Page
-before the C call that fills the hold. When the Page's last reference goes or the
-collector frees it, the finalizer lets go of the record: one CAS onto the C release queue,
-no system call, no lock, and no Python frame, so no KeyboardInterrupt can cut it short.
-The cache's reaper thread removes the files in batches. A record holds its C cache; the
-cache lives until its PageCache and its last record are gone. A Page whose finalizer has
-run (it may live on: resurrection, gc.garbage) finds its hold empty and raises
+Ownership is by reference. A Page (or PageBuilder) is one Python object whose storage
+(PageBase, csrc/pageobj.c) holds its hold on the C record (csrc/hold.c), made before or
+inside the C call that fills it. When the Page's last reference goes or the collector
+finds it unreachable, C drops the hold: one CAS onto the C release queue, no system call,
+no lock, and no Python frame, so no KeyboardInterrupt can cut it short. The cache's
+reaper thread removes the files in batches. A record holds its C cache; the cache lives
+until its PageCache and its last record are gone. A Page whose hold the collector dropped
+(it may live on: resurrection, gc.garbage) finds its hold empty and raises
 PageReleasedError. See README.md, "Lifetimes".
 """
 
@@ -17,14 +17,14 @@ import contextlib
 import mmap
 import os
 import threading
-import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 from . import _arrays
 from . import _bindings as native
+from ._bindings import PageBase
 from ._views import HUGE, PinnedMapping, map_read_only, map_shared, placeholder, view_of
 from .errors import CacheClosedError, PageLostError, PageReleasedError
 
@@ -49,7 +49,9 @@ class PageOwner(Protocol):
     @property
     def _handed(self) -> Iterator[int]: ...
     @property
-    def _page_class(self) -> type[Page]: ...
+    def _address(self) -> int: ...
+    @property
+    def _watch(self) -> bool: ...
     @property
     def _watched(self) -> weakref.WeakSet[Page] | None: ...
     def _check_open(self) -> None: ...
@@ -134,30 +136,31 @@ class _Readable(_Sized):
         return self
 
 
-class _PageFile(_Sized):
-    """What a Page and a PageBuilder share: the hold on the C record that owns one page
-    file. Made only by the cache (``_empty``), before the C call that fills the hold, so
-    nothing between that call and the caller can orphan the record: whatever happens, the
-    hold's finalizer lets go of it when this object goes."""
+class _PageFile(PageBase, _Sized):
+    """What a Page and a PageBuilder share: one Python object whose storage (PageBase,
+    csrc/pageobj.c) holds the hold on the C record that owns the page's bytes, its cache,
+    its id and its size. Made only by the cache (``_write``, ``_write_many``, or ``_empty``
+    before the C call that fills the hold), so nothing between that call and the caller
+    can orphan the record: its death (refcount, or the collector's finalizer) drops the
+    hold in C, with no Python frame in between."""
 
-    # _hold: a 'dp_hold *' with a C finalizer (ffi.gc), used in every call; _memory: the
-    # hold's memory, kept here too because it must outlive that finalizer, which can run
-    # before this object dies (resurrection, gc.garbage): the hold is empty then.
-    __slots__ = ("_cache", "_hold", "_memory", "_id", "_nbytes")
+    __slots__ = ()
     _cache: PageOwner
-    _hold: native.Hold
-    _memory: native.Memory
 
     def __new__(cls, *args: object, **kwargs: object) -> _PageFile:
         raise TypeError("pages come from PageCache.write(), write_many() and allocate()")
 
     @classmethod
     def _empty(cls, cache: PageOwner) -> Self:
-        self = object.__new__(cls)
-        self._memory, self._hold = native.new_hold()
-        self._id = self._nbytes = 0  # until C fills the hold
-        self._cache = cache
+        """One whose hold is still empty, for a C call through cffi to fill."""
+        self: Self = cls._new(cache, cache._address, False)
         return self
+
+    @property
+    def _hold(self) -> native.Hold:
+        # a 'dp_hold *' into this object's own storage: valid while this object is, so
+        # only ever passed to a call made through it
+        return native.hold_at(self._address)
 
     @property
     def path(self) -> Path:
@@ -171,25 +174,18 @@ class Page(_PageFile, _Readable):
 
     __slots__ = ("__weakref__",)
 
-    _release = native.page_release
-    _released = native.page_released
     borrowed = False
+
+    @classmethod
+    def _empty(cls, cache: PageOwner) -> Self:
+        self: Self = cls._new(cache, cache._address, cache._watch)
+        if cache._watched is not None:
+            cache._watched.add(self)  # for the warning if the cache's finalizer reclaims it
+        return self
 
     @property
     def cache(self) -> PageOwner:
         return self._cache
-
-    @property
-    def released(self) -> bool:
-        """True once ``release()`` ran, the cache closed, or the collector reclaimed this
-        page (an object can outlive that: resurrection, gc.garbage); its file is then gone
-        or going."""
-        return bool(self._released(self._hold))
-
-    def release(self) -> None:
-        """Give the page up now: reads fail from here on and the file goes with the next
-        batch (or ``cache.remove_released()``). Idempotent; safe from any thread."""
-        self._release(self._hold)
 
     @property
     def packed(self) -> bool:
@@ -339,34 +335,6 @@ class Page(_PageFile, _Readable):
     def __repr__(self) -> str:
         state = " released" if self.released else ""
         return f"<Page {self._id} {self._nbytes} bytes{state}>"
-
-
-class _WatchedPage(Page):
-    """A Page of a ``warn_on_gc`` cache: it says so when the cycle collector, rather than
-    refcount or release(), reclaims it (and the cache's finalizer says so for pages alive
-    at exit), the way an unclosed file does."""
-
-    __slots__ = ()
-
-    _reclaimed_by_gc = native.page_reclaimed_by_gc  # for __del__ at shutdown
-    _warn: Callable[..., None] = warnings.warn  # a plain attribute: not bound to self
-
-    @classmethod
-    def _empty(cls, cache: PageOwner) -> Self:
-        self = super()._empty(cache)
-        cache._watched.add(self)  # type: ignore[union-attr]
-        return self
-
-    def __del__(self) -> None:
-        # The hold's finalizer may run before or after this one in a collection: C
-        # remembers which pages the collector reclaimed. No source=self: whoever records
-        # the warning would keep this object alive.
-        if self._reclaimed_by_gc(self._hold):
-            self._warn(
-                f"page {self._id} ({self._nbytes} bytes) was reclaimed by the cycle collector, "
-                "not by refcount or release(): it was in a reference cycle",
-                ResourceWarning,
-            )
 
 
 class BorrowedPage(_Readable):
@@ -575,7 +543,7 @@ class PageBuilder(_PageFile):
         its bytes in the budget go. The builder is unusable after."""
         with self._lock:
             self._mapping = None  # a view still holding the mapping keeps only the mapping
-            native.page_drop(self._hold)
+            self._drop()
 
     def _write_at(self, data: Any, offset: int) -> int:
         """pwrite all of ``data`` at ``offset`` through the builder's fd; returns its length.
@@ -632,7 +600,7 @@ class PageBuilder(_PageFile):
                     ) from None
             # The record moves into the new page's hold: from the moment C returns the page
             # owns it, so an interrupt after this line drops the page and orphans nothing.
-            page = cache._page_class._empty(cache)
+            page = Page._empty(cache)
             try:
                 native.seal(self._hold, page._hold, str(self.path))
             except BaseException:
