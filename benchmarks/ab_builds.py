@@ -1,6 +1,8 @@
 """Two builds of diskpages, side by side: the per-page time of write() then drop, of a
-4 KiB packed page, and of dropping a page (a list of pages cleared), in interleaved rounds
-(see harness.py for why), each build in a process of its own.
+4 KiB packed page, of write_many() of 1,000, of dropping a page (a list of pages
+cleared), and of gc.collect() with the pages pending in cycles of their own (against the
+same cycles holding None), in interleaved rounds (see harness.py for why), each build in
+a process of its own.
 
     python benchmarks/ab_builds.py BEFORE_SRC AFTER_SRC [--rounds 15] [--pages 20000]
 
@@ -27,6 +29,22 @@ CHILD = textwrap.dedent(
     data = b"x" * 4096
     n = int(sys.argv[1])
     write = cache.write
+    class Holder:
+        __slots__ = ("page", "me")
+
+    def make_cycles(objs):
+        for obj in objs:
+            holder = Holder()
+            holder.page, holder.me = obj, holder
+
+    def pending_cycles(objs):
+        make_cycles(objs)
+        del objs[:]
+        t = time.perf_counter()
+        gc.collect()  # the cycles made above (the round began with a collection)
+        return time.perf_counter() - t
+
+    gc.disable()
     for line in sys.stdin:
         gc.collect()
         t0 = time.perf_counter()
@@ -37,8 +55,21 @@ CHILD = textwrap.dedent(
         t2 = time.perf_counter()
         pages.clear()
         t3 = time.perf_counter()
+        for _ in range(n // 1000):
+            cache.write_many([data] * 1000)
+        t4 = time.perf_counter()
         cache.remove_released()
-        print(json.dumps({"write and drop": (t1 - t0) / n, "drop": (t3 - t2) / n}), flush=True)
+        gc.collect()
+        gc_none = pending_cycles([None] * n)
+        gc_pages = pending_cycles(cache.write_many([data] * n))
+        cache.remove_released()
+        print(json.dumps({
+            "write and drop": (t1 - t0) / n,
+            "drop": (t3 - t2) / n,
+            "write_many": (t4 - t3) / (n // 1000 * 1000),
+            "gc pause": gc_pages / n,
+            "gc pause, None": gc_none / n,
+        }), flush=True)
     cache.close()
     root.cleanup()
     """
@@ -86,6 +117,9 @@ def main() -> None:
             f"{op:>15}: before {statistics.median(before) * 1e9:7.0f} ns, "
             f"after {statistics.median(after) * 1e9:7.0f} ns a page, after/before {ratio:.3f}"
         )
+    for name in names:  # the collector's price for pages, in each build's own rounds
+        pause = statistics.median(t["gc pause"] / t["gc pause, None"] for t in times[name])
+        print(f"{name:>6}: gc pause with pages / with None {pause:.2f}")
 
 
 if __name__ == "__main__":
