@@ -228,6 +228,8 @@ def summary(data: dict, report: Path) -> str:
     run = data.get("machine_info", {}).get("diskpages_bench", {})
     elapsed = run.get("elapsed_s")
     took = f", {elapsed / 60:.1f} minutes" if elapsed else ""
+    written = run.get("written_bytes")
+    took += f", {written / 1e9:.1f} GB written to the disk" if written is not None else ""
     out = [f"diskpages benchmarks: {run.get('mode', '?')} run, {run.get('rounds', '?')} rounds a group{took}"]
     lines = headlines(data)
     if lines:
