@@ -268,4 +268,5 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "elapsed_s": time.monotonic() - SESSION_START,
         "written_bytes": WRITES.total(),
+        "written_bytes_per_test": WRITES.per_test,
     }
