@@ -77,6 +77,7 @@ def churn_section(data: dict, out: list[str]) -> None:
         "python loop": "÷ python",
         "C floor: file per page": "÷ C file",
         "C floor: slots in one file": "÷ C slots",
+        "Python pwrite: slots in one file": "÷ Py slots",
     }
     out.append(
         side_by_side(

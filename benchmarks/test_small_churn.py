@@ -11,6 +11,8 @@ step of:
 - for fresh 4 KiB pages also ``write_many()`` of WRITE_MANY pages a step-batch;
 - two C floors (floor.py): a file per page (openat + pwrite + close, unlinkat of the
   oldest) and slots in one preallocated segment file (pwrite into the oldest's slot);
+- the slot floor from Python (``os.pwrite`` into the oldest's slot of the same file), the
+  least a Python program pays to put a page into a slot;
 - a plain Python loop (``open(p, "wb")`` + ``write``, ``os.unlink`` of the oldest);
 - diskcache (``Cache.set``/``delete``) and zict.File (setitem/delitem).
 
@@ -60,6 +62,7 @@ STEADY_ON_TMPFS = True  # conftest.py: steady means something on tmpfs here (see
 PACK_MAX = "pack_max" in inspect.signature(PageCache.__init__).parameters
 PEERS = ["diskcache", "zict.File"]
 BASELINE = "C floor: file per page"
+PYTHON_SLOTS = "Python pwrite: slots in one file"
 
 
 def bytes_on_disk(folder: Path) -> tuple[int, int, int]:
@@ -205,6 +208,24 @@ class FloorSlots(Churner):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class PythonSlots(FloorSlots):
+    """FloorSlots' file and slot reuse from a plain Python loop: ``os.pwrite`` of page i
+    into slot i % window. The least a Python program pays to put a page into a slot."""
+
+    def __init__(self, data, window):
+        Churner.__init__(self, data, window)
+        self.fd = -1
+        self.slot = -(-len(data) // 4096) * 4096
+
+    def churn(self, n):
+        pwrite, fd, data, slot, window = os.pwrite, self.fd, self.data, self.slot, self.window_size
+        for i in range(self.next, self.next + n):
+            pwrite(fd, data, (i % window) * slot)
+        self.next += n
+
+    fill = churn
 
 
 class PythonLoop(Churner):
@@ -366,6 +387,7 @@ def contenders(floor, data, size, disk, steady) -> tuple[dict[str, ChurnContende
         makers["diskpages write_many()"] = lambda: Diskpages(data, WINDOW, many=True)
     makers[BASELINE] = lambda: FloorFiles(data, WINDOW, floor)
     makers["C floor: slots in one file"] = lambda: FloorSlots(data, WINDOW, floor)
+    makers[PYTHON_SLOTS] = lambda: PythonSlots(data, WINDOW)
     makers["python loop"] = lambda: PythonLoop(data, WINDOW)
     missing = {}
     for peer, cls in (("diskcache", Diskcache), ("zict.File", ZictFile)):
