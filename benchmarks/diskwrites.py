@@ -5,6 +5,12 @@ device that holds the temporary folder: the loop-mounted ext4's image lives ther
 its writes are counted as well. Each test's share is read after a sync, so that its
 dirty pages are charged to it and not to the next one. conftest.py prints the biggest
 writers and the total at the end of the session and records the total (report.py).
+
+The count is the device's: on a shared machine other processes' writes land in it too
+(a test on a tmpfs that shows writes is the tell). The session's own process's count
+(/proc/self/io: bytes it dirtied, less those dropped before write-back) is printed beside
+it: it leaves out the dask workers' spill, the journal and the loop image's own traffic,
+but nobody else's writes enter it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,17 @@ def written_sectors(key: tuple[int, int] | None) -> int | None:
     return None
 
 
+def own_written() -> int | None:
+    """Bytes this process sent (or will send) to storage: write_bytes less
+    cancelled_write_bytes of /proc/self/io."""
+    try:
+        with open("/proc/self/io") as f:
+            io = dict(line.split(": ") for line in f.read().splitlines())
+        return int(io["write_bytes"]) - int(io["cancelled_write_bytes"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class Meter:
     """Bytes written to one device, per test id, and since the meter was made."""
 
@@ -42,6 +59,7 @@ class Meter:
         self.sync = sync
         self.per_test: dict[str, int] = {}
         self.start = written_sectors(self.key)
+        self.own_start = own_written()
 
     def reading(self) -> int | None:
         if self.sync:
@@ -63,6 +81,12 @@ class Meter:
         if total is None:
             return ["written to the disk: not counted (no /proc/diskstats entry for the bench root)"]
         biggest = sorted(self.per_test.items(), key=lambda kv: -kv[1])[:top]
-        out = [f"written to the disk over the run: {total / 1e9:.2f} GB; the biggest writers:"]
+        own = own_written()
+        mine = (
+            ""
+            if own is None or self.own_start is None
+            else f" (by this process: {(own - self.own_start) / 1e9:.2f} GB)"
+        )
+        out = [f"written to the disk over the run: {total / 1e9:.2f} GB{mine}; the biggest writers:"]
         out += [f"  {nbytes / 1e9:6.2f} GB  {nodeid}" for nodeid, nbytes in biggest if nbytes > 0]
         return out

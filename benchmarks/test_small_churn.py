@@ -413,7 +413,9 @@ def contenders(floor, data, size, disk, steady) -> tuple[dict[str, ChurnContende
         else:
             missing[peer] = why
     steps = {label: DISKCACHE_STEPS[size] if label == "diskcache" else STEPS[size] for label in makers}
-    runners = {label: ChurnContender(label, make, disk, steady, steps[label]) for label, make in makers.items()}
+    runners = {
+        label: ChurnContender(label, make, disk, steady, steps[label]) for label, make in makers.items()
+    }
     return runners, missing
 
 
