@@ -20,7 +20,11 @@ from pathlib import Path
 
 
 def device_of(path: Path) -> tuple[int, int] | None:
-    """The (major, minor) that holds ``path``, if /proc/diskstats counts it."""
+    """The (major, minor) that holds ``path`` (or its nearest existing parent: the bench
+    root may not be made yet), if /proc/diskstats counts it."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
     st = os.stat(path)
     key = (os.major(st.st_dev), os.minor(st.st_dev))
     return key if written_sectors(key) is not None else None
