@@ -26,6 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
+import diskwrites
 import pytest
 
 import diskstate
@@ -84,6 +85,23 @@ def pytest_collection_modifyitems(items):
 
 def bench_base() -> Path:
     return Path(os.environ.get("DISKPAGES_BENCH_ROOT", tempfile.gettempdir())) / "diskpages-bench"
+
+
+# What each test writes to the device (diskwrites.py): printed at the session's end, the
+# total recorded for report.py. A smoke run counts too, without the syncs.
+WRITES = diskwrites.Meter(bench_base().parent, sync=not SMOKE)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before = WRITES.reading()
+    yield
+    WRITES.charge(item.nodeid, before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in WRITES.lines():
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -249,4 +267,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "elapsed_s": time.monotonic() - SESSION_START,
+        "written_bytes": WRITES.total(),
+        "written_bytes_per_test": WRITES.per_test,
     }

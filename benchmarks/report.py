@@ -42,7 +42,8 @@ try:
         pair_ratio,
         table,
     )
-    from report_gc_pause import gc_pause_section
+    from report_gc_pause import gc_pause_headline, gc_pause_section
+    from report_page_cost import page_cost_headlines, page_cost_section
     from report_plots import plots
     from report_removal import removal_section
     from report_writes import writes_headline
@@ -159,6 +160,7 @@ def render(data: dict, folder: Path) -> str:
     writes_headline(data, out)
     cleanup_section(data, out)
     gc_pause_section(data, out)
+    page_cost_section(data, out)
     removal_section(data, out)
     churn_section(data, out)
     plots(data, folder, out)
@@ -199,6 +201,8 @@ def headlines(data: dict) -> list[str]:
         if g["extra_info"]["state"] == "fresh":
             ratio = fmt_ratio(pair_ratio(g, "diskpages Page", "naive __del__ + os.unlink"))
             lines.append(f"dropping a page, fresh: ÷ naive __del__ + os.unlink {ratio}")
+    lines += gc_pause_headline(data)
+    lines += page_cost_headlines(data)
     # dask: what a worker's event loop pays to delete spilled keys, and a cluster's wall time
     for g in groups_of(data, "dask_delete"):
         e = g["extra_info"]
@@ -228,6 +232,8 @@ def summary(data: dict, report: Path) -> str:
     run = data.get("machine_info", {}).get("diskpages_bench", {})
     elapsed = run.get("elapsed_s")
     took = f", {elapsed / 60:.1f} minutes" if elapsed else ""
+    written = run.get("written_bytes")
+    took += f", {written / 1e9:.1f} GB written to the disk" if written is not None else ""
     out = [f"diskpages benchmarks: {run.get('mode', '?')} run, {run.get('rounds', '?')} rounds a group{took}"]
     lines = headlines(data)
     if lines:

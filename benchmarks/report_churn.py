@@ -20,10 +20,21 @@ def churn_section(data: dict, out: list[str]) -> None:
     if not groups:
         return
     e0 = groups[0]["extra_info"]
+    by_size = {g["extra_info"]["size_label"]: g["extra_info"] for g in groups}
+    steps = {e["steps"] for e in by_size.values()}
+    steps_said = (
+        f"{e0['steps']:,} steps a round"
+        if len(steps) == 1
+        else "steps a round: "
+        + ", ".join(f"{by_size[s]['steps']:,} at {s}" for s in CHURN_SIZES if s in by_size)
+    )
+    fewer = sorted({e.get("diskcache_steps") for e in by_size.values()} - steps - {None})
+    if fewer:
+        steps_said += "; diskcache a third of them"
     out.append("\n## Small-page churn\n\n")
     out.append(
         f"A window of {e0['window']:,} live pages; each step writes one page and drops the oldest"
-        f" ({e0['steps']:,} steps a round). *fresh*: a new folder every round, the window filled"
+        f" ({steps_said}). *fresh*: a new folder every round, the window filled"
         " untimed first; *steady*: one long-lived folder per contender, filled and churned for"
         f" {e0['season_steps']:,} steps before the rounds, the window carried from round to round."
         " diskpages removes files in its own C thread (the machine's other core): its time is the"
@@ -77,6 +88,7 @@ def churn_section(data: dict, out: list[str]) -> None:
         "python loop": "÷ python",
         "C floor: file per page": "÷ C file",
         "C floor: slots in one file": "÷ C slots",
+        "Python pwrite: slots in one file": "÷ Py slots",
     }
     out.append(
         side_by_side(

@@ -26,6 +26,7 @@ CHURN_AGAINST = [
     "zict.File",
     "C floor: file per page",
     "C floor: slots in one file",
+    "Python pwrite: slots in one file",
 ]
 
 

@@ -6,6 +6,7 @@ from report_format import (
     fmt_ratio,
     fmt_time,
     groups_of,
+    pair_ratio,
     table,
 )
 
@@ -36,3 +37,15 @@ def gc_pause_section(data: dict, out: list[str]) -> None:
             )
         rows.append(row)
     out.append(table(["state", "pending", *names], rows, "ll" + "r" * len(names)))
+
+
+def gc_pause_headline(data: dict) -> list[str]:
+    """The largest pending size, fresh: gc.collect() with cycles holding pages against the
+    same cycles holding None."""
+    groups = [g for g in groups_of(data, "gc_pause") if g["extra_info"]["state"] == "fresh"]
+    if not groups:
+        return []
+    g = max(groups, key=lambda g: g["extra_info"]["pending"])
+    ratio = fmt_ratio(pair_ratio(g, "diskpages: gc.collect()", "plain objects"))
+    n = g["extra_info"]["pending"]
+    return [f"gc pause, {n:,} pending cycles holding pages, fresh: ÷ the same cycles holding None {ratio}"]

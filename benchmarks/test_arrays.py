@@ -30,8 +30,9 @@ from diskpages import PageCache
 from conftest import QUICK, ROUNDS, fresh_dir, scaled
 from harness import record
 
-NBYTES = scaled(64 << 20, 16 << 20, 1 << 20)
-WRITES_PER_ROUND = 2
+# quick: 8 MiB once a round (16 MiB twice wrote 1 GB in the sync="data" group alone)
+NBYTES = scaled(64 << 20, 8 << 20, 1 << 20)
+WRITES_PER_ROUND = 1 if QUICK else 2
 READS_PER_ROUND = 2 if QUICK else 4
 
 
@@ -126,7 +127,7 @@ def test_write_array(benchmark, bench_root, layout, sync):
     runners = {kind: cls(bench_root, kind, array, sync) for kind, cls in writers.items()}
     record(
         benchmark,
-        f"array write 64MiB float64 {name}sync={sync}",
+        f"array write {NBYTES >> 20}MiB float64 {name}sync={sync}",
         runners,
         WRITES_PER_ROUND,
         "np.save",

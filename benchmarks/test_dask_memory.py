@@ -42,7 +42,7 @@ np = pytest.importorskip("numpy")
 psutil = pytest.importorskip("psutil")  # a dependency of distributed
 
 import diskstate  # noqa: E402
-from conftest import SMOKE, WARMUP, scaled  # noqa: E402
+from conftest import QUICK, SMOKE, WARMUP, scaled  # noqa: E402
 from harness import record  # noqa: E402
 
 BASELINE = "distributed"
@@ -52,7 +52,9 @@ WORKERS = 2
 CHUNK = scaled(160, 160, 32)  # 160 x 160 float64: 204,800 bytes
 SIDE = scaled(11200, 8000, 640)  # full: 1.0 GB in 4,900 chunks; quick: 512 MB in 2,500
 MEMORY_LIMIT = scaled(350_000_000, 300_000_000, 4 << 30)  # per worker
-ROUNDS = scaled(5, 3, 1)  # full: ~40 s a run, 10 runs
+ROUNDS = scaled(5, 2, 1)  # full: ~40 s a run, 10 runs
+# quick: no warmup run; each run spills ~250 MB to the disk, 4 runs are 1 GB
+RUN_WARMUP = 0 if QUICK else WARMUP
 RSS_PERIOD = 0.01  # s
 DISK_PERIOD = 0.1  # s
 TIMEOUT = 300.0  # s for one step of one run
@@ -196,7 +198,7 @@ def test_cluster_memory(benchmark, bench_root):
         1,
         BASELINE,
         ROUNDS,
-        warmup=WARMUP,
+        warmup=RUN_WARMUP,
         kind="dask_memory",
         unit="computation (persist, (x + x.T).sum(0))",
         processes=PROCESSES,

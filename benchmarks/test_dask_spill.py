@@ -80,7 +80,8 @@ KEYS_PER_ROUND = {
     "1MiB": scaled(32, 16, 2),
     "10MiB": scaled(4, 3, 1),
 }
-DELETE_KEYS = scaled(5000, 2000, 20)
+# quick: 200 keys (a round of 12.5 MB a contender): 2,000 wrote 2.5 GB a written-back group
+DELETE_KEYS = scaled(5000, 200, 20)
 DELETE_SIZE = 64 * KiB
 GONE_TIMEOUT = 60.0  # s: diskpages' reaper must have removed everything by then
 BASELINE = "distributed"
