@@ -26,10 +26,10 @@ import time
 import uuid
 from pathlib import Path
 
-import diskwrites
 import pytest
 
 import diskstate
+import diskwrites
 import filesystems
 import floor as floor_module
 import harness
