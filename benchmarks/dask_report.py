@@ -1,4 +1,5 @@
-"""The tables of benchmarks/results/dask/REPORT.md from a run of test_dask_spill.py.
+"""The dask tables of a run: report.py puts them in REPORT.md's dask section; run alone, it
+prints them for a run of test_dask_spill.py and test_dask_memory.py only.
 
 python -m pytest benchmarks/test_dask_spill.py --benchmark-json=bench-dask.json
 python -m pytest benchmarks/test_dask_memory.py --benchmark-json=bench-memory.json

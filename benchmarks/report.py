@@ -27,6 +27,7 @@ from pathlib import Path
 # in that process and in every process it spawns.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 try:
+    import dask_report
     from report_churn import churn_section
     from report_cleanup import cleanup_section
     from report_format import (
@@ -154,6 +155,26 @@ def detail_section(data: dict, out: list[str]) -> None:
 # -- main ---------------------------------------------------------------------------------
 
 
+def dask_section(data: dict, out: list[str]) -> None:
+    """diskpages.dask's SpillBuffer against distributed's own, from the same run
+    (dask_report.py's tables)."""
+    kinds = {g.get("extra_info", {}).get("kind") for g in data["benchmarks"]}
+    if not kinds & {"dask_spill", "dask_unspill", "dask_delete", "dask_cluster", "dask_memory"}:
+        return
+    out.append(
+        "\n## dask: diskpages.dask against distributed's own buffer\n\n"
+        "`benchmarks/test_dask_spill.py` and `test_dask_memory.py` (their docstrings say what each"
+        " group does). Ratios are ours ÷ distributed's SpillBuffer: the median over rounds of the"
+        " two times in the same round, ± half the interquartile range (below 1: faster than"
+        " distributed's). *dict store (floor)* is distributed's SpillBuffer over a plain dict,"
+        " which does no I/O at all.\n\n"
+    )
+    dask_report.spill_tables(data, out)
+    dask_report.delete_table(data, out)
+    dask_report.cluster_table(data, out)
+    dask_report.memory_table(data, out)
+
+
 def render(data: dict, folder: Path) -> str:
     out: list[str] = []
     header(data, out)
@@ -163,6 +184,7 @@ def render(data: dict, folder: Path) -> str:
     page_cost_section(data, out)
     removal_section(data, out)
     churn_section(data, out)
+    dask_section(data, out)
     plots(data, folder, out)
     detail_section(data, out)
     return "".join(out)
