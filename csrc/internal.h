@@ -265,7 +265,7 @@ void dp_discard_slot(dp_cache *c, dp_page *rec); /* a slot written but not publi
 int dp_sync_slots(dp_cache *c, dp_page *const *recs, size_t count); /* fdatasync, once each */
 int64_t dp_drain_slots(dp_cache *c);
 /* The reaper: give back the blocks of freed slots, in runs, and cut a free tail; under a
- * budget at once, else what has been spare for half a second. True if some is left to give
+ * budget at once, else what has been spare for 0.1 s. True if some is left to give
  * back later (the reaper keeps ticking until it is). */
 bool dp_trim(dp_cache *c);
 /* the last pin of a record went: its bytes are free (uncharge, give the slot back) */

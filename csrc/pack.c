@@ -6,8 +6,8 @@
  * pwrite at its offset, freeing it is a bit in a bitmap, and neither touches the file
  * system's metadata. The segment grows in chunks (fallocate), and the reaper gives back
  * the blocks of freed slots in coalesced runs (dp_trim) once they are far more than the
- * live slots need (under a budget at once, else once they have been spare for half a
- * second), so the bytes on disk follow the live bytes.
+ * live slots need (under a budget at once, else once they have been spare for 0.1 s),
+ * so the bytes on disk follow the live bytes.
  *
  * Who may look at a slot's bytes: the page, through its record, and its pins (a read under
  * way, a view: dp_page_pin). The slot goes back to the free bitmap only when the last of
@@ -36,7 +36,7 @@
 /* Not under a budget, room is given back once it has been spare this long: a working set
  * that comes back (bursts of pages, each batch dropped) keeps its blocks, where punching
  * them and allocating them again made bursts of 1,000 4 KiB pages 1.4x slower here. */
-#define SPARE_NS 500000000ull
+#define SPARE_NS 100000000ull
 
 /* Slot sizes: 4 KiB steps up to 32 KiB, then eight classes per doubling, so a page wastes
  * less than a 4 KiB block below 32 KiB and less than an eighth of its size above (2-3% on
@@ -543,8 +543,9 @@ static int longest_first(const void *a, const void *b)
 }
 
 /* Lock held, and given up while punching: once the free slots that hold blocks pass a
- * quarter of the taken slots plus a growth chunk (a chunk alone under a budget), punch the longest runs of them until
- * half that slack is left. One punch per run, never per slot; the runs are reserved
+ * 32nd of the taken slots plus a growth chunk (a chunk alone under a budget), punch the
+ * longest runs of them until half that slack is left (a quarter let a dask worker's spill
+ * take 1.05-1.18x the disk of distributed's files at its peak). One punch per run, never per slot; the runs are reserved
  * (taken) meanwhile, so no writer gets a slot under a punch. (Punches of one file
  * serialize on its inode lock, so io_uring would not overlap them; and ext4 writes a
  * dirty range back before it punches it, then waits for the TRIM on a disk mounted
@@ -553,7 +554,7 @@ static int longest_first(const void *a, const void *b)
 static uint64_t slack_of(const struct dp_segment *s, bool budget)
 {
     /* Under a budget the bytes on disk must follow the charged ones: no slack but a chunk. */
-    return (budget ? 0 : s->used / 4) + chunk_slots(s);
+    return (budget ? 0 : s->used / 32) + chunk_slots(s);
 }
 
 static void punch_runs(struct dp_segment *s, bool budget)
