@@ -92,18 +92,21 @@ static PyObject *new_page(PyTypeObject *cls, PyObject *cache, int watch)
     return self;
 }
 
-/* (cache, cache hold's address, ...): the arguments every maker starts with */
-static int maker_args(PyObject *cls, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
-                      dp_hold **cache, int *watch)
+static int count_args(Py_ssize_t nargs, Py_ssize_t want)
 {
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, nargs);
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, nargs);
+    return -1;
+}
+
+/* (cache, cache hold's address, ..., watch): the arguments of the writes. (cls is a page
+ * class: METH_CLASS passes the class the method was called on.) */
+static int maker_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, dp_hold **cache,
+                      int *watch)
+{
+    if (count_args(nargs, want) < 0)
         return -1;
-    }
-    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, page_type)) {
-        PyErr_SetString(PyExc_TypeError, "not a page class");
-        return -1;
-    }
     *cache = PyLong_AsVoidPtr(args[1]);
     if (!*cache) {
         if (!PyErr_Occurred())
@@ -114,14 +117,13 @@ static int maker_args(PyObject *cls, PyObject *const *args, Py_ssize_t nargs, Py
     return *watch < 0 ? -1 : 0;
 }
 
-/* _new(cache, cache_address, watch): an empty page, for the writes made through cffi */
+/* _new(cache, watch): an empty page, for the writes made through cffi */
 static PyObject *page_new_empty(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
-    dp_hold *cache;
-    int watch;
-    if (maker_args(cls, args, nargs, 3, &cache, &watch) < 0)
+    if (count_args(nargs, 2) < 0)
         return NULL;
-    return new_page((PyTypeObject *)cls, args[0], watch);
+    int watch = PyObject_IsTrue(args[1]);
+    return watch < 0 ? NULL : new_page((PyTypeObject *)cls, args[0], watch);
 }
 
 /* _write(cache, cache_address, data, method, watch): the page, or a negative C error */
@@ -129,7 +131,7 @@ static PyObject *page_write(PyObject *cls, PyObject *const *args, Py_ssize_t nar
 {
     dp_hold *cache;
     int watch;
-    if (maker_args(cls, args, nargs, 5, &cache, &watch) < 0)
+    if (maker_args(args, nargs, 5, &cache, &watch) < 0)
         return NULL;
     int method = (int)PyLong_AsLong(args[3]);
     if (method == -1 && PyErr_Occurred())
@@ -162,7 +164,7 @@ static PyObject *page_write_many(PyObject *cls, PyObject *const *args, Py_ssize_
 {
     dp_hold *cache;
     int watch;
-    if (maker_args(cls, args, nargs, 5, &cache, &watch) < 0)
+    if (maker_args(args, nargs, 5, &cache, &watch) < 0)
         return NULL;
     if (!PyList_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError, "buffers must be a list");

@@ -174,16 +174,11 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
     if (!recs)
         return -ENOMEM;
     int err;
-    if ((err = dp_enter_write(c))) {
-        if (recs != &one)
-            free(recs);
-        return err;
-    }
+    if ((err = dp_enter_write(c)))
+        goto out;
     if ((err = dp_charge(c, charge))) {
         pthread_rwlock_unlock(&c->closing);
-        if (recs != &one)
-            free(recs);
-        return err;
+        goto out;
     }
     size_t made = 0;
     for (const struct iovec *page = iov; made < count; made++) {
@@ -215,7 +210,8 @@ static int write_pages(dp_cache *c, const struct iovec *iov, const size_t *parts
         }
     }
     pthread_rwlock_unlock(&c->closing);
-    if (recs != &one)
+out:
+    if (recs != &one) /* one page's record pointer lives on the stack */
         free(recs);
     return err;
 }

@@ -109,7 +109,7 @@ def test_live_skips_a_page_another_thread_is_still_building(cache):
     # a Page with its cache and an empty hold (no id, no C record yet). And one made with
     # object.__new__, which has no cache at all.
     bare = object.__new__(diskpages.Page)
-    partial = diskpages.Page._new(cache, cache._address, False)
+    partial = diskpages.Page._new(cache, False)
     page = cache.write(b"p")
     assert [x.page for x in cache.live()] == [page]
     del bare, partial

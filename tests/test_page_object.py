@@ -114,3 +114,20 @@ def test_a_released_page_object_says_so_after_the_collector_dropped_it(cache, no
     with pytest.raises(PageReleasedError):
         page.read()
     assert cache.stats().released_by_gc == 1
+
+
+def test_the_makers_refuse_wrong_arguments_and_make_nothing(cache):
+    """The private makers (PageBase._write, _write_many, _new) check what they are given:
+    a wrong count, no cache hold, buffers not in a list. Nothing is written."""
+    with pytest.raises(TypeError, match="expected 5 arguments, got 3"):
+        Page._write(cache, cache._address, b"x")
+    with pytest.raises(ValueError, match="no cache"):
+        Page._write(cache, 0, b"x", 0, False)
+    with pytest.raises(ValueError, match="no cache"):
+        Page._write_many(cache, 0, [b"x"], 0, False)
+    with pytest.raises(TypeError, match="must be a list"):
+        Page._write_many(cache, cache._address, (b"x",), 0, False)
+    with pytest.raises(TypeError, match="expected 2 arguments, got 1"):
+        Page._new(cache)
+    stats = cache.stats()
+    assert (stats.written, stats.live_pages) == (0, 0)

@@ -186,15 +186,6 @@ def as_buffer(data: Any, writable: bool = False) -> Any:
 _release = ffi.release
 
 
-def _c_parts(bufs: list[Any]) -> tuple[Any, Any, list[int]]:
-    """The C arrays of as_buffer()'s cdatas: their addresses and sizes (NULL, NULL for
-    none), and the sizes as a list."""
-    sizes = [len(b) for b in bufs]
-    if not bufs:
-        return ffi.NULL, ffi.NULL, sizes
-    return ffi.new("void *[]", bufs), ffi.new("size_t[]", sizes), sizes
-
-
 def charge_for(cache: Hold, nbytes: int, pack: bool) -> int:
     """What a page of nbytes takes on disk in this cache, and is charged (dp_charge_for)."""
     return int(lib.dp_charge_for(cache, nbytes, pack))
@@ -264,8 +255,12 @@ def write_parts(cache: Hold, parts: Sequence[Any], path: str, page: Hold, pack: 
     slot if ``pack`` and it is small enough, else a file with its blocks reserved first."""
     bufs: list[Any] = []
     try:
-        bufs += map(as_buffer, parts)  # (as in write_many)
-        data, sizes, sizes_list = _c_parts(bufs)
+        # each appended as it is made, so the finally releases every one made, even when a
+        # later one raises; every check happens before any file is made
+        bufs += map(as_buffer, parts)
+        sizes_list = [len(b) for b in bufs]
+        data = ffi.new("void *[]", bufs) if bufs else ffi.NULL
+        sizes = ffi.new("size_t[]", sizes_list) if bufs else ffi.NULL
         page_id = ffi.new("uint64_t *")
         rc = lib.dp_write_parts(cache, data, sizes, len(bufs), pack, page, page_id)
     finally:

@@ -231,15 +231,14 @@ class PageCache:
 
     def _write_failed(self, rc: int, data: Any) -> Page:
         """write() met C error ``rc``: over budget, make room and retry; else raise it."""
-        args = (Page, self, self._address, data, self._write_method, self._watch, self._path)
-        try:
-            raise native.error(rc, self._path)
-        except CacheFullError:
+        exc = native.error(rc, self._path)
+        if isinstance(exc, CacheFullError):
+            args = (Page, self, self._address, data, self._write_method, self._watch, self._path)
             page: Page = self._make_room(native.write, args, [native.size_of(data)])
             return page
-        except CacheClosedError:
+        if isinstance(exc, CacheClosedError):
             self._check_open()  # C says closed (or a forked child's): name the folder
-            raise
+        raise exc
 
     def write_many(self, buffers: Iterable[Any]) -> list[Page]:
         """Write many pages in one call into C, all or nothing: if any write fails, no

@@ -49,8 +49,6 @@ class PageOwner(Protocol):
     @property
     def _handed(self) -> Iterator[int]: ...
     @property
-    def _address(self) -> int: ...
-    @property
     def _watch(self) -> bool: ...
     @property
     def _watched(self) -> weakref.WeakSet[Page] | None: ...
@@ -153,7 +151,7 @@ class _PageFile(PageBase, _Sized):
     @classmethod
     def _empty(cls, cache: PageOwner) -> Self:
         """One whose hold is still empty, for a C call through cffi to fill."""
-        self: Self = cls._new(cache, cache._address, False)
+        self: Self = cls._new(cache, False)
         return self
 
     @property
@@ -178,7 +176,7 @@ class Page(_PageFile, _Readable):
 
     @classmethod
     def _empty(cls, cache: PageOwner) -> Self:
-        self: Self = cls._new(cache, cache._address, cache._watch)
+        self: Self = cls._new(cache, cache._watch)
         if cache._watched is not None:
             cache._watched.add(self)  # for the warning if the cache's finalizer reclaims it
         return self
