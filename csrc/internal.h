@@ -53,7 +53,7 @@ typedef struct dp_pin {
 /* pack.c: one segment file per size class, made at the first page of that class. Its lock
  * guards the bitmaps and the file's growth; writers, the drain and the trim take it
  * briefly, never around a write of page bytes, and never on the release path. */
-#define DP_CLASSES 48
+#define DP_CLASSES 80
 struct dp_segment {
     pthread_mutex_t lock;
     uint64_t slot_size;
@@ -264,7 +264,8 @@ int dp_write_slot(dp_cache *c, int cls, const struct iovec *parts, size_t count,
 void dp_discard_slot(dp_cache *c, dp_page *rec); /* a slot written but not published */
 int dp_sync_slots(dp_cache *c, dp_page *const *recs, size_t count); /* fdatasync, once each */
 int64_t dp_drain_slots(dp_cache *c);
-/* The reaper: give back the blocks of freed slots, in runs, and cut a free tail; under a
+void dp_release_deferred(dp_cache *c, struct dp_segment *s); /* its lock held */
+/* trim.c. The reaper: give back the blocks of freed slots, in runs, and cut a free tail; under a
  * budget at once, else what has been spare for 0.1 s. True if some is left to give
  * back later (the reaper keeps ticking until it is). */
 bool dp_trim(dp_cache *c);

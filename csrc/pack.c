@@ -4,10 +4,9 @@
  * (which, after many deletions, scans for a free inode), an unlink, and a TRIM for every
  * freed extent on a disk mounted `discard`. A slot is reused in place: writing a page is a
  * pwrite at its offset, freeing it is a bit in a bitmap, and neither touches the file
- * system's metadata. The segment grows in chunks (fallocate), and the reaper gives back
- * the blocks of freed slots in coalesced runs (dp_trim) once they are far more than the
- * live slots need (under a budget at once, else once they have been spare for 0.1 s),
- * so the bytes on disk follow the live bytes.
+ * system's metadata. The segment grows in chunks (fallocate: an eighth of itself, up to
+ * 1 MiB), and the reaper gives back the blocks of freed slots in coalesced runs (trim.c)
+ * once they are more than the live slots need, so the bytes on disk follow the live bytes.
  *
  * Who may look at a slot's bytes: the page, through its record, and its pins (a read under
  * way, a view: dp_page_pin). The slot goes back to the free bitmap only when the last of
@@ -28,30 +27,26 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "segment.h"
 
-#define KIB 1024ull
-#define GROW_BYTES (1024 * KIB) /* a segment grows by this much (at least one slot) */
-#define BLOCK 4096u             /* slots are multiples of it: a view maps a slot alone */
-#define WORD_BITS 64u
-/* Not under a budget, room is given back once it has been spare this long: a working set
- * that comes back (bursts of pages, each batch dropped) keeps its blocks, where punching
- * them and allocating them again made bursts of 1,000 4 KiB pages 1.4x slower here. */
-#define SPARE_NS 100000000ull
 
-/* Slot sizes: 4 KiB steps up to 32 KiB, then eight classes per doubling, so a page wastes
- * less than a 4 KiB block below 32 KiB and less than an eighth of its size above (2-3% on
- * typical mixes, where four classes a doubling wasted 7-10%: a dask worker's 205 KB chunks
- * took 224 KiB slots, 12% more disk than its own files; now 208 KiB). More classes cost
- * more growth chunks and segment files, one a class in use: benchmarks/slot_classes.py
- * weighs both on several size mixes. */
-static const uint32_t SLOT_SIZES[DP_CLASSES] = {
-    4 * KIB, 8 * KIB, 12 * KIB, 16 * KIB, 20 * KIB, 24 * KIB, 28 * KIB, 32 * KIB,
-    36 * KIB, 40 * KIB, 44 * KIB, 48 * KIB, 52 * KIB, 56 * KIB, 60 * KIB, 64 * KIB,
-    72 * KIB, 80 * KIB, 88 * KIB, 96 * KIB, 104 * KIB, 112 * KIB, 120 * KIB, 128 * KIB,
-    144 * KIB, 160 * KIB, 176 * KIB, 192 * KIB, 208 * KIB, 224 * KIB, 240 * KIB, 256 * KIB,
-    288 * KIB, 320 * KIB, 352 * KIB, 384 * KIB, 416 * KIB, 448 * KIB, 480 * KIB, 512 * KIB,
-    576 * KIB, 640 * KIB, 704 * KIB, 768 * KIB, 832 * KIB, 896 * KIB, 960 * KIB, 1024 * KIB,
-};
+/* Slot sizes: 4 KiB steps up to 256 KiB (the default pack_max), then eight classes per
+ * doubling up to 1 MiB. Up to 256 KiB a slot takes what a file of the page takes, its
+ * whole 4 KiB blocks: eight classes a doubling put a dask worker's 205 KB chunks (200 KiB
+ * of array and a header) in 208 KiB slots, 2% more disk than its own files. Above, a page
+ * wastes less than an eighth of its size. A class in use costs a segment file (an fd and
+ * 32 MiB of address space for its tags) and up to a growth chunk ahead of its slots:
+ * benchmarks/slot_classes.py weighs both on several size mixes. */
+#define STEPS_4K 64 /* classes 4 KiB apart: 4 KiB ... 256 KiB */
+
+static uint32_t slot_size_of(int cls)
+{
+    if (cls < STEPS_4K)
+        return (uint32_t)(cls + 1) * 4 * KIB;
+    int k = cls - STEPS_4K;
+    uint32_t base = 256 * KIB << (k / 8); /* 288 KiB ... 1 MiB: base + base / 8 steps */
+    return base + (uint32_t)(k % 8 + 1) * (base / 8);
+}
 
 void dp_segment_name(uint64_t slot_size, char *buf)
 {
@@ -64,7 +59,7 @@ void dp_segments_init(dp_cache *c)
     for (int i = 0; i < DP_CLASSES; i++) {
         struct dp_segment *s = &c->segs[i];
         pthread_mutex_init(&s->lock, NULL);
-        s->slot_size = SLOT_SIZES[i];
+        s->slot_size = slot_size_of(i);
         s->fd = -1;
     }
 }
@@ -73,8 +68,10 @@ int dp_class_of(const dp_cache *c, size_t nbytes)
 {
     if (c->pack_max == 0 || nbytes > c->pack_max) /* 0: no packing, empty pages included */
         return -1;
-    for (int i = 0; i < DP_CLASSES; i++)
-        if (nbytes <= SLOT_SIZES[i])
+    if (nbytes <= STEPS_4K * 4 * KIB)
+        return nbytes ? (int)((nbytes - 1) / (4 * KIB)) : 0;
+    for (int i = STEPS_4K; i < DP_CLASSES; i++)
+        if (nbytes <= slot_size_of(i))
             return i;
     return -1;
 }
@@ -83,30 +80,10 @@ uint64_t dp_disk_bytes(const dp_cache *c, uint64_t nbytes, bool pack)
 {
     int cls = pack && c ? dp_class_of(c, nbytes) : -1; /* c NULL: a file's */
     if (cls >= 0)
-        return SLOT_SIZES[cls];
+        return slot_size_of(cls);
     if (nbytes > UINT64_MAX - BLOCK)
         return UINT64_MAX; /* more than any budget holds */
     return nbytes <= BLOCK ? BLOCK : (nbytes + BLOCK - 1) / BLOCK * BLOCK;
-}
-
-static uint64_t slot_offset(const struct dp_segment *s, uint32_t slot)
-{
-    return DP_TAGS_BYTES + (uint64_t)slot * s->slot_size;
-}
-
-static bool bit(const uint64_t *map, uint32_t i)
-{
-    return map[i / WORD_BITS] >> (i % WORD_BITS) & 1;
-}
-
-static void set_bit(uint64_t *map, uint32_t i)
-{
-    map[i / WORD_BITS] |= 1ull << (i % WORD_BITS);
-}
-
-static void clear_bit(uint64_t *map, uint32_t i)
-{
-    map[i / WORD_BITS] &= ~(1ull << (i % WORD_BITS));
 }
 
 /* Whether fd means the same file in the process's own fd table (the thread-group
@@ -191,16 +168,6 @@ static int reserve_range(int fd, uint64_t off, uint64_t len, bool zero_fill)
         done += (uint64_t)n;
     }
     return 0;
-}
-
-static uint32_t chunk_slots(const struct dp_segment *s)
-{
-    return GROW_BYTES > s->slot_size ? (uint32_t)(GROW_BYTES / s->slot_size) : 1;
-}
-
-static uint64_t tags_end(uint32_t nslots)
-{
-    return ((uint64_t)nslots * sizeof(dp_tag) + BLOCK - 1) / BLOCK * BLOCK;
 }
 
 /* Bitmaps for n slots: they grow with the segment. Lock held. */
@@ -464,8 +431,8 @@ int64_t dp_drain_slots(dp_cache *c)
     return count;
 }
 
-/* Lock held: free the deferred slots that no forked child sees any more. */
-static void release_deferred(dp_cache *c, struct dp_segment *s)
+/* Lock held: free the deferred slots that no forked child sees any more (the trim's). */
+void dp_release_deferred(dp_cache *c, struct dp_segment *s)
 {
     for (size_t i = 0; s->tags && i < s->ndeferred;) {
         uint32_t slot = s->deferred[i];
@@ -477,192 +444,6 @@ static void release_deferred(dp_cache *c, struct dp_segment *s)
             i++;
         }
     }
-}
-
-/* Lock held, and given up while the file shrinks: once two growth chunks or more past the
- * last taken slot are free, cut the segment back to a chunk boundary after it. One
- * ftruncate for the slots and one punch for their tags: the segment shrinks as the live
- * set does (its pages sit low: writers take the lowest free slot). The cut slots are
- * reserved (taken) meanwhile, so no writer gets one. (tail_keep: that boundary.) */
-static uint32_t tail_keep(const struct dp_segment *s)
-{
-    uint32_t chunk = chunk_slots(s), top = s->nslots; /* one past the last taken slot */
-    while (top > 0) {
-        uint64_t word = s->taken[(top - 1) / WORD_BITS];
-        uint32_t bits = (top - 1) % WORD_BITS + 1; /* bits of this word below top */
-        word &= bits == WORD_BITS ? ~0ull : (1ull << bits) - 1;
-        if (word) {
-            top = (top - 1) / WORD_BITS * WORD_BITS + (WORD_BITS - (uint32_t)__builtin_clzll(word));
-            break;
-        }
-        top -= bits;
-    }
-    return (top + chunk - 1) / chunk * chunk;
-}
-
-static void shrink_tail(struct dp_segment *s)
-{
-    uint32_t keep = tail_keep(s), had = s->nslots;
-    if (had - keep < 2 * chunk_slots(s))
-        return;
-    for (uint32_t i = keep; i < had; i++)
-        set_bit(s->taken, i);
-    s->used += had - keep;
-    s->cutting = true; /* nslots stays `had` until we are back, and nobody grows it meanwhile */
-    int fd = s->fd;
-    pthread_mutex_unlock(&s->lock);
-    bool cut = ftruncate(fd, (off_t)slot_offset(s, keep)) == 0;
-    if (cut && tags_end(had) > tags_end(keep)) /* the tags' blocks: segment_grow reserves */
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)tags_end(keep),
-                  (off_t)(tags_end(had) - tags_end(keep))); /* them again before reuse */
-    pthread_mutex_lock(&s->lock);
-    for (uint32_t i = keep; i < had; i++) {
-        clear_bit(s->taken, i);
-        if (cut && bit(s->hold_blocks, i)) {
-            clear_bit(s->hold_blocks, i);
-            s->backed--;
-        }
-    }
-    s->used -= had - keep;
-    s->cutting = false;
-    if (cut)
-        s->nslots = keep;
-    else if (keep / WORD_BITS < s->hint)
-        s->hint = keep / WORD_BITS;
-}
-
-struct run {
-    uint32_t start, len;
-    bool punched;
-};
-
-static int longest_first(const void *a, const void *b)
-{
-    const struct run *x = a, *y = b;
-    return x->len < y->len ? 1 : x->len > y->len ? -1 : 0;
-}
-
-/* Lock held, and given up while punching: once the free slots that hold blocks pass a
- * 32nd of the taken slots plus a growth chunk (a chunk alone under a budget), punch the
- * longest runs of them until half that slack is left (a quarter let a dask worker's spill
- * take 1.05-1.18x the disk of distributed's files at its peak). One punch per run, never per slot; the runs are reserved
- * (taken) meanwhile, so no writer gets a slot under a punch. (Punches of one file
- * serialize on its inode lock, so io_uring would not overlap them; and ext4 writes a
- * dirty range back before it punches it, then waits for the TRIM on a disk mounted
- * `discard`: ~150 us a run here, so survivors scattered one in ten over 100,000 slots
- * take ~1.5 s to give back, where a contiguous drop takes one call.) */
-static uint64_t slack_of(const struct dp_segment *s, bool budget)
-{
-    /* Under a budget the bytes on disk must follow the charged ones: no slack but a chunk. */
-    return (budget ? 0 : s->used / 32) + chunk_slots(s);
-}
-
-static void punch_runs(struct dp_segment *s, bool budget)
-{
-    uint64_t waste = s->backed - s->used, slack = slack_of(s, budget);
-    if (waste <= slack)
-        return;
-    uint64_t target = slack / 2;
-    size_t cap = 1024, n = 0;
-    struct run *runs = malloc(cap * sizeof *runs);
-    for (uint32_t i = 0; runs && i < s->nslots;) {
-        uint32_t w = i / WORD_BITS;
-        if (i % WORD_BITS == 0 && (s->hold_blocks[w] & ~s->taken[w]) == 0) {
-            i += WORD_BITS; /* nothing to punch in this word */
-            continue;
-        }
-        if (!bit(s->hold_blocks, i) || bit(s->taken, i)) {
-            i++;
-            continue;
-        }
-        uint32_t start = i;
-        while (i < s->nslots && bit(s->hold_blocks, i) && !bit(s->taken, i))
-            i++;
-        if (n == cap) {
-            struct run *more = realloc(runs, 2 * cap * sizeof *runs);
-            if (!more)
-                break;
-            runs = more;
-            cap *= 2;
-        }
-        runs[n++] = (struct run){start, i - start, false};
-    }
-    if (!runs)
-        return;
-    qsort(runs, n, sizeof *runs, longest_first);
-    size_t chosen = 0;
-    for (; chosen < n && waste > target; chosen++) {
-        waste -= runs[chosen].len;
-        for (uint32_t i = runs[chosen].start; i < runs[chosen].start + runs[chosen].len; i++)
-            set_bit(s->taken, i);
-        s->used += runs[chosen].len;
-    }
-    int fd = s->fd;
-    pthread_mutex_unlock(&s->lock);
-
-    for (size_t r = 0; r < chosen; r++) {
-        int err;
-        do
-            err = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                            (off_t)slot_offset(s, runs[r].start),
-                            (off_t)runs[r].len * (off_t)s->slot_size) == 0 ? 0 : -errno;
-        while (err == -EINTR);
-        runs[r].punched = err == 0; /* else the blocks stay; the slots are free all the same */
-    }
-
-    pthread_mutex_lock(&s->lock);
-    for (size_t r = 0; r < chosen; r++) {
-        bool punched = runs[r].punched;
-        for (uint32_t i = runs[r].start; i < runs[r].start + runs[r].len; i++) {
-            clear_bit(s->taken, i);
-            if (punched)
-                clear_bit(s->hold_blocks, i);
-        }
-        s->used -= runs[r].len;
-        if (punched)
-            s->backed -= runs[r].len;
-        if (runs[r].start / WORD_BITS < s->hint)
-            s->hint = runs[r].start / WORD_BITS;
-    }
-    free(runs);
-}
-
-/* The reaper's: give back what freed slots hold, off every writer's path; under a budget
- * at once, else once it has been spare for SPARE_NS. True if some waits for that. */
-static bool trim_segment(dp_cache *c, struct dp_segment *s)
-{
-    bool later = false, budget = c->max_bytes != 0;
-    pthread_mutex_lock(&s->lock);
-    if (s->tags) {
-        release_deferred(c, s);
-        bool tail = s->nslots - tail_keep(s) >= 2 * chunk_slots(s);
-        if (!tail && s->backed - s->used <= slack_of(s, budget)) {
-            s->spare_since = 0; /* used again: the clock starts over */
-        } else {
-            uint64_t t = dp_now_ns();
-            if (!s->spare_since)
-                s->spare_since = t;
-            if (budget || t - s->spare_since >= SPARE_NS) {
-                shrink_tail(s);
-                punch_runs(s, budget);
-                s->spare_since = 0;
-            } else {
-                later = true;
-            }
-        }
-    }
-    pthread_mutex_unlock(&s->lock);
-    return later;
-}
-
-bool dp_trim(dp_cache *c)
-{
-    bool later = false;
-    for (int i = 0; i < DP_CLASSES; i++)
-        /* set once, under the lock, by the class's first writer */
-        if (__atomic_load_n(&c->segs[i].fd, __ATOMIC_ACQUIRE) >= 0)
-            later |= trim_segment(c, &c->segs[i]);
-    return later;
 }
 
 void dp_segments_close(dp_cache *c)

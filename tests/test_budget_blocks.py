@@ -20,7 +20,7 @@ from conftest import wait_until
 pytestmark = pytest.mark.lifetime  # also under AddressSanitizer in CI (.ci/asan)
 
 KiB, MiB = 1024, 1024 * 1024
-GROW = MiB  # csrc/pack.c: GROW_BYTES, what a segment grows by
+GROW = MiB  # csrc/segment.h: GROW_BYTES, the most a segment grows by at once
 
 
 def du(folder: Path) -> int:

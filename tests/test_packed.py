@@ -81,8 +81,9 @@ def test_freed_slots_are_reused(tmp_path):
         for i in range(10, 3000):
             window.append(c.write(page_of(i)))
             window.pop(0)
-        # the writer takes freed slots back before it grows the segment: one growth chunk
-        assert segment_slots(c, 4 * KIB) == 256
+        # the writer takes freed slots back before it grows the segment: room for the
+        # window of 11 pages and one growth step (a small segment grows by an eighth)
+        assert 11 <= segment_slots(c, 4 * KIB) <= 16
         assert all(p.read() == page_of(i) for i, p in zip(range(2990, 3000), window, strict=False))
         c.remove_released()  # released slots keep their tag until they are freed
         assert pages_on_disk(c) == (10, 10 * 4 * KIB)
@@ -256,6 +257,39 @@ def test_disk_bytes_follow_the_live_bytes(tmp_path):
         assert wait_until(lambda: disk_bytes(c.path) <= bound, timeout=1.0), (disk_bytes(c.path), bound)
         first = 6 * live - len(window)
         assert [p.read() for p in window] == [page_of(i, size) for i in range(first, 6 * live)]
+
+
+def blocks(n: int) -> int:
+    """What a file of n bytes takes: its whole 4 KiB blocks, one at least."""
+    return max(4 * KIB, -(-n // (4 * KIB)) * 4 * KIB)
+
+
+@pytest.mark.parametrize(
+    "nbytes", [1, 4 * KIB, 4 * KIB + 1, 100_000, 204_800 + 120, 255 * KIB + 1, 256 * KIB]
+)
+def test_up_to_256_kib_a_slot_takes_what_the_pages_file_would(tmp_path, nbytes):
+    """A dask worker's 205 KB chunk (200 KiB of array and a header) takes a 204 KiB slot,
+    as its file would, not the next class up; the charge, the segment and du agree."""
+    with PageCache(tmp_path) as c:
+        pages = [c.write(b"d" * nbytes) for _ in range(64)]
+        assert all(p.packed for p in pages)
+        assert os.listdir(c.path) == [f"{blocks(nbytes)}.slots"]
+        assert c.stats().charged_bytes == 64 * blocks(nbytes)
+        slots = segment_slots(c, blocks(nbytes))
+        # the slots in use, and what the segment grew by ahead of them: an eighth, at most
+        assert 64 <= slots <= 64 + max(1, min(64 // 8 + 1, (1 << 20) // blocks(nbytes)))
+        tags = -(-native.TAG_BYTES * slots // (4 * KIB)) * 4 * KIB
+        assert disk_bytes(c.path) <= slots * blocks(nbytes) + tags + 4 * KIB
+
+
+@pytest.mark.parametrize(
+    "nbytes, slot", [(256 * KIB + 1, 288 * KIB), (600_000, 640 * KIB), (1 << 20, 1 << 20)]
+)
+def test_above_256_kib_a_slot_wastes_under_an_eighth(tmp_path, nbytes, slot):
+    with PageCache(tmp_path, pack_max=1 << 20) as c:
+        page = c.write(b"b" * nbytes)
+        assert page.packed and os.listdir(c.path) == [f"{slot}.slots"]
+        assert c.stats().charged_bytes == slot < nbytes * 9 / 8
 
 
 def test_a_forked_child_never_reuses_or_frees_a_parents_slot(tmp_path):
