@@ -37,7 +37,10 @@ static uint32_t tail_keep(const struct dp_segment *s)
         }
         top -= bits;
     }
-    return (top + chunk - 1) / chunk * chunk;
+    /* a segment is rarely a whole number of chunks (it grows by an eighth of itself, or
+     * by one slot on a full disk): a boundary past its end would grow it, not cut it */
+    uint32_t keep = (top + chunk - 1) / chunk * chunk;
+    return keep < s->nslots ? keep : s->nslots;
 }
 
 static void shrink_tail(struct dp_segment *s)

@@ -292,6 +292,30 @@ def test_above_256_kib_a_slot_wastes_under_an_eighth(tmp_path, nbytes, slot):
         assert c.stats().charged_bytes == slot < nbytes * 9 / 8
 
 
+@pytest.mark.lifetime
+def test_the_trim_never_cuts_a_segment_past_its_end(tmp_path):
+    """A segment grows by an eighth of itself, so it is rarely a whole number of its
+    current growth chunks. The trim cuts a free tail back to the chunk boundary after the
+    last taken slot, which may lie past the segment's end: that cut once grew the file and
+    the slot count past the bitmaps (64 pages of 4 KiB: 64 slots, a boundary at 72), and
+    the next scan of them wrote outside the heap block. Each class here ends in a partial
+    chunk with its last slot taken; a dropped page wakes the reaper."""
+    counts = {4 * KIB: 64, 8 * KIB: 16, 12 * KIB: 25, 16 * KIB: 33, 20 * KIB: 43}
+    with PageCache(tmp_path) as c:
+        pages = {size: [c.write(page_of(i, size)) for i in range(n)] for size, n in counts.items()}
+        slots = {size: segment_slots(c, size) for size in counts}
+        for kept in pages.values():
+            kept[0] = None  # the lowest slot: the last stays taken
+        for _ in range(5):  # the trim waits 0.1 s before it cuts; a tick or two more
+            time.sleep(0.1)
+            c.remove_released()
+        assert {size: segment_slots(c, size) for size in counts} == slots
+        more = {size: [c.write(page_of(i, size)) for i in range(n, n + 80)] for size, n in counts.items()}
+        for size, n in counts.items():
+            assert [p.read() for p in pages[size][1:]] == [page_of(i, size) for i in range(1, n)]
+            assert [p.read() for p in more[size]] == [page_of(i, size) for i in range(n, n + 80)]
+
+
 def test_a_forked_child_never_reuses_or_frees_a_parents_slot(tmp_path):
     with PageCache(tmp_path, max_delay=0.001) as c:
         keep = [c.write(page_of(i)) for i in range(50)]
