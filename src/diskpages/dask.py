@@ -23,7 +23,6 @@ folder. Needs distributed (``pip install "diskpages[dask]"``).
 from __future__ import annotations
 
 import asyncio
-import difflib
 import inspect
 import logging
 import math
@@ -209,6 +208,8 @@ def _check_options(options: dict[str, Any]) -> None:
     for name in options:
         if name in _CACHE_OPTIONS or name == "memmap":
             continue
+        import difflib  # only to say what was meant: a worker need not load it
+
         meant = _MEANT.get(name) or next(
             iter(difflib.get_close_matches(name, _OWN_OPTIONS + _CACHE_OPTIONS, n=1)), None
         )
