@@ -175,6 +175,9 @@ def memory_table(data: dict, out: list[str]) -> None:
             f"({'processes' if e['processes'] else 'threads'}) of {e['memory_limit'] / 1e6:.0f} MB\n\n"
         )
         head = ["", "wall", "pauses a run", "pauses in all", "peak RSS", "peak spill disk"]
+        layout = "disk_per_spilled" in e["memory"][OURS]  # runs from before it: not shown
+        if layout:
+            head += ["peak spilled", "disk ÷ spilled"]
         rows = []
         memory = e["memory"]
         for name in (BASELINE, OURS):
@@ -188,6 +191,14 @@ def memory_table(data: dict, out: list[str]) -> None:
                     f"{m['peak_rss'] / 1e6:.0f} MB",
                     f"{m['peak_spill_disk'] / 1e6:.0f} MB",
                 ]
+                + (
+                    [
+                        f"{m['peak_spilled'] / 1e6:.0f} MB",
+                        f"{m['disk_per_spilled']:.3f}" if m["disk_per_spilled"] else "–",
+                    ]
+                    if layout
+                    else []
+                )
             )
         base, ours = memory[BASELINE], memory[OURS]
 
@@ -203,13 +214,29 @@ def memory_table(data: dict, out: list[str]) -> None:
                 over("peak_rss"),
                 over("peak_spill_disk"),
             ]
+            + ([over("peak_spilled"), over("disk_per_spilled")] if layout else [])
         )
-        out.append(table(head, rows, "l" + "r" * 5))
+        out.append(table(head, rows, "l" + "r" * (len(head) - 1)))
+        restarted = {name: sum(r.get("restarted", 0) for r in memory[name]["rounds"]) for name in memory}
+        if any(restarted.values()):
+            out.append(
+                "\n**Workers restarted by their nanny during the runs** (a crash, or memory past "
+                f"the terminate threshold): {restarted}.\n"
+            )
         out.append(
             f"\nMedians over {len(base['rounds'])} rounds (a new cluster each), alternating; "
             '*pauses*: the workers\' "Pausing worker" warnings (RSS over 0.8 of the limit), per '
             "round in order; *peak RSS*: of either worker, sampled every 10 ms; *peak spill "
-            "disk*: st_blocks under the workers' folders, every 100 ms.\n"
+            "disk*: st_blocks under the workers' folders, every 100 ms"
+            + (
+                "; *peak spilled*: the peak of what each buffer counted as spilled "
+                "(serialized bytes, every 10 ms, inside the worker), summed over the workers; "
+                "*disk ÷ spilled*: each worker folder's peak over it, the store's layout (and "
+                "what it keeps of freed values) apart from how much each buffer spilled"
+                if layout
+                else ""
+            )
+            + ".\n"
         )
 
 

@@ -19,7 +19,10 @@ monitor logged (it pauses a worker whose process RSS, file-backed mappings inclu
 ``pause`` x memory_limit), the peak RSS of either worker (psutil, as that monitor measures
 it, sampled every RSS_PERIOD from this process, so a blocked worker's event loop does not
 hide a peak), and the peak bytes on disk under the workers' folders (st_blocks, every
-DISK_PERIOD). A smoke run uses a thread cluster with tiny chunks: it checks the code runs.
+DISK_PERIOD). A thread in each worker keeps the peak of its own folder and of what its
+buffer counts as spilled, so that the report can tell the store's layout (peak disk ÷
+peak spilled) from how much each buffer spilled. A smoke run uses a thread cluster
+with tiny chunks: it checks the code runs.
 
 Run: python -m pytest benchmarks/test_dask_memory.py --benchmark-json=bench-memory.json
      python benchmarks/dask_report.py bench-memory.json
@@ -27,6 +30,7 @@ Run: python -m pytest benchmarks/test_dask_memory.py --benchmark-json=bench-memo
 
 from __future__ import annotations
 
+import compileall
 import os
 import statistics
 import threading
@@ -71,16 +75,6 @@ class Sampler(threading.Thread):
         self.peak_disk = 0
         self.halt = threading.Event()
 
-    def disk_bytes(self) -> int:
-        total = 0
-        for root, _dirs, files in os.walk(self.folder):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(root, name)).st_blocks * 512
-                except OSError:  # removed since the listing
-                    pass
-        return total
-
     def run(self) -> None:
         next_disk = 0.0
         while not self.halt.is_set():
@@ -91,13 +85,60 @@ class Sampler(threading.Thread):
                     pass
             now = time.monotonic()
             if now >= next_disk:
-                self.peak_disk = max(self.peak_disk, self.disk_bytes())
+                self.peak_disk = max(self.peak_disk, folder_bytes(self.folder))
                 next_disk = now + DISK_PERIOD
             self.halt.wait(RSS_PERIOD)
 
     def stop(self) -> None:
         self.halt.set()
         self.join()
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """st_blocks of the files under ``folder``, as ``du`` counts them."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:  # removed since the listing
+                pass
+    return total
+
+
+def start_spill_sampler(dask_worker) -> None:
+    """Sent to the workers: a thread that reads what the worker's buffer counts as spilled
+    (distributed's own ``spilled_total.disk``: the serialized bytes) every RSS_PERIOD, and
+    the bytes on disk under the worker's folder every DISK_PERIOD, and keeps the peak of
+    each. Their ratio is what a spilled byte takes on disk at the peak (the store's layout,
+    and what it keeps of freed values), apart from how much each buffer spilled."""
+    state = {"peak_disk": 0, "peak_spilled": 0}
+    halt = threading.Event()
+
+    def sample() -> None:
+        next_disk = 0.0
+        while not halt.wait(RSS_PERIOD):
+            state["peak_spilled"] = max(state["peak_spilled"], dask_worker.data.spilled_total.disk)
+            if time.monotonic() >= next_disk:
+                state["peak_disk"] = max(state["peak_disk"], folder_bytes(dask_worker.local_directory))
+                next_disk = time.monotonic() + DISK_PERIOD
+
+    thread = threading.Thread(target=sample, daemon=True)
+    dask_worker._bench_spill_sampler = (halt, thread, state)
+    thread.start()
+
+
+def stop_spill_sampler(dask_worker) -> dict | None:
+    """Sent to the workers: stop the thread start_spill_sampler started; its peaks. None
+    from a worker that has none: its nanny restarted it (after a crash, or past the
+    terminate threshold), which the round then counts."""
+    sampler = getattr(dask_worker, "_bench_spill_sampler", None)
+    if sampler is None:
+        return None
+    halt, thread, state = sampler
+    halt.set()
+    thread.join()
+    return state
 
 
 def pauses_logged(dask_worker) -> int:
@@ -137,6 +178,7 @@ class MemoryRun:
         kinds = self.client.run(lambda dask_worker: type(dask_worker.data).__module__)
         want = "diskpages.dask" if self.label == OURS else "distributed.spill"
         assert set(kinds.values()) == {want}, kinds
+        self.client.run(start_spill_sampler)
         pids = list(self.client.run(os.getpid).values())
         self.sampler = Sampler(pids, self.folder)
         self.sampler.start()
@@ -155,12 +197,23 @@ class MemoryRun:
         try:
             self.sampler.stop()
             pauses = self.client.run(pauses_logged)
+            sampled = list(self.client.run(stop_spill_sampler).values())
+            spills = [w for w in sampled if w is not None]
             if measured:
                 self.rounds.append(
                     {
                         "pauses": sum(pauses.values()),
+                        "restarted": len(sampled) - len(spills),  # workers, during the run
                         "peak_rss": self.sampler.peak_rss,
                         "peak_spill_disk": self.sampler.peak_disk,
+                        # per worker, summed: the peak of what each buffer had spilled,
+                        # and each folder's peak on disk ÷ it
+                        "peak_spilled": sum(w["peak_spilled"] for w in spills),
+                        "disk_per_spilled": (  # 0: nothing spilled (a smoke run)
+                            sum(w["peak_disk"] for w in spills) / spilled
+                            if (spilled := sum(w["peak_spilled"] for w in spills))
+                            else 0.0
+                        ),
                     }
                 )
         finally:
@@ -187,7 +240,18 @@ class MemoryRun:
         self.close()
 
 
+def bytecode_for_workers() -> None:
+    """Write diskpages' bytecode, as ``pip install`` does for distributed's. From a checkout
+    (an editable install) under PYTHONDONTWRITEBYTECODE, every worker would compile the
+    package from source instead, and keep ~1.3 MB of memory that compiling took (measured
+    on this machine): process memory that distributed's precompiled modules do not cost."""
+    import diskpages
+
+    compileall.compile_dir(os.path.dirname(diskpages.__file__), quiet=1)
+
+
 def test_cluster_memory(benchmark, bench_root):
+    bytecode_for_workers()
     runners = {label: MemoryRun(label, bench_root) for label in (BASELINE, OURS)}
     chunk_bytes = CHUNK * CHUNK * 8
     stats = record(
