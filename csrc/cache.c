@@ -322,7 +322,7 @@ static void stop_reaper(dp_cache *c)
     if (!c->reaper_started)
         return;
     pthread_mutex_lock(&c->lock);
-    c->stop = true;
+    __atomic_store_n(&c->stop, true, __ATOMIC_RELAXED); /* the trim reads it unlocked */
     pthread_cond_signal(&c->wake);
     pthread_mutex_unlock(&c->lock);
     pthread_join(c->reaper, NULL);

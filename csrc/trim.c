@@ -18,6 +18,11 @@
  * that comes back (bursts of pages, each batch dropped) keeps its blocks, where punching
  * them and allocating them again made bursts of 1,000 4 KiB pages 1.4x slower here. */
 #define SPARE_NS 100000000ull
+/* The punches of one tick stop after this long, and the rest wait for the next: a long
+ * list of scattered runs (~150 us a punch on a disk mounted `discard`) kept the reaper from
+ * removing released pages, and close() from stopping it, for seconds, and the reserved runs
+ * made writers grow the segment past max_bytes meanwhile. */
+#define PUNCH_NS 20000000ull
 
 /* Lock held, and given up while the file shrinks: once two growth chunks or more past the
  * last taken slot are free, cut the segment back to a chunk boundary after it. One
@@ -76,7 +81,6 @@ static void shrink_tail(struct dp_segment *s)
 
 struct run {
     uint32_t start, len;
-    bool punched;
 };
 
 static int longest_first(const void *a, const void *b)
@@ -88,8 +92,8 @@ static int longest_first(const void *a, const void *b)
 /* Lock held, and given up while punching: once the free slots that hold blocks pass a
  * 32nd of the taken slots plus a growth chunk (a chunk alone under a budget), punch the
  * longest runs of them until half that slack is left (a quarter let a dask worker's spill
- * take 1.05-1.18x the disk of distributed's files at its peak). One punch per run, never per slot; the runs are reserved
- * (taken) meanwhile, so no writer gets a slot under a punch. (Punches of one file
+ * take 1.05-1.18x the disk of distributed's files at its peak). One punch per run, never
+ * per slot, for PUNCH_NS a tick at most (punch_run). (Punches of one file
  * serialize on its inode lock, so io_uring would not overlap them; and ext4 writes a
  * dirty range back before it punches it, then waits for the TRIM on a disk mounted
  * `discard`: ~150 us a run here, so survivors scattered one in ten over 100,000 slots
@@ -100,11 +104,42 @@ static uint64_t slack_of(const struct dp_segment *s, bool budget)
     return (budget ? 0 : s->used / 32) + chunk_slots(s);
 }
 
-static void punch_runs(struct dp_segment *s, bool budget)
+/* Lock held, and given up during the punch: one run, reserved (taken) meanwhile so that
+ * no writer gets a slot under the punch, and no more: writers reuse every other free slot.
+ * Skipped if a writer took a slot of it since the runs were listed. */
+static void punch_run(struct dp_segment *s, struct run run)
+{
+    for (uint32_t i = run.start; i < run.start + run.len; i++)
+        if (!bit(s->hold_blocks, i) || bit(s->taken, i))
+            return;
+    for (uint32_t i = run.start; i < run.start + run.len; i++)
+        set_bit(s->taken, i);
+    s->used += run.len;
+    int fd = s->fd, err;
+    pthread_mutex_unlock(&s->lock);
+    do
+        err = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)slot_offset(s, run.start),
+                        (off_t)run.len * (off_t)s->slot_size) == 0 ? 0 : -errno;
+    while (err == -EINTR);
+    pthread_mutex_lock(&s->lock);
+    for (uint32_t i = run.start; i < run.start + run.len; i++) {
+        clear_bit(s->taken, i);
+        if (!err) /* else the blocks stay; the slots are free all the same */
+            clear_bit(s->hold_blocks, i);
+    }
+    s->used -= run.len;
+    if (!err)
+        s->backed -= run.len;
+    if (run.start / WORD_BITS < s->hint)
+        s->hint = run.start / WORD_BITS;
+}
+
+/* True if some of the runs it chose are left for the next tick (PUNCH_NS, or closing). */
+static bool punch_runs(dp_cache *c, struct dp_segment *s, bool budget)
 {
     uint64_t waste = s->backed - s->used, slack = slack_of(s, budget);
     if (waste <= slack)
-        return;
+        return false;
     uint64_t target = slack / 2;
     size_t cap = 1024, n = 0;
     struct run *runs = malloc(cap * sizeof *runs);
@@ -128,46 +163,23 @@ static void punch_runs(struct dp_segment *s, bool budget)
             runs = more;
             cap *= 2;
         }
-        runs[n++] = (struct run){start, i - start, false};
+        runs[n++] = (struct run){start, i - start};
     }
     if (!runs)
-        return;
+        return false;
     qsort(runs, n, sizeof *runs, longest_first);
     size_t chosen = 0;
-    for (; chosen < n && waste > target; chosen++) {
+    for (; chosen < n && waste > target; chosen++)
         waste -= runs[chosen].len;
-        for (uint32_t i = runs[chosen].start; i < runs[chosen].start + runs[chosen].len; i++)
-            set_bit(s->taken, i);
-        s->used += runs[chosen].len;
-    }
-    int fd = s->fd;
-    pthread_mutex_unlock(&s->lock);
-
-    for (size_t r = 0; r < chosen; r++) {
-        int err;
-        do
-            err = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                            (off_t)slot_offset(s, runs[r].start),
-                            (off_t)runs[r].len * (off_t)s->slot_size) == 0 ? 0 : -errno;
-        while (err == -EINTR);
-        runs[r].punched = err == 0; /* else the blocks stay; the slots are free all the same */
-    }
-
-    pthread_mutex_lock(&s->lock);
-    for (size_t r = 0; r < chosen; r++) {
-        bool punched = runs[r].punched;
-        for (uint32_t i = runs[r].start; i < runs[r].start + runs[r].len; i++) {
-            clear_bit(s->taken, i);
-            if (punched)
-                clear_bit(s->hold_blocks, i);
-        }
-        s->used -= runs[r].len;
-        if (punched)
-            s->backed -= runs[r].len;
-        if (runs[r].start / WORD_BITS < s->hint)
-            s->hint = runs[r].start / WORD_BITS;
+    uint64_t until = dp_now_ns() + PUNCH_NS;
+    size_t done = 0;
+    for (; done < chosen; done++) {
+        if (done && (dp_now_ns() >= until || __atomic_load_n(&c->stop, __ATOMIC_RELAXED)))
+            break; /* the rest stay free, with their blocks, for the next tick */
+        punch_run(s, runs[done]);
     }
     free(runs);
+    return done < chosen;
 }
 
 /* The reaper's: give back what freed slots hold, off every writer's path; under a budget
@@ -187,8 +199,10 @@ static bool trim_segment(dp_cache *c, struct dp_segment *s)
                 s->spare_since = t;
             if (budget || t - s->spare_since >= SPARE_NS) {
                 shrink_tail(s);
-                punch_runs(s, budget);
-                s->spare_since = 0;
+                if (punch_runs(c, s, budget))
+                    later = true; /* spare_since stays: the next tick goes on at once */
+                else
+                    s->spare_since = 0;
             } else {
                 later = true;
             }
