@@ -4,7 +4,7 @@
  * (which, after many deletions, scans for a free inode), an unlink, and a TRIM for every
  * freed extent on a disk mounted `discard`. A slot is reused in place: writing a page is a
  * pwrite at its offset, freeing it is a bit in a bitmap, and neither touches the file
- * system's metadata. The segment grows in chunks (fallocate: an eighth of itself, up to
+ * system's metadata. The segment grows in chunks (fallocate: an eighth of itself, 256 KiB to
  * 1 MiB), and the reaper gives back the blocks of freed slots in coalesced runs (trim.c)
  * once they are more than the live slots need, so the bytes on disk follow the live bytes.
  *
