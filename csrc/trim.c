@@ -24,6 +24,16 @@
  * made writers grow the segment past max_bytes meanwhile. */
 #define PUNCH_NS 20000000ull
 
+/* Give back the blocks of [off, off + len) of fd: 0 or -errno (a signal cannot cut it short). */
+static int punch_hole(int fd, uint64_t off, uint64_t len)
+{
+    int err;
+    do
+        err = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0 ? 0 : -errno;
+    while (err == -EINTR);
+    return err;
+}
+
 /* Lock held, and given up while the file shrinks: once two growth chunks or more past the
  * last taken slot are free, cut the segment back to a chunk boundary after it. One
  * ftruncate for the slots and one punch for their tags: the segment shrinks as the live
@@ -61,8 +71,7 @@ static void shrink_tail(struct dp_segment *s)
     pthread_mutex_unlock(&s->lock);
     bool cut = ftruncate(fd, (off_t)slot_offset(s, keep)) == 0;
     if (cut && tags_end(had) > tags_end(keep)) /* the tags' blocks: segment_grow reserves */
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)tags_end(keep),
-                  (off_t)(tags_end(had) - tags_end(keep))); /* them again before reuse */
+        punch_hole(fd, tags_end(keep), tags_end(had) - tags_end(keep)); /* them again */
     pthread_mutex_lock(&s->lock);
     for (uint32_t i = keep; i < had; i++) {
         clear_bit(s->taken, i);
@@ -115,12 +124,9 @@ static void punch_run(struct dp_segment *s, struct run run)
     for (uint32_t i = run.start; i < run.start + run.len; i++)
         set_bit(s->taken, i);
     s->used += run.len;
-    int fd = s->fd, err;
+    int fd = s->fd;
     pthread_mutex_unlock(&s->lock);
-    do
-        err = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)slot_offset(s, run.start),
-                        (off_t)run.len * (off_t)s->slot_size) == 0 ? 0 : -errno;
-    while (err == -EINTR);
+    int err = punch_hole(fd, slot_offset(s, run.start), (uint64_t)run.len * s->slot_size);
     pthread_mutex_lock(&s->lock);
     for (uint32_t i = run.start; i < run.start + run.len; i++) {
         clear_bit(s->taken, i);
